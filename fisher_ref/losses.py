@@ -1,0 +1,134 @@
+"""Built-in per-row losses implementing the token-loss protocol (docs/architecture.md).
+
+A token loss ``loss`` provides:
+
+- ``loss(model, batch) -> Tensor[B]``: each row's loss, the sum (``reduction="sum"``) or
+  mean (``"mean"``) of the NLL over that row's active label tokens; 0 for an empty row.
+- ``loss.logits_and_targets(model, batch) -> (logits [B, T, C], targets [B, T])``: the
+  aligned predictions and labels (``-100`` = inactive).
+- ``loss.token_counts(batch) -> LongTensor[B]``: K_i, active label tokens per row.
+- ``loss.reduction``.
+
+Every batch key except ``sample_ids`` and ``labels`` is passed to the model: the labels are
+used here, so the model does not compute a loss of its own.
+"""
+
+from __future__ import annotations
+
+import torch
+
+IGNORE_INDEX = -100
+REDUCTIONS = ("mean", "sum")
+
+
+def model_inputs(batch: dict) -> dict:
+    """The keyword arguments for the model: every batch key except ``sample_ids`` and ``labels``."""
+    return {k: v for k, v in batch.items() if k not in ("sample_ids", "labels")}
+
+
+def output_logits(output) -> torch.Tensor:
+    """The logits of a model output: ``.logits``, the first tuple entry, or the tensor itself."""
+    if isinstance(output, torch.Tensor):
+        return output
+    logits = getattr(output, "logits", None)
+    if logits is not None:
+        return logits
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
+    raise ValueError(
+        f"Model output: expected a tensor, an object with .logits or a tuple of tensors, "
+        f"got {type(output).__name__}."
+    )
+
+
+def token_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    r"""Per-token NLL ``[B, T]``: :math:`-\log \mathrm{softmax}(z_{b,t})_{y_{b,t}}`, 0 where inactive."""
+    logp = torch.log_softmax(logits, dim=-1)
+    active = targets != IGNORE_INDEX
+    safe = torch.where(active, targets, torch.zeros_like(targets))
+    nll = -logp.gather(-1, safe.unsqueeze(-1)).squeeze(-1)
+    return torch.where(active, nll, torch.zeros_like(nll))
+
+
+def reduce_rows(nll: torch.Tensor, targets: torch.Tensor, reduction: str) -> torch.Tensor:
+    """Row losses ``[B]`` from per-token NLL: sum, or sum / K_i (0 for an empty row)."""
+    total = nll.sum(dim=1)
+    if reduction == "sum":
+        return total
+    counts = (targets != IGNORE_INDEX).sum(dim=1)
+    return total / counts.clamp(min=1).to(total.dtype)
+
+
+class _TokenLoss:
+    """Shared machinery: subclasses define how logits and labels are aligned."""
+
+    def __init__(self, reduction: str = "mean"):
+        if reduction not in REDUCTIONS:
+            raise ValueError(f"reduction: expected one of {REDUCTIONS}, got {reduction!r}.")
+        self.reduction = reduction
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(reduction={self.reduction!r})"
+
+    def align(self, logits: torch.Tensor, labels: torch.Tensor):
+        raise NotImplementedError
+
+    def aligned_labels(self, labels: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def logits_and_targets(self, model, batch: dict):
+        """``(logits [B, T, C], targets [B, T])`` from one forward of ``model`` on ``batch``."""
+        logits = output_logits(model(**model_inputs(batch)))
+        return self.align(logits, batch["labels"])
+
+    def token_counts(self, batch: dict) -> torch.Tensor:
+        """K_i, the active label tokens of each row, from the labels alone."""
+        return (self.aligned_labels(batch["labels"]) != IGNORE_INDEX).sum(dim=1)
+
+    def __call__(self, model, batch: dict) -> torch.Tensor:
+        logits, targets = self.logits_and_targets(model, batch)
+        return reduce_rows(token_nll(logits, targets), targets, self.reduction)
+
+
+class CausalLMLoss(_TokenLoss):
+    r"""Next-token loss with the HF shift: logits at t predict the label at t + 1.
+
+    .. math:: \ell_i = \rho_i \sum_{t:\, y_{i,t+1} \ne -100} -\log p_\theta(y_{i,t+1} \mid x_{i,\le t}),
+       \quad \rho_i = 1/K_i \text{ (mean) or } 1 \text{ (sum)}.
+    """
+
+    def align(self, logits, labels):
+        return logits[:, :-1, :], labels[:, 1:]
+
+    def aligned_labels(self, labels):
+        return labels[:, 1:]
+
+
+class MaskedLMLoss(_TokenLoss):
+    """Masked-LM loss: logits at t predict the label at t (no shift)."""
+
+    def align(self, logits, labels):
+        return logits, labels
+
+    def aligned_labels(self, labels):
+        return labels
+
+
+class SequenceClassificationLoss(_TokenLoss):
+    """Sequence classification: logits ``[B, C]`` and labels ``[B]`` become T = 1."""
+
+    def align(self, logits, labels):
+        return logits.reshape(logits.shape[0], 1, -1), labels.reshape(-1, 1)
+
+    def aligned_labels(self, labels):
+        return labels.reshape(-1, 1)
+
+
+causal_lm_loss = CausalLMLoss("mean")
+masked_lm_loss = MaskedLMLoss("mean")
+sequence_classification_loss = SequenceClassificationLoss("mean")
+
+
+def is_token_loss(loss_fn) -> bool:
+    """Whether ``loss_fn`` implements the token-loss protocol."""
+    return all(hasattr(loss_fn, a) for a in ("logits_and_targets", "token_counts", "reduction"))

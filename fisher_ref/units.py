@@ -1,0 +1,199 @@
+r"""Per-unit gradients in float64, one ``torch.autograd.grad`` per unit.
+
+The user's model is deep-copied to float64 on the CPU and never modified. One batched
+forward computes every unit's loss; then each unit's gradient is taken on its own
+(``retain_graph=True``). Tied parameters are one parameter (``named_parameters()`` lists
+them once), so their per-unit gradient is the sum over all uses.
+
+Building blocks reused by the other estimators (MC/exact Fisher, contributions,
+interference, conflicts): :func:`prepare` (validate, copy to float64),
+:func:`unit_losses` (the units' scalar losses, optionally with given targets),
+:func:`gradients` (their gradients as a :class:`PerUnit`) and :func:`per_unit_gradients`
+(both).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+
+from fisher_ref._checks import (
+    check_batch, check_finite_grad, check_finite_loss, check_model, check_options,
+)
+from fisher_ref.losses import IGNORE_INDEX, is_token_loss, reduce_rows, token_nll
+from fisher_ref.results import PerUnit
+
+
+@dataclass
+class Prepared:
+    """A validated call: the float64 model copy, the float64 batch, the loss and row ids."""
+
+    model: torch.nn.Module
+    batch: dict
+    loss_fn: object
+    row_ids: list
+    unit: str
+    weighting: str
+
+
+@dataclass
+class UnitLosses:
+    """The units' scalar losses (graph attached), ids, weights, and the empty rows' ids."""
+
+    losses: list
+    ids: list
+    weights: torch.Tensor
+    empty_ids: list
+
+
+def float64_model(model: torch.nn.Module) -> torch.nn.Module:
+    """A float64 CPU deep copy of ``model`` (the original is untouched)."""
+    return copy.deepcopy(model).to(device="cpu", dtype=torch.float64)
+
+
+def float64_batch(batch: dict) -> dict:
+    """The batch on the CPU, floating tensors cast to float64, ``sample_ids`` removed."""
+    out = {}
+    for k, v in batch.items():
+        if k == "sample_ids":
+            continue
+        v = v.detach().to("cpu")
+        out[k] = v.to(torch.float64) if v.dtype.is_floating_point else v
+    return out
+
+
+def trainable_parameters(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
+    """``(name, parameter)`` for every trainable parameter, tied ones once."""
+    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+
+def prepare(model, batch, *, loss_fn=None, unit="sample", weighting="sample",
+            sample_ids=None, needs_token_loss=False) -> Prepared:
+    """Validate a call and copy model and batch to float64."""
+    loss_fn = check_options(loss_fn, unit, weighting, needs_token_loss=needs_token_loss)
+    check_model(model)
+    row_ids = check_batch(model, batch, loss_fn, sample_ids)
+    return Prepared(float64_model(model), float64_batch(batch), loss_fn, row_ids, unit, weighting)
+
+
+def _sample_rows(model, batch, loss_fn, targets):
+    """Row losses [B] and active-token counts [B] (ones for a plain callable)."""
+    if targets is None:
+        rows = loss_fn(model, batch)
+        if not isinstance(rows, torch.Tensor) or rows.dim() != 1:
+            got = tuple(rows.shape) if isinstance(rows, torch.Tensor) else type(rows).__name__
+            raise ValueError(f"loss_fn: expected a 1-D tensor of row losses, got {got}.")
+        if is_token_loss(loss_fn):
+            counts = loss_fn.token_counts(batch)
+        else:
+            counts = torch.ones(rows.shape[0], dtype=torch.long)
+        return rows, counts
+    logits, _ = _aligned(model, batch, loss_fn, targets)
+    rows = reduce_rows(token_nll(logits, targets), targets, loss_fn.reduction)
+    return rows, (targets != IGNORE_INDEX).sum(dim=1)
+
+
+def _aligned(model, batch, loss_fn, targets):
+    logits, default = loss_fn.logits_and_targets(model, batch)
+    if targets is None:
+        return logits, default
+    if targets.shape != default.shape:
+        raise ValueError(f"targets: expected shape {tuple(default.shape)}, got {tuple(targets.shape)}.")
+    return logits, targets
+
+
+def unit_losses(model, batch, *, loss_fn, unit, weighting, row_ids, targets=None) -> UnitLosses:
+    r"""Every unit's scalar loss from one forward of ``model`` (already float64).
+
+    ``unit="sample"``: the row loss :math:`\ell_i` for each non-empty row, weight
+    :math:`w = 1` or :math:`K_i` (``weighting="token"``). ``unit="token"``: the NLL of each
+    active aligned target, row-major, id ``(sample_id, position)``, weight 1.
+    ``targets`` (aligned, ``[B, T]``) replaces the batch's labels, as for the MC Fisher.
+    """
+    if targets is not None and not is_token_loss(loss_fn):
+        raise ValueError(f"targets: expected a token loss to apply them, got {type(loss_fn).__name__}.")
+    losses, ids, weights = [], [], []
+    if unit == "sample":
+        rows, counts = _sample_rows(model, batch, loss_fn, targets)
+        if rows.shape[0] != len(row_ids):
+            raise ValueError(f"loss_fn: expected {len(row_ids)} row losses, got {rows.shape[0]}.")
+        empty = [row_ids[i] for i in range(len(row_ids)) if counts[i] == 0]
+        for i, sid in enumerate(row_ids):
+            if counts[i] > 0:
+                losses.append(rows[i])
+                ids.append(sid)
+                weights.append(float(counts[i]) if weighting == "token" else 1.0)
+    else:
+        logits, tgt = _aligned(model, batch, loss_fn, targets)
+        nll = token_nll(logits, tgt)
+        active = tgt != IGNORE_INDEX
+        empty = [row_ids[i] for i in range(len(row_ids)) if not active[i].any()]
+        for i, t in active.nonzero().tolist():
+            losses.append(nll[i, t])
+            ids.append((row_ids[i], t))
+            weights.append(1.0)
+    if not losses:
+        raise ValueError(f"batch: expected at least one non-empty row, got none "
+                         f"(empty rows: {empty}).")
+    for loss, uid in zip(losses, ids):
+        check_finite_loss(loss, uid)
+    return UnitLosses(losses, ids, torch.tensor(weights, dtype=torch.float64), empty)
+
+
+def gradients(model, units: UnitLosses) -> PerUnit:
+    r"""One ``autograd.grad`` per unit: :math:`g_u = \nabla_\theta \ell_u` for every trainable parameter."""
+    named = trainable_parameters(model)
+    params = [p for _, p in named]
+    per_param: list[list[torch.Tensor]] = [[] for _ in named]
+    last = len(units.losses) - 1
+    for k, (loss, uid) in enumerate(zip(units.losses, units.ids)):
+        if loss.requires_grad:
+            grads = torch.autograd.grad(loss, params, retain_graph=k < last, allow_unused=True)
+        else:
+            grads = [None] * len(params)
+        for j, ((name, p), g) in enumerate(zip(named, grads)):
+            g = torch.zeros_like(p) if g is None else g.detach()
+            check_finite_grad(name, g, uid)
+            per_param[j].append(g)
+    tensors = {name: torch.stack(gs) for (name, _), gs in zip(named, per_param)}
+    return PerUnit(tensors, list(units.ids), units.weights, list(units.empty_ids))
+
+
+def per_unit_gradients(model, batch, *, loss_fn, unit, weighting, row_ids, targets=None) -> PerUnit:
+    """:func:`unit_losses` then :func:`gradients`, for a model and batch already in float64."""
+    units = unit_losses(model, batch, loss_fn=loss_fn, unit=unit, weighting=weighting,
+                        row_ids=row_ids, targets=targets)
+    return gradients(model, units)
+
+
+def prepared_gradients(prep: Prepared, targets=None) -> PerUnit:
+    """Per-unit gradients of a :class:`Prepared` call."""
+    return per_unit_gradients(prep.model, prep.batch, loss_fn=prep.loss_fn, unit=prep.unit,
+                              weighting=prep.weighting, row_ids=prep.row_ids, targets=targets)
+
+
+def per_sample_gradients(model, batch, *, loss_fn=None, unit="sample", weighting="sample",
+                         sample_ids=None) -> PerUnit:
+    r"""Per-unit gradients :math:`g_u = \nabla_\theta \ell_u` in float64.
+
+    Args:
+        model: any ``torch.nn.Module`` (copied to float64; never modified).
+        batch: dict of tensors with a leading batch axis, optionally ``sample_ids``.
+        loss_fn: ``loss_fn(model, batch) -> Tensor[B]``; a token loss (see
+            :mod:`fisher_ref.losses`) for token units or token weighting.
+            ``None`` means ``causal_lm_loss``.
+        unit: ``"sample"`` (one unit per non-empty row) or ``"token"`` (one per active
+            label token, :math:`g_u = \nabla_\theta (-\log p_\theta(y_u))`).
+        weighting: ``"sample"`` (:math:`w_u = 1`) or ``"token"`` (:math:`w_u = K_i` for a
+            sample unit, 1 for a token unit).
+        sample_ids: one id per row (default ``0..B-1``), unless the batch has them.
+
+    Returns:
+        PerUnit: ``tensors[name]`` of shape ``[U, *param.shape]``, unit ``ids``,
+        ``weights`` ``[U]``, ``empty_ids`` (rows with no active label, excluded).
+    """
+    prep = prepare(model, batch, loss_fn=loss_fn, unit=unit, weighting=weighting,
+                   sample_ids=sample_ids)
+    return prepared_gradients(prep)
