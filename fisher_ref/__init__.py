@@ -33,9 +33,23 @@ __all__ = [
     "two_pass_moments",
 ]
 
-# ---------------------------------------------------------------------------------------
-# attention half (SPEC §4–7): the lead adds the exports of fisher_ref.slicing,
-# contributions, interference and conflicts here, and extends __all__:
-#   attention_layout, qkov_mask, per_sample_contributions, interference, conflicts,
-#   bh_qvalues, by_qvalues
-# ---------------------------------------------------------------------------------------
+# attention half (SPEC §4–7)
+from fisher_ref.conflicts import ConflictResult, conflicts, conflicts_from_gradients  # noqa: E402
+from fisher_ref.contributions import contributions_from_gradients, per_sample_contributions  # noqa: E402
+from fisher_ref.fdr import bh_qvalues, by_qvalues  # noqa: E402
+from fisher_ref.interference import (  # noqa: E402
+    InterferenceResult, interference, interference_from_gradients,
+)
+from fisher_ref.layouts import AttentionLayout, LayerAttention, attention_layout  # noqa: E402
+from fisher_ref.semantic_check import (  # noqa: E402
+    SemanticReport, SliceCheck, check_layout, check_masks, validate_layout,
+)
+from fisher_ref.slicing import head_group_ids, qkov_mask  # noqa: E402
+
+__all__ += [
+    "AttentionLayout", "ConflictResult", "InterferenceResult", "LayerAttention", "SemanticReport",
+    "SliceCheck", "attention_layout", "bh_qvalues", "by_qvalues", "check_layout", "check_masks",
+    "conflicts", "conflicts_from_gradients", "contributions_from_gradients", "head_group_ids",
+    "interference", "interference_from_gradients", "per_sample_contributions", "qkov_mask",
+    "validate_layout",
+]

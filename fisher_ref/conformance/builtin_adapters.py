@@ -1,0 +1,109 @@
+"""The reference adapter: a thin wrapper over fisher_ref's slow path (the oracle).
+
+``fishercheck conform --impl fisher_ref.conformance.builtin_adapters:ReferenceAdapter``
+checks the oracle against itself and against the identities (a sanity check of the
+harness); the properties also use it as the oracle for every other adapter. The adapter
+for ``fisher_fast`` lives in ``fishercheck.adapters`` (fisher_ref never imports fisher_fast).
+"""
+
+from __future__ import annotations
+
+import importlib
+import types
+
+import torch
+
+from fisher_ref.conformance.cases import join
+
+_MODULES = ("fisher_ref", "fisher_ref.gradient_moments", "fisher_ref.units",
+            "fisher_ref.contributions", "fisher_ref.groups", "fisher_ref.slicing",
+            "fisher_ref.layouts", "fisher_ref.interference", "fisher_ref.conflicts",
+            "fisher_ref.fdr", "fisher_ref.semantic_check")
+
+
+def ref(name: str):
+    """The fisher_ref function ``name`` (from the package, or the module that defines it)."""
+    for module_name in _MODULES:
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError:
+            continue
+        obj = getattr(module, name, None)
+        if callable(obj) and not isinstance(obj, types.ModuleType):
+            return obj
+    raise ValueError(f"fisher_ref: expected a public function {name!r}, found none in {_MODULES}.")
+
+
+class ReferenceAdapter:
+    """fisher_ref behind the adapter protocol: every capability, float64, one unit at a time.
+
+    Each capability joins the batches into one (the oracle's result does not depend on the
+    split) and calls the fisher_ref function of the same meaning.
+    """
+
+    name = "fisher_ref"
+    units = ("sample", "token")
+    weightings = ("sample", "token")
+    dtype = torch.float64
+
+    def empirical_fisher(self, model, batches, *, loss_fn, unit="sample", weighting="sample"):
+        return dict(ref("empirical_fisher")(model, join(batches), loss_fn=loss_fn, unit=unit,
+                                             weighting=weighting))
+
+    def squared_mean_gradient(self, model, batches, *, loss_fn, unit="sample", weighting="sample"):
+        return dict(ref("squared_mean_gradient")(model, join(batches), loss_fn=loss_fn,
+                                                  unit=unit, weighting=weighting))
+
+    def group_fisher(self, model, batches, *, loss_fn):
+        return ref("group_fisher")(model, join(batches), loss_fn=loss_fn, groups="heads")
+
+    def per_sample_contributions(self, model, batches, *, loss_fn):
+        try:
+            pu = ref("per_sample_contributions")(model, join(batches), loss_fn=loss_fn)
+        except ValueError as exc:
+            if "expected a public function" not in str(exc):
+                raise
+            pu = ref("per_sample_gradients")(model, join(batches), loss_fn=loss_fn)
+            return pu.ids, {k: g.square() for k, g in pu.tensors.items()}
+        return pu.ids, pu.tensors
+
+    def per_sample_gradients(self, model, batches, *, loss_fn):
+        """Not a capability: the oracle's per-sample gradients, used by identity checks."""
+        pu = ref("per_sample_gradients")(model, join(batches), loss_fn=loss_fn)
+        return pu.ids, pu.tensors
+
+    def attention_layout(self, model):
+        """Not a capability: the oracle's detected layout, used by the slicing properties."""
+        return ref("attention_layout")(model)
+
+    def qkov_mask(self, model, layer, head, block):
+        return ref("qkov_mask")(model, layer, head, block, include_bias=False)
+
+    def interference(self, model, batches_a, batches_b, *, loss_fn, signed=False, eps=1e-12):
+        return ref("interference")(model, join(batches_a), join(batches_b), loss_fn=loss_fn,
+                                   fisher="a", signed=signed, eps=eps)
+
+    def conflict_pvalues(self, model, batches_a, batches_b, *, loss_fn, n_permutations, seed):
+        result = ref("conflicts")(model, join(batches_a), join(batches_b), loss_fn=loss_fn,
+                                  n_permutations=n_permutations, seed=seed)
+        return _pvalues(result)
+
+    def fdr_qvalues(self, pvalues, *, method="bh"):
+        if method not in ("bh", "by"):
+            raise ValueError(f"method: expected 'bh' or 'by', got {method!r}.")
+        return ref(f"{method}_qvalues")(pvalues)
+
+
+def _pvalues(result) -> dict:
+    """``{group: p}`` from a conflicts result: a mapping group -> record with a ``p`` entry,
+    or an object/mapping whose ``groups`` and ``p`` fields align."""
+    groups = result.get("groups") if isinstance(result, dict) else getattr(result, "groups", None)
+    if groups is not None and not hasattr(groups, "items"):
+        p = result["p"] if isinstance(result, dict) else result.p
+        return {str(g): float(v) for g, v in zip(groups, list(p))}
+    source = groups if groups is not None else result
+    out = {}
+    for g, rec in source.items():
+        p = rec["p"] if isinstance(rec, dict) else getattr(rec, "p")
+        out[str(g)] = float(p)
+    return out

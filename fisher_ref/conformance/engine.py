@@ -1,0 +1,145 @@
+"""Running one property under Hypothesis and keeping its minimal counterexample.
+
+A property body takes one drawn example and raises ``AssertionError`` (a definition is
+broken) or any other exception (the adapter crashed); Hypothesis then shrinks the example.
+Its final replay is the minimal failing example, so the last failure recorded here is the
+one reported.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis.errors import HypothesisException
+
+from fisher_ref.testing.tolerances import tolerance
+
+PASS, FAIL, NOT_PROVIDED = "pass", "fail", "not provided"
+
+
+@dataclass
+class PropertyResult:
+    """The verdict of one property for one adapter.
+
+    Attributes:
+        name: the property's name.
+        verdict: "pass", "fail" or "not provided".
+        counterexample: for a failure, the minimal model and batch that show it.
+        message: for a failure, what differs (or the exception the adapter raised).
+        needs: the capabilities the property exercises.
+        examples: how many examples were run (0 when not provided).
+        seconds: wall time.
+    """
+
+    name: str
+    verdict: str
+    counterexample: str | None = None
+    message: str | None = None
+    needs: tuple[str, ...] = ()
+    examples: int = 0
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict:
+        return {"property": self.name, "verdict": self.verdict, "needs": list(self.needs),
+                "counterexample": self.counterexample, "message": self.message,
+                "examples": self.examples, "seconds": round(self.seconds, 3)}
+
+
+@dataclass
+class Context:
+    """What every property gets besides the adapter.
+
+    Attributes:
+        oracle: the reference adapter (``ReferenceAdapter`` over fisher_ref).
+        max_examples: Hypothesis examples per property (before shrinking).
+        archs: architectures drawn for models.
+        dtype: the dtype models are built in (the adapter's ``dtype``).
+        units, weightings: the options the adapter's estimators support.
+        derandomize: fixed example sequence (CI), no example database.
+    """
+
+    oracle: object
+    max_examples: int = 5
+    archs: tuple[str, ...] = ("gpt2", "llama", "phi3")
+    dtype: torch.dtype = torch.float64
+    units: tuple[str, ...] = ("sample",)
+    weightings: tuple[str, ...] = ("sample",)
+    derandomize: bool = True
+    shrink_seconds: float = 10.0
+    cache: dict = field(default_factory=dict)
+
+    def memo(self, key, compute):
+        """``compute()`` once per ``key``: oracle results depend on the model and rows only
+        (never on the split), so shrinking a split reuses them."""
+        if key not in self.cache:
+            self.cache[key] = compute()
+        return self.cache[key]
+
+    def tolerance(self) -> tuple[float, float]:
+        """(rtol, atol) for comparing an adapter's float results with the float64 oracle."""
+        if self.dtype == torch.float64:
+            return tolerance("float64-paths", torch.float64)
+        return tolerance("float32-fisher", torch.float32)
+
+    def settings(self, max_examples: int | None = None) -> settings:
+        n = self.max_examples if max_examples is None else max_examples
+        return settings(max_examples=max(1, n), derandomize=self.derandomize, database=None,
+                        deadline=None, print_blob=False, report_multiple_bugs=False,
+                        suppress_health_check=list(HealthCheck))
+
+
+def run_property(name: str, needs: tuple[str, ...], strategy, body, describe, ctx: Context,
+                 max_examples: int | None = None) -> PropertyResult:
+    """Run ``body(example)`` on examples from ``strategy``; shrink and keep the minimal failure.
+
+    ``describe(example) -> str`` renders an example for the report. Shrinking is bounded by
+    ``ctx.shrink_seconds``: once spent, examples not seen before are skipped (count as
+    passing), so Hypothesis stops at the smallest failure found so far and replays it.
+    """
+    record: dict = {"n": 0, "first_failure": None}
+    seen: set = set()
+
+    def test(example):
+        key = repr(example)
+        t_fail = record["first_failure"]
+        if t_fail is not None and key not in seen and time.perf_counter() - t_fail > ctx.shrink_seconds:
+            return
+        seen.add(key)
+        record["n"] += 1
+        try:
+            body(example)
+        except Exception as exc:
+            record["example"], record["exc"] = example, exc
+            if record["first_failure"] is None:
+                record["first_failure"] = time.perf_counter()
+            raise
+
+    wrapped = ctx.settings(max_examples)(given(strategy)(test))
+    start = time.perf_counter()
+    try:
+        wrapped()
+    except HypothesisException as exc:  # e.g. unsatisfiable: a harness problem, not a verdict
+        return PropertyResult(name, FAIL, None, f"harness: {type(exc).__name__}: {exc}", needs,
+                              record["n"], time.perf_counter() - start)
+    except Exception:
+        exc = record.get("exc")
+        message = _message(exc)
+        example = record.get("example")
+        return PropertyResult(name, FAIL, describe(example) if example is not None else None,
+                              message, needs, record["n"], time.perf_counter() - start)
+    return PropertyResult(name, PASS, None, None, needs, record["n"], time.perf_counter() - start)
+
+
+def _message(exc: BaseException | None) -> str:
+    if exc is None:
+        return "failed (no detail recorded)"
+    if isinstance(exc, AssertionError):
+        return str(exc)
+    return f"the adapter raised {type(exc).__name__}: {exc}"
+
+
+def not_provided(name: str, needs: tuple[str, ...]) -> PropertyResult:
+    return PropertyResult(name, NOT_PROVIDED, needs=needs)

@@ -1,0 +1,77 @@
+"""The conformance report: a table for people, JSON for machines."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+from dataclasses import dataclass, field
+
+from fisher_ref.conformance.engine import FAIL, NOT_PROVIDED, PASS, PropertyResult
+
+
+@dataclass
+class ConformanceReport:
+    """Verdicts of one adapter. ``passed``: no property failed ("not provided" is no pass)."""
+
+    adapter: str
+    profile: str
+    results: list[PropertyResult]
+    provided: tuple[str, ...] = ()
+    seconds: float = 0.0
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def passed(self) -> bool:
+        return not self.failures()
+
+    def failures(self) -> list[PropertyResult]:
+        return [r for r in self.results if r.verdict == FAIL]
+
+    def verdict(self, name: str) -> str:
+        for r in self.results:
+            if r.name == name:
+                return r.verdict
+        raise ValueError(f"property: expected one of {[r.name for r in self.results]}, got {name!r}.")
+
+    def counts(self) -> dict[str, int]:
+        return {v: sum(r.verdict == v for r in self.results) for v in (PASS, FAIL, NOT_PROVIDED)}
+
+    def to_dict(self) -> dict:
+        return {"adapter": self.adapter, "profile": self.profile, "passed": self.passed,
+                "counts": self.counts(), "provided": list(self.provided),
+                "seconds": round(self.seconds, 2), "meta": self.meta,
+                "results": [r.to_dict() for r in self.results]}
+
+    def to_json(self, path=None) -> str:
+        text = json.dumps(self.to_dict(), indent=2, default=str)
+        if path is not None:
+            with open(path, "w") as fh:
+                fh.write(text + "\n")
+        return text
+
+    def table(self, width: int = 100) -> str:
+        return format_table(self, width)
+
+
+def format_table(report: ConformanceReport, width: int = 100) -> str:
+    """A fixed-width table: property, verdict, and for failures the message and the minimal
+    counterexample underneath."""
+    name_w = max([len("property")] + [len(r.name) for r in report.results]) + 2
+    lines = [f"fishercheck conformance: {report.adapter} (profile {report.profile})",
+             f"{'property':<{name_w}}{'verdict':<14}{'examples':>9}{'seconds':>9}",
+             "-" * (name_w + 32)]
+    for r in report.results:
+        mark = {PASS: "pass", FAIL: "FAIL", NOT_PROVIDED: "not provided"}[r.verdict]
+        lines.append(f"{r.name:<{name_w}}{mark:<14}{r.examples:>9}{r.seconds:>9.1f}")
+        if r.verdict == FAIL:
+            for label, text in (("why", r.message), ("minimal counterexample", r.counterexample)):
+                if text:
+                    body = textwrap.shorten(text, 1200, placeholder=" ...") if len(text) > 1200 else text
+                    wrapped = textwrap.fill(body, width - 6, initial_indent=f"    {label}: ",
+                                            subsequent_indent="      ")
+                    lines.append(wrapped)
+    c = report.counts()
+    lines.append("-" * (name_w + 32))
+    lines.append(f"{c[PASS]} passed, {c[FAIL]} failed, {c[NOT_PROVIDED]} not provided "
+                 f"({report.seconds:.1f} s): {'PASS' if report.passed else 'FAIL'}")
+    return "\n".join(lines)

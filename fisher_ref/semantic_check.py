@@ -1,0 +1,415 @@
+r"""The semantic check of a QK-OV slicing against the model's own forward pass (SPEC §4).
+
+In a float64 copy of the model, the entries of I(l, h, B) are perturbed (seeded Gaussian
+noise, every other entry untouched) and two things of layer l are observed with hooks:
+
+- the attention probabilities ``P[b, h', t, s]`` (the attention module's second output;
+  models run with eager attention and ``output_attentions=True``);
+- the per-head input of the output projection, ``Z[b, t, h', :]`` (a forward pre-hook on
+  ``o_module``, its input split as ``[H, dh]``).
+
+A slice passes when exactly the right heads move (r = H / H_kv, G(h) the query heads
+sharing kv(h)):
+
+=====  =====================  =====================
+block  P changes for heads    Z changes for heads
+=====  =====================  =====================
+Q      {h}                    {h}
+K      G(h)                   G(h)
+V      none                   G(h)
+O      none                   none
+=====  =====================  =====================
+
+and, for O, writing :math:`\Delta(z) = o_{\theta + \delta}(z) - o_\theta(z)` for the
+output projection: :math:`\Delta(z \text{ with other heads zeroed}) = \Delta(z)` and
+:math:`\Delta(z \text{ with head } h \text{ zeroed}) = 0`, with :math:`\Delta(z) \ne 0`.
+
+Completeness is checked the other way round: perturbing every entry of the touched
+tensors *outside* :math:`I(Q,h) \cup I(K,h)` leaves head h's pattern unchanged, outside
+:math:`I(Q,h) \cup I(K,h) \cup I(V,h)` leaves head h's output unchanged, and outside
+:math:`I(O,h)` leaves :math:`\Delta(z \text{ with other heads zeroed}) = 0`.
+
+"Unchanged" means a largest absolute difference of at most the ``semantic-check``
+tolerance (float64 rounding); "changed" anything above it.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+import torch
+
+from fisher_ref.layouts import AttentionLayout, attention_layout
+from fisher_ref.slicing import BLOCKS, slice_masks
+from fisher_ref.testing.tolerances import tolerance
+
+_SCALE = 0.5  # perturbation standard deviation
+
+
+@dataclass
+class SliceCheck:
+    """One test of one (layer, head, block).
+
+    Attributes:
+        layer, head, block: the slice. test: ``"perturb"`` (the slice moves the right
+            heads) or ``"complement"`` (everything outside it leaves head h alone).
+        passed: whether it held. problems: what went wrong, in words.
+        pattern_changed, output_changed: heads whose P or Z moved (``"perturb"``).
+        max_change: largest absolute change of P and Z over all heads of the layer.
+    """
+
+    layer: int
+    head: int
+    block: str
+    test: str
+    passed: bool
+    problems: list = field(default_factory=list)
+    pattern_changed: list = field(default_factory=list)
+    output_changed: list = field(default_factory=list)
+    max_change: float = 0.0
+
+    def __str__(self) -> str:
+        status = "ok" if self.passed else "FAIL: " + "; ".join(self.problems)
+        return f"L{self.layer}.H{self.head}.{self.block} [{self.test}] {status}"
+
+
+@dataclass
+class SemanticReport:
+    """All checks; ``passed`` when every one held."""
+
+    checks: list
+
+    @property
+    def passed(self) -> bool:
+        return all(c.passed for c in self.checks)
+
+    def failures(self) -> list:
+        return [c for c in self.checks if not c.passed]
+
+    def __str__(self) -> str:
+        bad = self.failures()
+        head = f"semantic check: {len(self.checks) - len(bad)}/{len(self.checks)} passed"
+        return "\n  ".join([head] + [str(c) for c in bad[:20]])
+
+
+class _Observer:
+    """Hooks capturing each layer's attention probabilities and O-projection input."""
+
+    def __init__(self, model, layout: AttentionLayout):
+        modules = dict(model.named_modules())
+        self.layout, self.P, self.Z, self.handles = layout, {}, {}, []
+        for la in layout.layers:
+            self.handles.append(modules[la.module].register_forward_hook(self._probs(la)))
+            self.handles.append(modules[la.o_module].register_forward_pre_hook(self._z(la)))
+
+    def _probs(self, la):
+        def hook(module, args, output):
+            probs = output[1] if isinstance(output, tuple) and len(output) > 1 else None
+            if not isinstance(probs, torch.Tensor) or probs.dim() != 4 or probs.shape[1] != la.num_heads:
+                got = tuple(probs.shape) if isinstance(probs, torch.Tensor) else type(probs).__name__
+                raise ValueError(f"{la.module}: expected the attention module to return "
+                                 f"(output, probabilities [B, {la.num_heads}, T, T]) with eager "
+                                 f"attention, got {got}.")
+            self.P[la.index] = probs.detach().clone()
+        return hook
+
+    def _z(self, la):
+        def hook(module, args):
+            z = args[0].detach().clone()
+            if z.shape[-1] != la.num_heads * la.head_dim:
+                raise ValueError(f"{la.o_module}: expected an input with {la.num_heads} x "
+                                 f"{la.head_dim} features, got {tuple(z.shape)}.")
+            self.Z[la.index] = z
+        return hook
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+
+
+def _forward(model, inputs: dict, obs: _Observer):
+    obs.P.clear()
+    obs.Z.clear()
+    with torch.no_grad():
+        try:
+            model(**inputs, output_attentions=True)
+        except TypeError:
+            model(**inputs)
+    return dict(obs.P), dict(obs.Z)
+
+
+def _default_inputs(model, seed: int) -> dict:
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    if not isinstance(vocab, int):
+        raise ValueError("check_masks: expected a model config with vocab_size to build inputs, "
+                         "got none; pass batch={...}.")
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, vocab, (2, 5), generator=g)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+def _per_head(la, P, Z):
+    """Per-head P [B, H, T, T] -> [H, ...] and Z [B, T, H*dh] -> [H, ...]."""
+    p = P[la.index].transpose(0, 1)
+    z = Z[la.index].unflatten(-1, (la.num_heads, la.head_dim)).movedim(-2, 0)
+    return p, z
+
+
+def _max_by_head(a, b):
+    return (a - b).abs().flatten(1).max(dim=1).values
+
+
+class _Perturber:
+    """Adds seeded noise to masked entries of the float64 model and restores them."""
+
+    def __init__(self, model, seed: int):
+        self.params = dict(model.named_parameters())
+        self.gen = torch.Generator().manual_seed(seed)
+        self.saved = {}
+
+    def apply(self, masks: dict):
+        with torch.no_grad():
+            for name, mask in masks.items():
+                p = self.params[name]
+                self.saved[name] = p.detach().clone()
+                noise = torch.randn(p.shape, generator=self.gen, dtype=p.dtype)
+                p.add_(_SCALE * noise * mask)
+
+    def restore(self):
+        with torch.no_grad():
+            for name, value in self.saved.items():
+                self.params[name].copy_(value)
+        self.saved = {}
+
+
+def _check_mask_dict(masks, params, layer, head, block) -> dict:
+    if not isinstance(masks, dict):
+        raise ValueError(f"mask_fn({layer}, {head}, {block!r}): expected a dict name -> bool "
+                         f"mask, got {type(masks).__name__}.")
+    for name, m in masks.items():
+        if name not in params:
+            raise ValueError(f"mask_fn({layer}, {head}, {block!r}): expected parameter names "
+                             f"of the model, got {name!r}.")
+        if not isinstance(m, torch.Tensor) or m.dtype != torch.bool or m.shape != params[name].shape:
+            got = (f"{m.dtype} {tuple(m.shape)}" if isinstance(m, torch.Tensor) else type(m).__name__)
+            raise ValueError(f"mask_fn({layer}, {head}, {block!r})[{name!r}]: expected a bool "
+                             f"mask of shape {tuple(params[name].shape)}, got {got}.")
+    return masks
+
+
+def _allowed(la, block) -> set:
+    names = {la.weight(block), la.bias(block)} - {None}
+    if block != "O" and la.packing != "separate":
+        names = {la.q, la.q_bias} - {None}
+    return names
+
+
+def _eager(model):
+    """Switch an HF model copy to eager attention, so that probabilities are returned."""
+    config = getattr(model, "config", None)
+    if getattr(config, "_attn_implementation", "eager") != "eager" and hasattr(model, "set_attn_implementation"):
+        model.set_attn_implementation("eager")
+    return model
+
+
+class _Session:
+    """One float64 model copy, its hooks, the base observation, and the checks."""
+
+    def __init__(self, model, layout, inputs, seed, atol):
+        self.model = _eager(copy.deepcopy(model).to(device="cpu", dtype=torch.float64).eval())
+        self.layout, self.atol = layout, atol
+        self.modules = dict(self.model.named_modules())
+        self.params = dict(self.model.named_parameters())
+        self.inputs = {k: (v.to(torch.float64) if v.is_floating_point() else v).cpu()
+                       for k, v in inputs.items() if k != "sample_ids"}
+        self.obs = _Observer(self.model, layout)
+        self.base_P, self.base_Z = _forward(self.model, self.inputs, self.obs)
+        self.perturber = _Perturber(self.model, seed)
+
+    def moved(self, la, masks):
+        """Per-head max |ΔP| and max |ΔZ| of layer la after perturbing ``masks``."""
+        self.perturber.apply(masks)
+        try:
+            P, Z = _forward(self.model, self.inputs, self.obs)
+        finally:
+            self.perturber.restore()
+        p0, z0 = _per_head(la, self.base_P, self.base_Z)
+        p1, z1 = _per_head(la, P, Z)
+        return _max_by_head(p1, p0), _max_by_head(z1, z0)
+
+    def o_effects(self, la, head, masks):
+        """Max |Δ(z)|, |Δ(z_h only) − Δ(z)|, |Δ(z without h)| for the O projection."""
+        o_mod = self.modules[la.o_module]
+        z = self.base_Z[la.index].unflatten(-1, (la.num_heads, la.head_dim))
+        only = torch.zeros_like(z)
+        only[..., head, :] = z[..., head, :]
+        without = z.clone()
+        without[..., head, :] = 0
+        variants = [v.flatten(-2) for v in (z, only, without)]
+        with torch.no_grad():
+            before = [o_mod(v) for v in variants]
+            self.perturber.apply(masks)
+            try:
+                after = [o_mod(v) for v in variants]
+            finally:
+                self.perturber.restore()
+        d_full, d_only, d_without = (a - b for a, b in zip(after, before))
+        return (float(d_full.abs().max()), float((d_only - d_full).abs().max()),
+                float(d_without.abs().max()), float(d_only.abs().max()))
+
+    def close(self):
+        self.obs.remove()
+
+
+def _expected(la, head, block):
+    group = [g for g in range(la.num_heads) if la.kv_head(g) == la.kv_head(head)]
+    return {"Q": ([head], [head]), "K": (group, group), "V": ([], group), "O": ([], [])}[block]
+
+
+def _heads_over(values, atol) -> list:
+    return [int(i) for i in torch.nonzero(values > atol).flatten()]
+
+
+def _perturb_check(s: _Session, la, head, block, masks) -> SliceCheck:
+    c = SliceCheck(la.index, head, block, "perturb", True)
+    outside = sorted(set(masks) - _allowed(la, block))
+    if outside:
+        c.problems.append(f"touches tensors outside layer {la.index}'s {block} tensors: {outside}")
+    if not any(bool(m.any()) for m in masks.values()):
+        c.problems.append("the slice is empty")
+    dp, dz = s.moved(la, masks)
+    c.pattern_changed, c.output_changed = _heads_over(dp, s.atol), _heads_over(dz, s.atol)
+    c.max_change = float(max(dp.max(), dz.max()))
+    want_p, want_z = _expected(la, head, block)
+    if c.pattern_changed != want_p:
+        c.problems.append(f"attention patterns changed for heads {c.pattern_changed}, "
+                          f"expected {want_p}")
+    if c.output_changed != want_z:
+        c.problems.append(f"O-projection inputs changed for heads {c.output_changed}, "
+                          f"expected {want_z}")
+    if block == "O":
+        full, only_gap, without, _ = s.o_effects(la, head, masks)
+        if full <= s.atol:
+            c.problems.append("perturbing the O slice did not change the attention output")
+        if only_gap > s.atol:
+            c.problems.append(f"with other heads zeroed the effect differs from the full effect "
+                              f"by {only_gap:.3g}")
+        if without > s.atol:
+            c.problems.append(f"with head {head} zeroed the effect is still {without:.3g}")
+    c.passed = not c.problems
+    return c
+
+
+def _complement(masks_list, params) -> dict:
+    """Entries of the touched tensors outside the union of the given slices."""
+    out = {}
+    for masks in masks_list:
+        for name in masks:
+            out.setdefault(name, torch.ones_like(params[name], dtype=torch.bool))
+    for masks in masks_list:
+        for name, m in masks.items():
+            out[name] = out[name] & ~m
+    return out
+
+
+def _complement_checks(s: _Session, la, head, slices: dict) -> list:
+    checks = []
+    for block, union in (("Q", ("Q", "K")), ("V", ("Q", "K", "V"))):
+        if not all(b in slices for b in union):
+            continue
+        dp, dz = s.moved(la, _complement([slices[b] for b in union], s.params))
+        value = float(dp[head]) if block == "Q" else float(dz[head])
+        c = SliceCheck(la.index, head, "+".join(union), "complement", value <= s.atol, max_change=value)
+        if not c.passed:
+            what = "attention pattern" if block == "Q" else "O-projection input"
+            c.problems.append(f"perturbing outside {'∪'.join(union)} changed head {head}'s "
+                              f"{what} by {value:.3g}: the slices miss entries of head {head}")
+        checks.append(c)
+    if "O" in slices:
+        comp = _complement([slices["O"]], s.params)
+        _, _, _, only = s.o_effects(la, head, comp)
+        c = SliceCheck(la.index, head, "O", "complement", only <= s.atol, max_change=only)
+        if not c.passed:
+            c.problems.append(f"perturbing outside the O slice changed head {head}'s share of "
+                              f"the output by {only:.3g}: the slice misses entries of head {head}")
+        checks.append(c)
+    return checks
+
+
+def _selection(layout, layers, heads):
+    chosen = range(layout.num_layers) if layers is None else layers
+    out = []
+    for l in chosen:
+        la = layout.layer(l)
+        hs = range(la.num_heads) if heads is None else heads
+        for h in hs:
+            if isinstance(h, bool) or not isinstance(h, int) or not 0 <= h < la.num_heads:
+                raise ValueError(f"heads: expected integers in [0, {la.num_heads}) for layer {l}, "
+                                 f"got {h!r}.")
+            out.append((la, h))
+    return out
+
+
+def check_masks(model: torch.nn.Module, mask_fn, layout=None, *, layers=None, heads=None,
+                blocks=BLOCKS, seed: int = 0, batch: dict | None = None) -> SemanticReport:
+    """Check any slicing ``mask_fn(layer, head, block) -> {name: bool mask}`` semantically.
+
+    Args:
+        model: the model (copied to float64; never modified).
+        mask_fn: the slicing under test, e.g. a third-party implementation.
+        layout: the layout giving modules and head counts (None: detect).
+        layers, heads: subsets to check (default: all). blocks: blocks to check.
+        seed: seeds the inputs and the perturbations.
+        batch: model inputs (default: two random rows of five tokens).
+
+    Returns:
+        SemanticReport: per (layer, head, block) whether it passed and what changed.
+    """
+    lay = layout if isinstance(layout, AttentionLayout) else attention_layout(model, layout)
+    unknown = [b for b in blocks if b not in BLOCKS]
+    if unknown:
+        raise ValueError(f"blocks: expected a subset of {BLOCKS}, got {unknown}.")
+    selected = _selection(lay, layers, heads)
+    inputs = _default_inputs(model, seed) if batch is None else batch
+    s = _Session(model, lay, inputs, seed, tolerance("semantic-check")[1])
+    checks = []
+    try:
+        for la, h in selected:
+            slices = {b: _check_mask_dict(mask_fn(la.index, h, b), s.params, la.index, h, b)
+                      for b in blocks}
+            checks += [_perturb_check(s, la, h, b, m) for b, m in slices.items()]
+            checks += _complement_checks(s, la, h, slices)
+    finally:
+        s.close()
+    return SemanticReport(checks)
+
+
+def check_layout(model: torch.nn.Module, layout=None, *, layers=None, heads=None,
+                 seed: int = 0, batch: dict | None = None) -> SemanticReport:
+    """Semantic check (SPEC §4) of :func:`~fisher_ref.slicing.qkov_mask` under a layout.
+
+    Uses I(l, h, B) with biases (``include_bias=True``), so that bias entries are checked
+    too. See the module docstring for what is perturbed and observed.
+
+    Returns:
+        SemanticReport: per layer, head and block: passed, heads whose pattern or output
+        changed, and problems in words.
+    """
+    lay = layout if isinstance(layout, AttentionLayout) else attention_layout(model, layout)
+    shapes = {n: p.shape for n, p in model.named_parameters()}
+
+    def mask_fn(layer, head, block):
+        return slice_masks(lay.layer(layer), head, block, shapes, include_bias=True)
+
+    return check_masks(model, mask_fn, lay, layers=layers, heads=heads, seed=seed, batch=batch)
+
+
+def validate_layout(model: torch.nn.Module, layout=None, **kwargs) -> AttentionLayout:
+    """:func:`check_layout`, raising ``ValueError`` with the failures; returns the layout."""
+    lay = layout if isinstance(layout, AttentionLayout) else attention_layout(model, layout)
+    report = check_layout(model, lay, **kwargs)
+    if not report.passed:
+        raise ValueError(f"layout: expected every QK-OV slice to pass the semantic check, got "
+                         f"{len(report.failures())} failures.\n  {report}")
+    return lay

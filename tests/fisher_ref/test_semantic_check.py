@@ -1,0 +1,192 @@
+"""The semantic check passes for every supported layout and fails for wrong slicings."""
+
+from dataclasses import asdict
+
+import pytest
+import torch
+
+from fisher_ref.layouts import attention_layout
+from fisher_ref.semantic_check import check_layout, check_masks, validate_layout
+from fisher_ref.slicing import qkov_mask
+from fisher_ref.testing.models import TinyConfig, build_model
+
+SUPPORTED = [
+    TinyConfig(arch="gpt2"),
+    TinyConfig(arch="llama", num_heads=4, num_kv_heads=2, head_dim=2, hidden=12, attention_bias=True),
+    TinyConfig(arch="mistral", num_heads=4, num_kv_heads=2),
+    TinyConfig(arch="qwen2", num_heads=4, num_kv_heads=2),
+    TinyConfig(arch="bert"),
+    TinyConfig(arch="bert-cls"),
+    TinyConfig(arch="gpt_neox"),
+    TinyConfig(arch="phi3", num_heads=4, num_kv_heads=2),
+]
+
+
+@pytest.mark.parametrize("cfg", SUPPORTED, ids=lambda c: c.make_id())
+def test_detected_layout_passes(cfg):
+    report = check_layout(build_model(cfg))
+    assert report.passed, str(report)
+    # per (layer, head): 4 perturbation checks and 3 complement checks
+    assert len(report.checks) == cfg.num_layers * cfg.num_heads * 7
+
+
+def test_report_says_which_heads_moved():
+    report = check_layout(build_model(SUPPORTED[-1]), layers=[1], heads=[2])  # phi3, H=4, H_kv=2
+    moved = {c.block: (c.pattern_changed, c.output_changed) for c in report.checks if c.test == "perturb"}
+    assert moved == {"Q": ([2], [2]), "K": ([2, 3], [2, 3]), "V": ([], [2, 3]), "O": ([], [])}
+
+
+# ----------------------------------------------------------------- deliberately wrong slicings
+
+
+def _rows(n_rows, lo, hi, shape, axis):
+    sel = torch.zeros(n_rows, dtype=torch.bool)
+    sel[max(lo, 0):min(hi, n_rows)] = True
+    return {0: sel[:, None], 1: sel[None, :]}[axis].expand(shape).clone()
+
+
+def gpt2_o_by_columns(model):
+    def mask_fn(layer, head, block):
+        masks = qkov_mask(model, layer, head, block)
+        return {n: m.T.clone() for n, m in masks.items()} if block == "O" else masks
+    return mask_fn
+
+
+def phi3_v_offset(model, *, forget_k):
+    """V of kv head j placed after Q only (``forget_k``) or after H key heads (no GQA)."""
+    la = attention_layout(model).layer(0)
+    H, dh, kv_w = la.num_heads, la.head_dim, dict(model.named_parameters())
+
+    def mask_fn(layer, head, block):
+        if block != "V":
+            return qkov_mask(model, layer, head, block)
+        name = attention_layout(model).layer(layer).q
+        w = kv_w[name]
+        start = (H if forget_k else 2 * H) * dh + (head // la.group_size) * dh
+        return {name: _rows(w.shape[0], start, start + dh, w.shape, 0)}
+    return mask_fn
+
+
+def head_dim_from_d_over_h(model):
+    """LLaMA slices computed with head_dim = hidden / H instead of the config's head_dim."""
+    lay = attention_layout(model)
+    params = dict(model.named_parameters())
+
+    def mask_fn(layer, head, block):
+        la = lay.layer(layer)
+        dh = params[la.o].shape[0] // la.num_heads  # the wrong head_dim: d / H
+        idx = head if block in "QO" else la.kv_head(head)
+        name = la.weight(block)
+        w = params[name]
+        axis = 1 if block == "O" else 0
+        return {name: _rows(w.shape[axis], idx * dh, (idx + 1) * dh, w.shape, axis)}
+    return mask_fn
+
+
+def neox_as_blocks_layout(model):
+    lay = attention_layout(model)
+    return {"layers": [{k: v for k, v in asdict(la).items() if k not in ("index", "kind")}
+                       | {"packing": "fused_blocks"} for la in lay.layers]}
+
+
+def _half_of_q(model):
+    def mask_fn(layer, head, block):
+        masks = qkov_mask(model, layer, head, block)
+        if block == "Q":
+            (name, m), = masks.items()
+            rows = m.any(dim=1).nonzero().flatten()
+            m = m.clone()
+            m[rows[: len(rows) // 2]] = False
+            masks = {name: m}
+        return masks
+    return mask_fn
+
+
+def _shifted_heads(model):
+    lay = attention_layout(model)
+    return lambda layer, head, block: qkov_mask(
+        model, layer, (head + 1) % lay.layer(layer).num_heads, block)
+
+
+WRONG = [
+    pytest.param(TinyConfig(arch="gpt2", num_layers=1), gpt2_o_by_columns, "O",
+                 "with head 0 zeroed", id="gpt2-O-by-columns"),
+    pytest.param(TinyConfig(arch="phi3", num_layers=1, num_heads=4, num_kv_heads=2),
+                 lambda m: phi3_v_offset(m, forget_k=True), "V",
+                 "attention patterns changed for heads [0, 1], expected []", id="phi3-V-offset-forgets-K"),
+    pytest.param(TinyConfig(arch="phi3", num_layers=1, num_heads=4, num_kv_heads=2),
+                 lambda m: phi3_v_offset(m, forget_k=False), "V", "the slice is empty",
+                 id="phi3-V-offset-H-key-heads"),
+    pytest.param(TinyConfig(arch="llama", num_layers=1, num_heads=4, num_kv_heads=2, head_dim=2,
+                            hidden=12), head_dim_from_d_over_h, "Q",
+                 "attention patterns changed for heads [0, 1], expected [0]", id="llama-head_dim-d/H"),
+    pytest.param(TinyConfig(arch="gpt_neox", num_layers=1),
+                 lambda m: (lambda l, h, b: qkov_mask(m, l, h, b, layout=neox_as_blocks_layout(m))),
+                 "K", "attention patterns changed for heads [], expected [0]", id="neox-as-3-H-dh"),
+    pytest.param(TinyConfig(arch="bert", num_layers=1), _half_of_q, "Q+K",
+                 "the slices miss entries of head 0", id="bert-Q-half-a-head"),
+    pytest.param(TinyConfig(arch="mistral", num_layers=1, num_heads=4, num_kv_heads=2),
+                 _shifted_heads, "Q", "expected [0]", id="mistral-shifted-heads"),
+]
+
+
+@pytest.mark.parametrize("cfg, make_mask_fn, block, message", WRONG)
+def test_wrong_slicing_fails(cfg, make_mask_fn, block, message):
+    model = build_model(cfg)
+    report = check_masks(model, make_mask_fn(model), attention_layout(model))
+    assert not report.passed
+    first = next(c for c in report.failures() if c.block == block and c.head == 0)
+    assert message in "; ".join(first.problems), str(report)
+
+
+def test_wrong_declared_layout_is_rejected():
+    model = build_model(TinyConfig(arch="gpt_neox", num_layers=1))
+    wrong = neox_as_blocks_layout(model)
+    assert attention_layout(model, wrong).layer(0).packing == "fused_blocks"  # shapes agree
+    with pytest.raises(ValueError, match="expected every QK-OV slice to pass the semantic check"):
+        validate_layout(model, wrong)
+
+
+def test_validate_layout_returns_the_layout_when_right():
+    model = build_model(TinyConfig(arch="gpt2", num_layers=1))
+    assert validate_layout(model) == attention_layout(model)
+
+
+def _gpt2():
+    return build_model(TinyConfig(arch="gpt2", num_layers=1))
+
+
+def _masks_with(change):
+    model = _gpt2()
+    return lambda: check_masks(model, lambda l, h, b: change(qkov_mask(model, l, h, b)), None)
+
+
+BAD = [
+    pytest.param(_masks_with(lambda m: {k: v.double() for k, v in m.items()}),
+                 "expected a bool mask of shape (8, 24)", id="float-mask"),
+    pytest.param(_masks_with(lambda m: {"nope": True}), "expected parameter names of the model, got 'nope'",
+                 id="unknown-name"),
+    pytest.param(_masks_with(lambda m: {k: v[:1] for k, v in m.items()}), "got torch.bool (1,",
+                 id="wrong-shape"),
+    pytest.param(_masks_with(lambda m: [m]), "expected a dict name -> bool mask", id="not-a-dict"),
+    pytest.param(lambda: check_layout(_gpt2(), heads=[2]), "heads: expected integers in [0, 2)",
+                 id="head-out-of-range"),
+    pytest.param(lambda: check_layout(_gpt2(), layers=[1]), "layer: expected an integer in [0, 1)",
+                 id="layer-out-of-range"),
+]
+
+
+@pytest.mark.parametrize("call, message", BAD)
+def test_bad_input(call, message):
+    with pytest.raises(ValueError) as err:
+        call()
+    assert message in str(err.value)
+
+
+def test_checks_an_eager_float64_copy_and_leaves_the_model_alone():
+    model = build_model(TinyConfig(arch="llama", num_layers=1))
+    model.set_attn_implementation("sdpa")
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    assert check_layout(model).passed
+    assert model.config._attn_implementation == "sdpa"
+    assert all(torch.equal(p, before[n]) and p.dtype == torch.float32 for n, p in model.named_parameters())
