@@ -163,6 +163,20 @@ def check_finite_grad(name: str, grad: torch.Tensor, unit_id) -> None:
                          f"expected finite values, got {bad}.")
 
 
+def check_rows_independent(batched: torch.Tensor, alone: torch.Tensor, row_id, rtol: float,
+                           atol: float) -> None:
+    """Row ``row_id``'s losses in the batched forward equal those of the row run alone."""
+    close = torch.isclose(batched, alone, rtol=rtol, atol=atol) | (torch.isnan(batched) & torch.isnan(alone))
+    if not bool(close.all()):
+        k = int((~close).flatten().nonzero()[0])
+        raise ValueError(
+            f"loss_fn: expected each row's loss not to depend on the other rows (model in eval "
+            f"mode, no cross-row interaction such as dropout or batch statistics), got "
+            f"{float(batched.flatten()[k])!r} for row {row_id!r} in the batch and "
+            f"{float(alone.flatten()[k])!r} with the row run alone."
+        )
+
+
 def check_positive_int(name: str, value) -> int:
     """``value`` is an int >= 1."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:

@@ -80,7 +80,7 @@ def parameter_groups(names) -> dict:
 
 
 def _restrict(grads: dict, group: dict) -> np.ndarray:
-    cols = [grads[n].flatten(1) if m is None else grads[n][:, m] for n, m in group.items()]
+    cols = [grads[n].flatten(1) if m is None else grads[n][:, m.cpu()] for n, m in group.items()]
     return torch.cat(cols, dim=1).numpy()
 
 
@@ -150,6 +150,8 @@ def conflicts_from_gradients(grads_a, grads_b, groups: dict, *, n_permutations: 
     if isinstance(grads_b, PerUnit):
         ids_b, grads_b = grads_b.ids if ids_b is None else ids_b, grads_b.tensors
     check_same_parameters(grads_a, grads_b)
+    grads_a, grads_b = ({n: t.detach().to("cpu", torch.float64) for n, t in g.items()}
+                        for g in (grads_a, grads_b))  # float64 whatever dtype comes in
     _check_int("n_permutations", n_permutations, 1)
     _check_int("n_bootstrap", n_bootstrap, 1)
     _check_int("seed", seed, 0)

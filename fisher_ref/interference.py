@@ -91,6 +91,12 @@ def check_same_parameters(a: dict, b: dict) -> None:
                              f"{tuple(a[n].shape[1:])} in both, got {tuple(b[n].shape[1:])} in task B.")
 
 
+def _float64(pu: PerUnit) -> PerUnit:
+    """The oracle computes in float64 on the CPU whatever dtype the gradients come in."""
+    return PerUnit({n: t.detach().to("cpu", torch.float64) for n, t in pu.tensors.items()},
+                   list(pu.ids), pu.weights.detach().to("cpu", torch.float64), list(pu.empty_ids))
+
+
 def _fisher_hat(fisher, a: PerUnit, b: PerUnit) -> dict:
     if isinstance(fisher, dict):
         for n, g in a.tensors.items():
@@ -100,7 +106,7 @@ def _fisher_hat(fisher, a: PerUnit, b: PerUnit) -> dict:
             f = torch.as_tensor(f)
             if f.shape != g.shape[1:]:
                 raise ValueError(f"fisher[{n!r}]: expected shape {tuple(g.shape[1:])}, got {tuple(f.shape)}.")
-        return {n: torch.as_tensor(f).to(torch.float64) for n, f in fisher.items()}
+        return {n: torch.as_tensor(f).detach().to("cpu", torch.float64) for n, f in fisher.items()}
     parts = {"a": [a], "b": [b], "pooled": [a, b]}.get(fisher)
     if parts is None:
         raise ValueError(f"fisher: expected 'a', 'b', 'pooled' or a dict of tensors, got {fisher!r}.")
@@ -141,6 +147,7 @@ def interference_from_gradients(grads_a: PerUnit, grads_b: PerUnit, layout: Atte
     the slices are computed from the gradients' shapes.
     """
     _check_options(signed, eps, ridge_rel, top_k)
+    grads_a, grads_b = _float64(grads_a), _float64(grads_b)
     ga, gb = grads_a.tensors, grads_b.tensors
     check_same_parameters(ga, gb)
     heads = {la.num_heads for la in layout.layers}

@@ -43,8 +43,13 @@ def output_logits(output) -> torch.Tensor:
 
 def token_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     r"""Per-token NLL ``[B, T]``: :math:`-\log \mathrm{softmax}(z_{b,t})_{y_{b,t}}`, 0 where inactive."""
-    logp = torch.log_softmax(logits, dim=-1)
     active = targets != IGNORE_INDEX
+    n_classes = logits.shape[-1]
+    bad = active & ((targets < 0) | (targets >= n_classes))
+    if bool(bad.any()):
+        raise ValueError(f"labels: expected class indices in [0, {n_classes}) or {IGNORE_INDEX}, "
+                         f"got {int(targets[bad][0])}.")
+    logp = torch.log_softmax(logits, dim=-1)
     safe = torch.where(active, targets, torch.zeros_like(targets))
     nll = -logp.gather(-1, safe.unsqueeze(-1)).squeeze(-1)
     return torch.where(active, nll, torch.zeros_like(nll))
@@ -118,6 +123,9 @@ class SequenceClassificationLoss(_TokenLoss):
     """Sequence classification: logits ``[B, C]`` and labels ``[B]`` become T = 1."""
 
     def align(self, logits, labels):
+        if logits.dim() != 2:
+            raise ValueError(f"logits: expected shape [B, C] for sequence classification, got "
+                             f"{tuple(logits.shape)}.")
         return logits.reshape(logits.shape[0], 1, -1), labels.reshape(-1, 1)
 
     def aligned_labels(self, labels):

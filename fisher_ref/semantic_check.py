@@ -20,7 +20,16 @@ V      none                   G(h)
 O      none                   none
 =====  =====================  =====================
 
-and, for O, writing :math:`\Delta(z) = o_{\theta + \delta}(z) - o_\theta(z)` for the
+Where the Q slice has bias entries, perturbing them alone must move head h's pattern: a
+query bias shifts the scores q_t·k_s by δ·k_s, which varies over s, while a key bias shifts
+them by q_t·δ, constant over s, which softmax ignores (without rotary embeddings). This
+tells Q from K in fused layouts without GQA (GPT-2), where the table above cannot: it is
+symmetric in Q and K when r = 1. Under partial rotary embeddings (GPT-NeoX) the key bias
+is invariant only in the pass-through dimensions, so the slice's last bias entry is also
+perturbed alone. Fused layouts with r = 1 and no bias (Phi-3 without GQA) or a fully rotary
+bias keep that blind spot; their Q/K index ranges are pinned by hand-derived tests instead.
+
+And, for O, writing :math:`\Delta(z) = o_{\theta + \delta}(z) - o_\theta(z)` for the
 output projection: :math:`\Delta(z \text{ with other heads zeroed}) = \Delta(z)` and
 :math:`\Delta(z \text{ with head } h \text{ zeroed}) = 0`, with :math:`\Delta(z) \ne 0`.
 
@@ -271,6 +280,31 @@ def _heads_over(values, atol) -> list:
     return [int(i) for i in torch.nonzero(values > atol).flatten()]
 
 
+def _query_bias_problems(s: "_Session", la, head: int, masks: dict) -> list:
+    """A query bias moves its head's pattern; a key bias (without rotary) moves none.
+
+    Perturbs the Q slice's bias entries, then its last bias entry alone (a pass-through,
+    non-rotary dimension under partial rotary embeddings, as in GPT-NeoX); each must move
+    exactly head h's attention pattern, by more than the ``semantic-check-bias`` tolerance.
+    Tells Q from K where the block table cannot.
+    """
+    m = masks.get(la.q_bias) if la.q_bias is not None else None
+    if m is None or not bool(m.any()):
+        return []
+    flat = m.reshape(-1)
+    last = torch.zeros(flat.shape, dtype=torch.bool)
+    last[int(flat.nonzero()[-1])] = True
+    last = last.reshape(m.shape)
+    atol = tolerance("semantic-check-bias")[1]  # float32 softmax rounding is not a move
+    problems = []
+    for what, sub in (("bias entries", m), ("last bias entry", last)):
+        moved = _heads_over(s.moved(la, {la.q_bias: sub})[0], atol)
+        if moved != [head]:
+            problems.append(f"perturbing the Q slice's {what} alone changed attention patterns "
+                            f"for heads {moved}, expected [{head}]")
+    return problems
+
+
 def _perturb_check(s: _Session, la, head, block, masks) -> SliceCheck:
     c = SliceCheck(la.index, head, block, "perturb", True)
     outside = sorted(set(masks) - _allowed(la, block))
@@ -288,6 +322,8 @@ def _perturb_check(s: _Session, la, head, block, masks) -> SliceCheck:
     if c.output_changed != want_z:
         c.problems.append(f"O-projection inputs changed for heads {c.output_changed}, "
                           f"expected {want_z}")
+    if block == "Q":
+        c.problems += _query_bias_problems(s, la, head, masks)
     if block == "O":
         full, only_gap, without, _ = s.o_effects(la, head, masks)
         if full <= s.atol:

@@ -1,7 +1,8 @@
 r"""Per-unit gradients in float64, one ``torch.autograd.grad`` per unit.
 
-The user's model is deep-copied to float64 on the CPU and never modified. One batched
-forward computes every unit's loss; then each unit's gradient is taken on its own
+The user's model is deep-copied to float64 on the CPU and never modified. The batched forward is
+guarded: each row's loss must equal that of the row run alone (:func:`check_batched_forward`).
+One batched forward computes every unit's loss; then each unit's gradient is taken on its own
 (``retain_graph=True``). Tied parameters are one parameter (``named_parameters()`` lists
 them once), so their per-unit gradient is the sum over all uses.
 
@@ -21,6 +22,7 @@ import torch
 
 from fisher_ref._checks import (
     check_batch, check_finite_grad, check_finite_loss, check_model, check_options,
+    check_rows_independent,
 )
 from fisher_ref.losses import IGNORE_INDEX, is_token_loss, reduce_rows, token_nll
 from fisher_ref.results import PerUnit
@@ -49,7 +51,15 @@ class UnitLosses:
 
 
 def float64_model(model: torch.nn.Module) -> torch.nn.Module:
-    """A float64 CPU deep copy of ``model`` (the original is untouched)."""
+    """A float64 CPU deep copy of ``model`` (the original is untouched).
+
+    The copy runs the model's own forward, attention implementation included. Caveat:
+    some Hugging Face modules compute in float32 even in a float64 model: the RMSNorm of
+    LLaMA, Mistral, Qwen2 and Phi-3, and the *eager* attention softmax of those and of
+    GPT-NeoX. On them the oracle carries float32 rounding (~1e-9 relative on a loss, up to
+    ~1e-7 on small gradient entries); GPT-2 and BERT are float64 throughout
+    (docs/definitions.md §0).
+    """
     return copy.deepcopy(model).to(device="cpu", dtype=torch.float64)
 
 
@@ -69,13 +79,49 @@ def trainable_parameters(model: torch.nn.Module) -> list[tuple[str, torch.nn.Par
     return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
 
 
+def _row_values(model, batch, loss_fn) -> torch.Tensor:
+    """What must not depend on other rows: per-token NLL ``[B, T]`` (token loss) or row losses."""
+    if is_token_loss(loss_fn):
+        logits, targets = loss_fn.logits_and_targets(model, batch)
+        return token_nll(logits, targets)
+    rows = loss_fn(model, batch)
+    if not isinstance(rows, torch.Tensor) or rows.dim() != 1:
+        got = tuple(rows.shape) if isinstance(rows, torch.Tensor) else type(rows).__name__
+        raise ValueError(f"loss_fn: expected a 1-D tensor of row losses, got {got}.")
+    return rows
+
+
+def check_batched_forward(model, batch: dict, loss_fn, row_ids: list) -> None:
+    r"""Guard the batching assumption of SPEC §0: every row's loss from the batched forward
+    equals that of the row run on its own (same padding), per token for a token loss.
+
+    Catches a model left in training mode (dropout), batch statistics, or any other
+    cross-row interaction, which would make per-row gradients meaningless. Tolerance:
+    ``row-independence`` (the same row at two batch sizes; see its reason).
+    """
+    if len(row_ids) < 2:
+        return
+    from fisher_ref.testing.tolerances import tolerance  # the one tolerance table
+
+    rtol, atol = tolerance("row-independence")
+    with torch.no_grad():
+        batched = _row_values(model, batch, loss_fn)
+        if batched.shape[0] != len(row_ids):
+            raise ValueError(f"loss_fn: expected {len(row_ids)} row losses, got {batched.shape[0]}.")
+        for i, sid in enumerate(row_ids):
+            alone = _row_values(model, {k: v[i:i + 1] for k, v in batch.items()}, loss_fn)
+            check_rows_independent(batched[i], alone[0], sid, rtol, atol)
+
+
 def prepare(model, batch, *, loss_fn=None, unit="sample", weighting="sample",
             sample_ids=None, needs_token_loss=False) -> Prepared:
-    """Validate a call and copy model and batch to float64."""
+    """Validate a call, copy model and batch to float64, and check that rows are independent."""
     loss_fn = check_options(loss_fn, unit, weighting, needs_token_loss=needs_token_loss)
     check_model(model)
     row_ids = check_batch(model, batch, loss_fn, sample_ids)
-    return Prepared(float64_model(model), float64_batch(batch), loss_fn, row_ids, unit, weighting)
+    prep = Prepared(float64_model(model), float64_batch(batch), loss_fn, row_ids, unit, weighting)
+    check_batched_forward(prep.model, prep.batch, loss_fn, row_ids)
+    return prep
 
 
 def _sample_rows(model, batch, loss_fn, targets):

@@ -39,6 +39,14 @@ def _frozen():
     return m
 
 
+class BatchCentred(SoftmaxRegression):
+    """Logits centred over the batch: each row's loss depends on the other rows."""
+
+    def forward(self, x, labels=None):
+        z = x @ self.W.T
+        return z - z.mean(0)
+
+
 def _plain_loss(model, batch):
     return cls_loss(model, batch)
 
@@ -86,6 +94,15 @@ CASES = [
                  r"loss_fn: expected a 1-D tensor of row losses, got \(2, 1\)", id="loss-shape"),
     pytest.param(empirical_fisher, dict(model=GPT2, batch=random_batch(batch_size=2, empty_rows=(0, 1))),
                  r"expected at least one non-empty row, got none \(empty rows: \[0, 1\]\)", id="all-empty"),
+    pytest.param(empirical_fisher, dict(model=BatchCentred(), batch=DATA, loss_fn=cls_loss, sample_ids=["r", "s"]),
+                 r"loss_fn: expected each row's loss not to depend on the other rows .*, got .* for "
+                 r"row 'r' in the batch and .* with the row run alone", id="rows-interact"),
+    pytest.param(empirical_fisher, dict(model=SOFT, batch={"x": DATA["x"], "labels": torch.tensor([0, 3])}, loss_fn=cls_loss),
+                 r"labels: expected class indices in \[0, 3\) or -100, got 3", id="label-out-of-range"),
+    pytest.param(empirical_fisher, dict(model=GPT2, batch=_without("labels", labels=BATCH["labels"].clamp(max=-1))),
+                 r"labels: expected class indices in \[0, 11\) or -100, got -1", id="negative-label"),
+    pytest.param(empirical_fisher, dict(model=GPT2, batch=_without("labels", labels=torch.tensor([1, 2, 3])), loss_fn=cls_loss),
+                 r"logits: expected shape \[B, C\] for sequence classification, got \(3, 4, 11\)", id="cls-loss-on-lm"),
     pytest.param(batch_squared_gradient, dict(model=GPT2, batch=BATCH, micro_batch_size=0),
                  r"micro_batch_size: expected an integer >= 1, got 0", id="micro-batch-zero"),
     pytest.param(gradient_variance, dict(model=GPT2, batch=random_batch(batch_size=1), unbiased=True),

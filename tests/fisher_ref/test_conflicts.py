@@ -157,3 +157,12 @@ def test_split_and_its_mirror_tie_the_observation_exactly():
     ties = [k for k, s in enumerate(splits) if s in ({0, 1, 2}, {3, 4, 5})]
     assert {splits[k] for k in ties} == {frozenset({0, 1, 2}), frozenset({3, 4, 5})}
     assert all(r.nulls["w"][k] == r["w"]["mean_cosine"] for k in ties)
+
+
+def test_float32_gradients_are_computed_in_float64():
+    a, b = _task(4, [1, 0, 0, 0, 0], 7), _task(3, [0, 1, 0, 0, 0], 8)
+    a32, b32 = ({"w": t["w"].float()} for t in (a, b))
+    a64, b64 = ({"w": t["w"].double()} for t in (a32, b32))
+    got, want = _run(a32, b32), _run(a64, b64)
+    assert got["mean_cosine"] == want["mean_cosine"] and got["p"] == want["p"]
+    assert got["interval"] == want["interval"]

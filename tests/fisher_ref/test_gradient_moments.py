@@ -109,8 +109,9 @@ def test_permuting_rows_changes_nothing(gpt2):
     batch = random_batch(kind="causal", batch_size=4, seed=14)
     perm = torch.tensor([2, 0, 3, 1])
     shuffled = {k: v[perm] for k, v in batch.items()}
-    for f in ESTIMATORS:
-        _close(f(gpt2, shuffled, unit="token"), f(gpt2, batch, unit="token"))
+    for kw in (dict(unit="token"), dict(unit="sample", weighting="token")):
+        for f in ESTIMATORS:
+            _close(f(gpt2, shuffled, **kw), f(gpt2, batch, **kw))
 
 
 def test_scaling_the_loss_by_c_scales_by_c_squared(gpt2):

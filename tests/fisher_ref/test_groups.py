@@ -99,3 +99,19 @@ def test_snr_conventions_for_zero_stderr():
     stats = group_fisher(Half(), batch, loss_fn=loss)
     assert torch.isinf(stats["W"]["snr"]).all()
     assert torch.isnan(stats["unused"]["snr"]).all()
+
+
+def test_head_groups_are_the_qkov_slices():
+    from fisher_ref.slicing import qkov_mask
+
+    model = build_model(TinyConfig(arch="gpt2", num_layers=1))  # H = 2: groups Q0 Q1 K0 K1 V0 V1
+    batch = random_batch(kind="causal", batch_size=3, seed=33)
+    stats = group_fisher(model, batch, groups="heads")
+    F = empirical_fisher(model, batch)
+    qkv, o = "transformer.h.0.attn.c_attn.weight", "transformer.h.0.attn.c_proj.weight"
+    expected_qkv = [F[qkv][qkov_mask(model, 0, h, b)[qkv]].sum() for b in "QKV" for h in range(2)]
+    expected_o = [F[o][qkov_mask(model, 0, h, "O")[o]].sum() for h in range(2)]
+    torch.testing.assert_close(stats[qkv]["mean"], torch.stack(expected_qkv), rtol=RTOL, atol=ATOL)
+    torch.testing.assert_close(stats[o]["mean"], torch.stack(expected_o), rtol=RTOL, atol=ATOL)
+    assert stats["transformer.h.0.attn.c_proj.bias"]["mean"].shape == (1,)
+    assert stats["transformer.h.0.mlp.c_fc.weight"]["mean"].shape == (32,)  # generic: columns

@@ -174,3 +174,42 @@ def test_bad_input(call, message):
     with pytest.raises(ValueError) as err:
         call()
     assert message in str(err.value)
+
+
+def test_float32_gradients_are_computed_in_float64(phi3):
+    model, lay = phi3
+    a, b = _random_units(model, 2, 0), _random_units(model, 2, 1)
+    a32 = PerUnit({n: t.float() for n, t in a.tensors.items()}, a.ids, a.weights.float())
+    b32 = PerUnit({n: t.float() for n, t in b.tensors.items()}, b.ids, b.weights.float())
+    a64 = PerUnit({n: t.double() for n, t in a32.tensors.items()}, a.ids, a.weights)
+    b64 = PerUnit({n: t.double() for n, t in b32.tensors.items()}, b.ids, b.weights)
+    got, want = interference_from_gradients(a32, b32, lay), interference_from_gradients(a64, b64, lay)
+    for block in want:
+        assert got[block].dtype == torch.float64
+        torch.testing.assert_close(got[block], want[block], rtol=1e-13, atol=0.0)
+
+
+def test_signed_top_k_ranks_by_magnitude_and_keeps_the_sign():
+    r = interference_from_gradients(A, B, HAND, eps=0.0, signed=True, top_k=2)
+    # signed M on head 0: [[2/5 - 2, 0 + 8], [18/5, 0]] -> |M| order 8, 3.6
+    assert [(e["score"], e["id_a"], e["id_b"]) for e in r.top_k] == [
+        (pytest.approx(8.0), "a_1", "b_2"), (pytest.approx(3.6), "a_2", 10)]
+    r3 = interference_from_gradients(A, B, HAND, eps=0.0, signed=True, top_k=3)
+    assert r3.top_k[2]["score"] == pytest.approx(2 / 5 - 2.0)  # -1.6, sign kept
+
+
+def test_include_bias_adds_the_head_bias_entries_only():
+    model = build_model(TinyConfig(arch="gpt2", num_layers=1))  # H=2, dh=4, d=8: c_attn.bias [24]
+    lay = attention_layout(model)
+    a, b = _random_units(model, 2, 0), _random_units(model, 3, 1)
+    without = interference_from_gradients(a, b, lay)
+    with_bias = interference_from_gradients(a, b, lay, include_bias=True)
+    bias = "transformer.h.0.attn.c_attn.bias"
+    ga, gb = a.tensors[bias], b.tensors[bias]
+    F = ga.square().mean(0)
+    for block, start in (("Q", 4), ("K", 8 + 4), ("V", 16 + 4)):  # head 1's entries
+        e = slice(start, start + 4)
+        extra = torch.einsum("ip,p,jp->ij", ga[:, e].square(), 1 / (F[e] + 1e-12), gb[:, e].abs())
+        torch.testing.assert_close(with_bias[block][:, :, 0, 1], without[block][:, :, 0, 1] + extra,
+                                   rtol=RTOL, atol=ATOL)
+    torch.testing.assert_close(with_bias["O"], without["O"], rtol=0.0, atol=0.0)  # no O bias

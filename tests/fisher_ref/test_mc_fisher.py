@@ -1,6 +1,7 @@
 """mc_fisher and exact_fisher: the class enumeration by hand, the label-drawing convention
 by hand, and Monte-Carlo convergence to the exact Fisher."""
 
+import copy
 import zlib
 
 import numpy as np
@@ -108,3 +109,23 @@ def test_exact_fisher_reports_empty_rows():
     batch = random_batch(kind="causal", batch_size=3, seq_len=3, empty_rows=(1,), seed=23)
     F = exact_fisher(model, batch, loss_fn=causal_lm_loss)
     assert F.empty_ids == [1] and F.n_units == int(causal_lm_loss.token_counts(batch).sum())
+
+
+def test_causal_mc_fisher_draws_the_next_token_label():
+    """Drawn targets are aligned (logits at t draw the label at t + 1): rebuild unshifted
+    labels from the documented draws and average F over them."""
+    model = build_model(TinyConfig(arch="gpt2", num_layers=1))
+    batch = random_batch(kind="causal", batch_size=3, seq_len=4, empty_rows=(1,), seed=24,
+                         sample_ids=["p", "q", "r"])
+    data = {k: v for k, v in batch.items() if k != "sample_ids"}
+    with torch.no_grad():
+        logits = copy.deepcopy(model).double()(input_ids=data["input_ids"],
+                                               attention_mask=data["attention_mask"]).logits[:, :-1]
+    drawn = draw_labels(logits, data["labels"][:, 1:], ["p", "q", "r"], 2, seed=4)
+    fs = []
+    for k in range(2):
+        labels = torch.cat([torch.full((3, 1), -100), drawn[k]], dim=1)
+        fs.append(empirical_fisher(model, {**batch, "labels": labels}, weighting="token"))
+    mc = mc_fisher(model, batch, weighting="token", n_samples=2, seed=4)
+    assert_dicts_close(mc, {n: (fs[0][n] + fs[1][n]) / 2 for n in mc}, rtol=RTOL, atol=ATOL)
+    assert mc.empty_ids == ["q"] and mc.total_weight == fs[0].total_weight

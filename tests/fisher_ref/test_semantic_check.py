@@ -108,7 +108,20 @@ def _shifted_heads(model):
         model, layer, (head + 1) % lay.layer(layer).num_heads, block)
 
 
+def _q_k_swapped(model):
+    """Q and K slices exchanged (biases included): in a fused layout without GQA both move
+    exactly head h, so only the query-bias test can tell them apart."""
+    swap = {"Q": "K", "K": "Q", "V": "V", "O": "O"}
+    return lambda layer, head, block: qkov_mask(model, layer, head, swap[block], include_bias=True)
+
+
 WRONG = [
+    pytest.param(TinyConfig(arch="gpt2", num_layers=1), _q_k_swapped, "Q",
+                 "perturbing the Q slice's bias entries alone changed attention patterns for "
+                 "heads [], expected [0]", id="gpt2-Q-K-swapped"),
+    pytest.param(TinyConfig(arch="gpt_neox", num_layers=1), _q_k_swapped, "Q",
+                 "perturbing the Q slice's last bias entry alone changed attention patterns for "
+                 "heads [], expected [0]", id="neox-Q-K-swapped"),
     pytest.param(TinyConfig(arch="gpt2", num_layers=1), gpt2_o_by_columns, "O",
                  "with head 0 zeroed", id="gpt2-O-by-columns"),
     pytest.param(TinyConfig(arch="phi3", num_layers=1, num_heads=4, num_kv_heads=2),

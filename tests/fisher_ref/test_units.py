@@ -1,11 +1,14 @@
 """Per-unit gradients against each row run alone, through an independent float64 autograd."""
 
+import contextlib
 import copy
 
 import pytest
 import torch
 
-from fisher_ref.losses import CausalLMLoss, MaskedLMLoss, causal_lm_loss, masked_lm_loss
+from fisher_ref.losses import (
+    CausalLMLoss, MaskedLMLoss, causal_lm_loss, masked_lm_loss, sequence_classification_loss,
+)
 from fisher_ref.testing.batches import random_batch
 from fisher_ref.testing.compare import assert_dicts_close
 from fisher_ref.testing.models import TinyConfig, build_model
@@ -19,6 +22,21 @@ ARCHS = [
     pytest.param("llama", "causal", causal_lm_loss, id="arch=llama"),
     pytest.param("bert", "mlm", masked_lm_loss, id="arch=bert-mlm"),
 ]
+
+
+@contextlib.contextmanager
+def float64_softmax():
+    """HF eager attention of LLaMA-like models asks for a float32 softmax; keep float64."""
+    original = torch.nn.functional.softmax
+
+    def softmax(x, dim=None, _stacklevel=3, dtype=None):
+        return original(x, dim=dim)
+
+    torch.nn.functional.softmax = softmax
+    try:
+        yield
+    finally:
+        torch.nn.functional.softmax = original
 
 
 def _row_alone_gradient(model, batch, i, kind, reduction="mean"):
@@ -47,14 +65,46 @@ def test_row_gradient_equals_the_row_run_alone(arch, kind, loss):
                            rtol=RTOL, atol=ATOL, what=f"{arch} row {i}")
 
 
-def test_padding_changes_no_row_gradient():
-    model = build_model(TinyConfig(arch="llama", num_layers=1))
-    batch = random_batch(kind="causal", batch_size=3, seq_len=4, seed=5)
+@pytest.mark.parametrize("arch,kind,loss", ARCHS)
+def test_padding_changes_no_row_gradient(arch, kind, loss):
+    model = build_model(TinyConfig(arch=arch, num_layers=1))
+    batch = random_batch(kind=kind, batch_size=3, seq_len=4, seed=5)
     padded = {k: torch.nn.functional.pad(v, (0, 2), value=-100 if k == "labels" else 0)
               for k, v in batch.items()}
-    a = per_sample_gradients(model, batch)
-    b = per_sample_gradients(model, padded)
+    a = per_sample_gradients(model, batch, loss_fn=loss)
+    b = per_sample_gradients(model, padded, loss_fn=loss)
     assert_dicts_close(b.tensors, a.tensors, rtol=RTOL, atol=ATOL, what="padded")
+
+
+ROW_CASES = ARCHS + [pytest.param("bert-cls", "cls", sequence_classification_loss, id="arch=bert-cls")]
+
+
+@pytest.mark.parametrize("arch,kind,loss", ROW_CASES)
+def test_a_rows_gradient_does_not_depend_on_the_other_rows(arch, kind, loss):
+    """Row 0 keeps its gradient whatever rows (other lengths, other padding) share its batch."""
+    model = build_model(TinyConfig(arch=arch, num_layers=1))
+    first = random_batch(kind=kind, batch_size=3, seq_len=5, seed=31)
+    other = random_batch(kind=kind, batch_size=3, seq_len=5, seed=32)
+    mixed = {k: torch.cat([first[k][:1], other[k][1:]]) for k in first}
+    assert not torch.equal(mixed["input_ids"][1:], first["input_ids"][1:])
+    assert int(mixed["attention_mask"].sum(1).min()) < 5  # some row is padded
+    a = per_sample_gradients(model, first, loss_fn=loss, unit="token" if kind != "cls" else "sample")
+    b = per_sample_gradients(model, mixed, loss_fn=loss, unit="token" if kind != "cls" else "sample")
+    n0 = sum(1 for u in a.ids if (u[0] if isinstance(u, tuple) else u) == 0)
+    assert n0 == sum(1 for u in b.ids if (u[0] if isinstance(u, tuple) else u) == 0) > 0
+    assert_dicts_close({k: v[:n0] for k, v in b.tensors.items()},
+                       {k: v[:n0] for k, v in a.tensors.items()}, rtol=RTOL, atol=ATOL,
+                       what=f"{arch} row 0")
+
+
+def test_a_model_in_training_mode_with_dropout_is_rejected():
+    model = build_model(TinyConfig(arch="gpt2", num_layers=1))
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.5
+    model.train()
+    with pytest.raises(ValueError, match="expected each row's loss not to depend on the other rows"):
+        per_sample_gradients(model, random_batch(kind="causal", batch_size=2, seed=1))
 
 
 def test_tied_parameter_gradient_is_the_sum_over_its_uses():
@@ -123,3 +173,28 @@ def test_sum_reduction_scales_row_gradient_by_token_count():
     for name, g in mean.tensors.items():
         scale = k.reshape(-1, *[1] * (g.dim() - 1))
         torch.testing.assert_close(summed.tensors[name], g * scale, rtol=RTOL, atol=ATOL)
+
+
+def _first_row_gradient(model, batch):
+    one = {k: v[:1] for k, v in batch.items()}
+    names = [n for n, _ in model.named_parameters()]
+    grads = torch.autograd.grad(causal_lm_loss(model, one)[0], [p for _, p in model.named_parameters()])
+    return dict(zip(names, grads))
+
+
+def test_oracle_runs_the_models_own_attention_whose_eager_softmax_is_float32():
+    """The documented caveat (definitions §0): LLaMA's eager attention takes its softmax in
+    float32 even in float64. The oracle runs the model as given; with SDPA it equals an eager
+    reference whose softmax stays float64 (its RMSNorm upcasts to float32 in both)."""
+    model = build_model(TinyConfig(arch="llama", num_layers=2)).double()
+    batch = random_batch(kind="causal", batch_size=3, seed=12)
+    with float64_softmax():
+        exact = _first_row_gradient(model, batch)
+    sdpa = copy.deepcopy(model)
+    sdpa.set_attn_implementation("sdpa")
+    got = per_sample_gradients(sdpa, batch)
+    assert_dicts_close({n: t[0] for n, t in got.tensors.items()}, exact, rtol=RTOL, atol=ATOL,
+                       what="sdpa")
+    eager = per_sample_gradients(model, batch)
+    worst = max(float((eager.tensors[n][0] - g).abs().max() / g.abs().max()) for n, g in exact.items())
+    assert 1e-12 < worst < 1e-5
