@@ -1,0 +1,154 @@
+"""``FisherAccumulator``: streaming per-task Fisher statistics on the device (SPEC §8, §10).
+
+Each ``update`` computes the batch's whole contribution first (every chunk), then commits it
+with one Chan merge per state, so a failed update leaves the accumulator exactly as it was,
+and any split of the data into updates, and any chunk size, gives the same result up to
+rounding.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import estimates
+from .accumulate import Config, accumulate_batch
+from .capture_plan import build_plan
+from .engine import check_dtype, model_device
+from .group_specs import resolve_groups
+from .task_state import TaskState
+from .validation import check_positive_int, resolve_loss, split_batch
+
+
+class FisherAccumulator:
+    """Streaming diagonal Fisher statistics, per task.
+
+    .. math::
+
+        W = \\sum_u w_u, \\quad \\bar g = \\frac{1}{W}\\sum_u w_u g_u, \\quad
+        F = \\frac{1}{W}\\sum_u w_u g_u^2, \\quad S = \\bar g^2, \\quad V = F - S
+
+    kept as Welford/Chan states (W, mean, M2) per parameter element (and per group with
+    ``groups``). In float32, |F̂ − F| / F ≤ 2 ε_g + (s + m + 4) · 2⁻²⁴ for per-unit gradients
+    of relative error ε_g, chunks of s units and m chunk merges (docs/fisher_fast.md); ask
+    for ``dtype=torch.float64`` (and a float64 model) for the float64 path.
+
+    Args:
+        model: the model (eval mode, rows independent; SPEC §0).
+        loss_fn: per-row loss (default ``causal_lm_loss``).
+        device: where the states live (default: the model's device).
+        dtype: ``torch.float32`` (default) or ``torch.float64``.
+        unit, weighting: as in SPEC §1.
+        chunk_size: forward rows per chunk (default from ``memory_budget``).
+        memory_budget: bytes (default a fraction of free device memory / available RAM).
+        groups: ``None`` (no group statistics), ``"generic"``, ``"heads"`` or a dict of ids.
+        layout: attention layout for ``groups="heads"``.
+        micro_batch_sizes: micro-batch sizes b for which ``batch_squared_gradient(b)`` is kept.
+        elements: keep per-element moments (set False to keep only group statistics, which
+            lets Linear/Conv1D weights use Gram products instead of per-row gradients).
+        allow_tf32: allow TF32 CUDA matmuls (off by default).
+    """
+
+    def __init__(self, model, loss_fn=None, *, device=None, dtype=torch.float32, unit="sample",
+                 weighting="sample", chunk_size=None, memory_budget=None, groups=None,
+                 layout=None, micro_batch_sizes=(), elements=True, allow_tf32=False):
+        self.model = model
+        self.loss = resolve_loss(loss_fn, unit=unit, weighting=weighting)
+        self.dtype = check_dtype(dtype)
+        self.device = torch.device(device) if device is not None else model_device(model)
+        if chunk_size is not None:
+            check_positive_int("chunk_size", chunk_size)
+        for b in micro_batch_sizes:
+            check_positive_int("micro_batch_sizes", b)
+        if not elements and groups is None:
+            raise ValueError("elements=False: expected groups to be given, got None.")
+        self.groups = groups
+        specs = {} if groups is None else resolve_groups(model, groups, layout)
+        self.config = Config(self.dtype, unit, weighting, chunk_size, memory_budget, elements,
+                             specs, tuple(sorted(set(micro_batch_sizes))), allow_tf32)
+        self.plan = build_plan(model)
+        self._tasks: dict[str, TaskState] = {}
+
+    # updating ----------------------------------------------------------------------------
+    def update(self, batch, task="default", sample_ids=None) -> int:
+        """Add a batch's units to ``task``; returns how many units were added.
+
+        Default sample ids continue from the rows the task has seen. A batch of empty rows
+        only is recorded (its ids in ``empty_ids``). Raises ``ValueError``
+        (leaving every state untouched) on a bad batch or a non-finite loss or gradient.
+        """
+        if not isinstance(task, str):
+            raise ValueError(f"task: expected a str, got {type(task).__name__}.")
+        prior = self._tasks.get(task, TaskState())
+        tensors, ids = split_batch(batch, sample_ids, id_offset=prior.n_rows)
+        delta = accumulate_batch(self.model, self.plan, self.loss, tensors, ids, self.config,
+                                 prior, allow_empty=True).to(self.device)
+        self._tasks[task] = prior.merged(delta)  # commit: nothing above changed any state
+        return delta.n_units
+
+    def tasks(self) -> list[str]:
+        return list(self._tasks)
+
+    def _state(self, task) -> TaskState:
+        if task not in self._tasks:
+            raise ValueError(f"task: expected one of {self.tasks()}, got {task!r}.")
+        state = self._tasks[task]
+        if state.n_units == 0:
+            raise ValueError(f"task {task!r}: expected at least one unit, got only empty rows "
+                             f"(ids {state.empty_ids}).")
+        return state
+
+    # estimators --------------------------------------------------------------------------
+    def mean_gradient(self, task="default"):
+        """ḡ = Σ w_u g_u / W."""
+        return estimates.mean_gradient(self._state(task))
+
+    def empirical_fisher(self, task="default"):
+        """F = Σ w_u g_u² / W (E[g²])."""
+        return estimates.empirical_fisher(self._state(task))
+
+    def squared_mean_gradient(self, task="default"):
+        """S = ḡ² ((E[g])²)."""
+        return estimates.squared_mean_gradient(self._state(task))
+
+    def gradient_variance(self, task="default", unbiased=False):
+        """V = F − S (population, weighted); ``unbiased`` multiplies by W²/(W² − Σw²)."""
+        return estimates.gradient_variance(self._state(task), unbiased)
+
+    def batch_squared_gradient(self, micro_batch_size, task="default"):
+        """Σ_m W_m ḡ_m² / W over micro-batches of ``micro_batch_size`` consecutive units
+        (a size given in ``micro_batch_sizes``)."""
+        return estimates.batch_squared_gradient(self._state(task), micro_batch_size)
+
+    def group_fisher(self, task="default"):
+        """Per-group mean (= R(F)), variance, stderr, snr and n of f_u = R(g_u²)."""
+        return estimates.group_fisher(self._state(task))
+
+    def n_units(self, task="default") -> int:
+        return self._state(task).n_units
+
+    # persistence -------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        from .serialization import task_states_to_dict
+        return task_states_to_dict(self._tasks, self.config_summary())
+
+    def load_state_dict(self, state: dict) -> None:
+        from .serialization import task_states_from_dict
+        self._tasks = task_states_from_dict(state, self.config_summary(), self.device)
+
+    def save(self, path) -> None:
+        """Write the states to ``path`` (safetensors, with a JSON metadata header)."""
+        from .serialization import save_file
+        save_file(self.state_dict(), path)
+
+    def load(self, path) -> "FisherAccumulator":
+        """Replace the states by those saved at ``path`` (same configuration required)."""
+        from .serialization import load_file
+        self.load_state_dict(load_file(path))
+        return self
+
+    def config_summary(self) -> dict:
+        c = self.config
+        return {"dtype": str(c.dtype).replace("torch.", ""), "unit": c.unit,
+                "weighting": c.weighting, "elements": c.elements,
+                "groups": sorted(c.groups), "micro_batch_sizes": list(c.micro_batch_sizes),
+                "params": list(self.plan.params)}

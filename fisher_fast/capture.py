@@ -1,0 +1,172 @@
+"""Hooks that turn one batched backward pass into per-row parameter gradients.
+
+``capture_backward(plan, losses, sink, ...)`` must be entered *before* the forward pass (it
+installs the forward hooks). For every call of a hooked module the forward hook keeps the
+input activation and registers a hook on the output; when the gradient δ of that output
+arrives during ``autograd.grad(losses.sum(), roots)`` the module's rule turns it into
+per-row gradients, in slices of rows that fit ``slice_bytes``. Because the loss is a sum of
+row losses and rows do not interact, δ's row n is ∂ℓ_n/∂y_n, so the rule's output is row n's
+own gradient.
+
+Parameters used once stream straight to the sink (nothing per-row is kept); parameters used
+several times (tied weights, shared modules) are summed per row over the uses first, then
+handed over. The backward computes gradients with respect to the *roots* (outputs of hooked
+modules none of whose inputs need a gradient, e.g. the embeddings) rather than the
+parameters, so autograd never builds the batch weight gradients it would throw away.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .capture_rules import FUNCTORCH
+from .group_specs import axis_map
+
+
+def _tensors(args, kwargs):
+    for v in list(args) + list(kwargs.values()):
+        if isinstance(v, torch.Tensor):
+            yield v
+
+
+def _expand(values, n):
+    return tuple(v.expand(n, *v.shape[1:]) if isinstance(v, torch.Tensor) and v.dim() > 0
+                 and v.shape[0] == 1 else v for v in values)
+
+
+class Capture:
+    """Context manager: hooks installed on enter, removed on exit.
+
+    Args:
+        plan: from ``capture_plan.build_plan``.
+        n_rows: rows of the forward batch (every hooked tensor must lead with it).
+        dtype: statistics dtype of the per-row gradients.
+        sink: object with ``wants(name) -> (full: bool, groups)`` and ``add(name, G, start)``
+            / ``add_groups(name, f, start)``; see ``sinks.py``.
+        slice_bytes: memory allowed for one slice of per-row gradients.
+    """
+
+    def __init__(self, plan, n_rows: int, dtype: torch.dtype, sink, slice_bytes: int):
+        self.plan, self.n, self.dtype, self.sink = plan, n_rows, dtype, sink
+        self.slice_bytes = max(int(slice_bytes), 1)
+        self.handles, self.roots, self.uses, self.buffers = [], [], {}, {}
+        self.paused = False
+
+    def __enter__(self):
+        for entry in self.plan.entries:
+            h = entry.module.register_forward_hook(self._forward_hook(entry), with_kwargs=True)
+            self.handles.append(h)
+        return self
+
+    def __exit__(self, *exc):
+        for h in self.handles:
+            h.remove()
+        self.handles.clear()
+        return False
+
+    # forward -----------------------------------------------------------------------------
+    def _forward_hook(self, entry):
+        def hook(module, args, kwargs, output):
+            if self.paused:
+                return None
+            if not isinstance(output, torch.Tensor):
+                raise ValueError(f"per-sample capture: expected {entry.module_name} "
+                                 f"({type(module).__name__}) to return a tensor, got "
+                                 f"{type(output).__name__}.")
+            replaced = None
+            if output.dim() > 0 and output.shape[0] == 1 and self.n > 1:
+                # a row-independent input broadcast over the batch (e.g. position ids
+                # [1, T]): give every row its own copy so that its gradient stays per row
+                output = replaced = output.expand(self.n, *output.shape[1:])
+                args, kwargs = _expand(args, self.n), dict(zip(kwargs, _expand(kwargs.values(), self.n)))
+            rule = entry.rule
+            saved = rule.save(module, args, kwargs, output)
+            if saved is None:  # an RMS-like norm that is not x/rms*w: use functorch
+                self.plan.fallbacks.add(entry.module_name)
+                rule, saved = FUNCTORCH, FUNCTORCH.save(module, args, kwargs, output)
+            if output.dim() == 0 or output.shape[0] != self.n:
+                raise ValueError(
+                    f"per-sample capture: expected the output of {entry.module_name} to lead "
+                    f"with the batch axis ({self.n} rows), got shape {tuple(output.shape)}. "
+                    "Rows must not be merged or mixed (SPEC §0).")
+            for name in entry.names.values():
+                self.uses[name] = self.uses.get(name, 0) + 1
+            if not output.requires_grad:
+                return replaced
+            if not any(t.requires_grad for t in _tensors(args, kwargs)):
+                self.roots.append(output)
+            output.register_hook(lambda dy: self._on_grad(entry, rule, saved, dy))
+            return replaced
+        return hook
+
+    # backward ----------------------------------------------------------------------------
+    def _slices(self, entry):
+        numel = sum(getattr(entry.module, a).numel() for a in entry.names)
+        per_row = numel * torch.finfo(self.dtype).bits // 8 * 3
+        step = max(1, min(self.n, self.slice_bytes // max(per_row, 1)))
+        return [slice(s, min(s + step, self.n)) for s in range(0, self.n, step)]
+
+    def _on_grad(self, entry, rule, saved, dy):
+        module = entry.module
+        attrs = tuple(entry.names)
+        ghost = self._ghost_plan(entry, rule, saved, dy)  # (axis, unit -> group) or None
+        full_attrs = tuple(a for a in attrs if not (ghost and a == "weight"))
+        was = self.paused
+        self.paused = True  # functorch re-runs the module: its children must not be captured
+        try:
+            for sl in self._slices(entry):
+                if ghost:
+                    axis, groups, n_groups = ghost
+                    norms = rule.ghost(module, saved, dy, sl, self.dtype, axis)
+                    f = torch.zeros((norms.shape[0], n_groups), dtype=norms.dtype,
+                                    device=norms.device)
+                    f.index_add_(1, groups.to(norms.device), norms)
+                    self.sink.add_groups(entry.names["weight"], f, sl.start)
+                if full_attrs:
+                    grads = rule.grads(module, saved, dy, sl, self.dtype, full_attrs)
+                    for a, g in grads.items():
+                        self._deliver(entry.names[a], g, sl)
+        finally:
+            self.paused = was
+        return None
+
+    def _ghost_plan(self, entry, rule, saved, dy):
+        """Gram products for the weight when the sink needs only its group values, the
+        groups depend on one axis of the weight (output units, heads of Q/K/V, heads of an
+        O projection's inputs, ...), and T (d_in + d_out) < d_in d_out; else ``None``."""
+        name = entry.names.get("weight")
+        if name is None or not hasattr(rule, "ghost") or self.uses.get(name, 0) != 1:
+            return None
+        full, spec = self.sink.wants(name)
+        if full or spec is None:
+            return None
+        mapped = axis_map(spec, tuple(entry.module.weight.shape), rule.out_axis)
+        if mapped is None:
+            return None
+        materialise, gram = rule.ghost_cost(entry.module, saved, dy)
+        return (*mapped, spec.n_groups) if gram < materialise else None
+
+    def _deliver(self, name, g, sl):
+        if self.uses.get(name, 0) == 1:
+            self.sink.add(name, g, sl.start)
+            return
+        buf = self.buffers.get(name)
+        if buf is None:
+            buf = self.buffers[name] = torch.zeros((self.n, *g.shape[1:]), dtype=g.dtype,
+                                                   device=g.device)
+        buf[sl] += g
+
+    def backward(self, losses: torch.Tensor) -> None:
+        """Back-propagate ``losses.sum()`` to the roots, then flush tied parameters and give
+        zero gradients to parameters the loss does not reach."""
+        roots = [r for r in self.roots if r.requires_grad] or None
+        if roots is None:
+            raise ValueError("per-sample capture: expected the loss to depend on a hooked "
+                             "module's output, got no trainable module in the graph.")
+        torch.autograd.grad(losses.sum(), roots, allow_unused=True)
+        for name, buf in self.buffers.items():
+            self.sink.add(name, buf, 0)
+        self.buffers.clear()
+        for name, p in self.plan.params.items():
+            if not self.sink.received(name):
+                self.sink.add_zero(name, p, self.n)

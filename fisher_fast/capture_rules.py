@@ -1,0 +1,258 @@
+"""Per-sample gradient formulas, one rule per module kind.
+
+A rule keeps what it needs from the forward pass (``save``) and, given the gradient ``dy`` of
+the module's output for a slice of rows, returns each row's gradient of the module's own
+parameters (``grads``). Rows never interact (SPEC §0), so row n's gradient only involves row
+n's activations:
+
+.. math::
+
+    \\text{Linear: } g_n(W) = \\sum_t \\delta_{nt} x_{nt}^\\top, \\quad g_n(b) = \\sum_t \\delta_{nt}
+
+(HF ``Conv1D`` stores ``W`` as ``[in, out]``: the transpose), Embedding: ``g_n(E)[v] =
+sum_{t: id_nt = v} delta_nt``, norms: ``g_n(w) = sum_t delta_nt * xhat_nt`` with the
+normalised input ``xhat``. ``functorch`` covers any other module with ``vmap(grad)``.
+Statistics are computed in ``dtype`` (float32 or float64) whatever the model's dtype.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+import torch.nn.functional as F
+
+RMS_CLASS_NAMES = ("LlamaRMSNorm", "Qwen2RMSNorm", "MistralRMSNorm", "Phi3RMSNorm")
+
+
+def _rows(t: torch.Tensor, sl: slice, dtype) -> torch.Tensor:
+    """Rows ``sl`` of ``t`` as ``[s, T, features]`` in ``dtype`` (a 2-D input gets T = 1)."""
+    t = t[sl].to(dtype)
+    return t.reshape(t.shape[0], -1, t.shape[-1])
+
+
+def _first_tensor(args, kwargs, key: str = "input"):
+    if args:
+        return args[0]
+    if key in kwargs:
+        return kwargs[key]
+    return next(v for v in kwargs.values() if isinstance(v, torch.Tensor))
+
+
+class LinearRule:
+    """torch ``Linear``: weight ``[out, in]``; groups are rows (output units)."""
+
+    name = "linear"
+    attrs = ("weight", "bias")
+    out_axis = 0  # the weight axis of the output units
+
+    def save(self, module, args, kwargs, output):
+        return _first_tensor(args, kwargs).detach()
+
+    def grads(self, module, x, dy, sl, dtype, attrs):
+        xs, ds = _rows(x, sl, dtype), _rows(dy, sl, dtype)
+        out = {}
+        if "weight" in attrs:
+            out["weight"] = self._weight(xs, ds)
+        if "bias" in attrs:
+            out["bias"] = ds.sum(dim=1)
+        return out
+
+    def _weight(self, xs, ds):
+        return torch.einsum("nto,nti->noi", ds, xs)
+
+    def ghost_cost(self, module, x, dy) -> tuple[int, int]:
+        """(materialise, Gram) multiply-adds per row for the weight's group norms."""
+        T, i, o = x[0].numel() // x.shape[-1], x.shape[-1], dy.shape[-1]
+        return T * i * o, T * T * (i + o)
+
+    def ghost(self, module, x, dy, sl, dtype, axis: str = "out"):
+        r"""Per-row squared norms of the weight's output units (``axis="out"``) or input
+        units (``"in"``), from T x T Gram products, without forming per-row gradients:
+
+        .. math::
+
+            \|g_n(W)_{o\cdot}\|^2 = \sum_{t,s} \delta_{nto}\delta_{nso}\,
+            (x_{nt}\cdot x_{ns}), \qquad
+            \|g_n(W)_{\cdot i}\|^2 = \sum_{t,s} x_{nti} x_{nsi}\,
+            (\delta_{nt}\cdot\delta_{ns})
+        """
+        xs, ds = _rows(x, sl, dtype), _rows(dy, sl, dtype)
+        if axis == "in":
+            xs, ds = ds, xs
+        gram = xs @ xs.transpose(1, 2)  # [s, T, T]
+        return ((gram @ ds) * ds).sum(dim=1)  # [s, units along axis]
+
+
+class Conv1DRule(LinearRule):
+    """HF ``Conv1D`` (GPT-2): weight ``[in, out]``, groups are columns (output units)."""
+
+    name = "conv1d"
+    out_axis = 1
+
+    def _weight(self, xs, ds):
+        return torch.einsum("nti,nto->nio", xs, ds)
+
+
+class EmbeddingRule:
+    """``Embedding``: each row's output gradients scattered into the rows of its token ids.
+
+    The ``padding_idx`` row gets no gradient, as in torch.
+    """
+
+    name = "embedding"
+    attrs = ("weight",)
+
+    def save(self, module, args, kwargs, output):
+        return _first_tensor(args, kwargs).detach()
+
+    def grads(self, module, ids, dy, sl, dtype, attrs):
+        idx = ids[sl].reshape(ids[sl].shape[0], -1)
+        d = dy.shape[-1]
+        ds = dy[sl].reshape(idx.shape[0], -1, d).to(dtype)
+        if module.padding_idx is not None:
+            ds = ds * (idx != module.padding_idx).unsqueeze(-1).to(dtype)
+        s, V = idx.shape[0], module.num_embeddings
+        flat = (torch.arange(s, device=idx.device)[:, None] * V + idx).reshape(-1)
+        g = torch.zeros(s * V, d, dtype=dtype, device=dy.device)
+        g.index_add_(0, flat, ds.reshape(-1, d))
+        return {"weight": g.reshape(s, V, d)}
+
+
+class LayerNormRule:
+    """``LayerNorm``: weight and bias gradients from the normalised input x̂ (recomputed per
+    slice from the saved input, which autograd keeps anyway)."""
+
+    name = "layernorm"
+    attrs = ("weight", "bias")
+
+    def save(self, module, args, kwargs, output):
+        return _first_tensor(args, kwargs).detach()
+
+    def grads(self, module, x, dy, sl, dtype, attrs):
+        k = len(module.normalized_shape)
+        xhat = F.layer_norm(x[sl], module.normalized_shape, None, None, module.eps)
+        shape = (xhat.shape[0], -1, *xhat.shape[xhat.dim() - k:])
+        xs, ds = xhat.to(dtype).reshape(shape), dy[sl].to(dtype).reshape(shape)
+        out = {}
+        if "weight" in attrs:
+            out["weight"] = (ds * xs).sum(dim=1)
+        if "bias" in attrs:
+            out["bias"] = ds.sum(dim=1)
+        return out
+
+
+def rms_eps(module):
+    for a in ("variance_epsilon", "eps"):
+        v = getattr(module, a, None)
+        if isinstance(v, float):
+            return v
+    return None
+
+
+def rms_normalise(x: torch.Tensor, eps: float, upcast: bool) -> torch.Tensor:
+    """x / rms(x), computed as LLaMA-style norms do (in float32 when ``upcast``)."""
+    h = x.to(torch.float32) if upcast else x
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return h.to(x.dtype)
+
+
+class RMSNormRule:
+    """RMS norms ``y = w * x / rms(x)``; the first forward of each module checks that it
+    really computes that, in one of two conventions (float32 upcast or not), bit for bit.
+
+    ``save`` returns ``None`` when neither convention reproduces the module's output; the
+    engine then falls back to ``functorch`` for that call.
+    """
+
+    name = "rmsnorm"
+    attrs = ("weight",)
+
+    def __init__(self):
+        self._verified = weakref.WeakKeyDictionary()  # module -> {dtype: upcast}
+
+    def save(self, module, args, kwargs, output):
+        x = _first_tensor(args, kwargs).detach()
+        known = self._verified.setdefault(module, {})
+        if x.dtype not in known:
+            if not isinstance(output, torch.Tensor) or output.shape != x.shape:
+                return None
+            eps = rms_eps(module)
+            with torch.no_grad():
+                for upcast in (True, False):
+                    y = module.weight * rms_normalise(x, eps, upcast)
+                    if y.dtype == output.dtype and torch.equal(y, output.detach()):
+                        known[x.dtype] = upcast
+                        break
+                else:
+                    return None
+        return x, known[x.dtype]
+
+    def grads(self, module, saved, dy, sl, dtype, attrs):
+        x, upcast = saved
+        xhat = rms_normalise(x[sl], rms_eps(module), upcast)
+        xs, ds = _rows(xhat, slice(None), dtype), _rows(dy, sl, dtype)
+        return {"weight": (ds * xs).sum(dim=1)}
+
+
+class FunctorchRule:
+    """Any other module: ``vmap(grad)`` of ``<f(x_n; θ), δ_n>`` over rows, with
+    ``torch.func.functional_call``. Tensor arguments with the batch's leading size are
+    mapped over; everything else is passed unchanged."""
+
+    name = "functorch"
+    attrs = None  # whatever direct parameters the plan assigns
+
+    def save(self, module, args, kwargs, output):
+        def det(v):
+            return v.detach() if isinstance(v, torch.Tensor) else v
+        return tuple(det(a) for a in args), {k: det(v) for k, v in kwargs.items()}
+
+    def grads(self, module, saved, dy, sl, dtype, attrs):
+        from torch.func import functional_call, grad, vmap
+
+        args, kwargs = saved
+        n = dy.shape[0]
+        is_batched = [isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == n
+                      for v in list(args) + list(kwargs.values())]
+        flat = [v[sl] if b else v for v, b in zip(list(args) + list(kwargs.values()), is_batched)]
+        keys = list(kwargs)
+        params = {a: getattr(module, a).detach() for a in attrs}
+
+        def inner(p, batched, d):
+            it = iter(batched)
+            vals = [next(it).unsqueeze(0) if b else v for v, b in zip(flat, is_batched)]
+            a_vals, k_vals = vals[:len(args)], dict(zip(keys, vals[len(args):]))
+            out = functional_call(module, p, tuple(a_vals), k_vals)
+            if not isinstance(out, torch.Tensor):
+                raise ValueError(f"functorch capture: expected {type(module).__name__} to return "
+                                 f"a tensor, got {type(out).__name__}.")
+            return (out.squeeze(0) * d).sum()
+
+        batched = [v for v, b in zip(flat, is_batched) if b]
+        g = vmap(grad(inner), in_dims=(None, 0, 0))(params, batched, dy[sl])
+        return {a: v.to(dtype) for a, v in g.items()}
+
+
+LINEAR, CONV1D, EMBEDDING = LinearRule(), Conv1DRule(), EmbeddingRule()
+LAYERNORM, RMSNORM, FUNCTORCH = LayerNormRule(), RMSNormRule(), FunctorchRule()
+
+
+def rule_for(module: torch.nn.Module):
+    """The rule of a module kind, or ``None`` (then ``functorch`` covers its parameters)."""
+    cls = type(module).__name__
+    if isinstance(module, torch.nn.Linear):
+        return LINEAR
+    if cls == "Conv1D" and hasattr(module, "nf"):
+        return CONV1D
+    if isinstance(module, torch.nn.Embedding):
+        plain = module.max_norm is None and not module.scale_grad_by_freq and not module.sparse
+        return EMBEDDING if plain else None
+    if isinstance(module, torch.nn.LayerNorm):
+        return LAYERNORM
+    looks_rms = (isinstance(getattr(module, "weight", None), torch.nn.Parameter)
+                 and getattr(module, "bias", None) is None and rms_eps(module) is not None)
+    is_leaf = next(module.children(), None) is None
+    if cls in RMS_CLASS_NAMES or (looks_rms and (cls.endswith("RMSNorm") or is_leaf)):
+        return RMSNORM
+    return None

@@ -1,0 +1,175 @@
+"""The functional API of SPEC §10: one batch in, per-parameter estimates out.
+
+Every function runs the same machinery as ``FisherAccumulator`` on one batch (chunks of
+units, one batched forward and backward each) and shares its keyword arguments:
+
+Args:
+    model: the model (eval mode, rows independent).
+    batch: dict of tensors with a leading batch axis, optionally ``sample_ids``.
+    loss_fn: per-row loss; ``None`` is ``causal_lm_loss`` (mean over active tokens).
+    unit: ``"sample"`` or ``"token"``; weighting: ``"sample"`` or ``"token"`` (SPEC §1).
+    sample_ids: one id per row (or ``batch["sample_ids"]``; not both).
+    dtype: statistics dtype, float32 (default) or float64.
+    chunk_size, memory_budget, allow_tf32: see ``FisherAccumulator``.
+
+Results are ``FisherResult`` dicts on the model's device, in ``dtype``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import estimates
+from .accumulate import Config, accumulate_batch
+from .capture_plan import build_plan
+from .engine import check_dtype
+from .group_specs import resolve_groups
+from .label_draws import row_uniforms
+from .task_state import TaskState
+from .units import aligned_targets, with_classes, with_draws
+from .unit_losses import chunk_rows
+from .validation import check_positive_int, resolve_loss, split_batch
+
+
+def _run(model, batch, *, loss_fn, unit, weighting, sample_ids, dtype, chunk_size,
+         memory_budget, allow_tf32, elements=True, groups=None, micro=(), needs=None,
+         expand=None, uniforms=None) -> TaskState:
+    loss = resolve_loss(loss_fn, unit=unit, weighting=weighting, needs_protocol=needs)
+    if chunk_size is not None:
+        check_positive_int("chunk_size", chunk_size)
+    tensors, ids = split_batch(batch, sample_ids)
+    cfg = Config(check_dtype(dtype), unit, weighting, chunk_size, memory_budget, elements,
+                 groups or {}, tuple(micro), allow_tf32)
+    extra = {}
+    if uniforms is not None:
+        extra["uniforms"] = uniforms(model, loss, tensors, ids)
+    if expand is not None:
+        extra["expand"] = expand(model, loss, tensors)
+    return accumulate_batch(model, build_plan(model), loss, tensors, ids, cfg, TaskState(), **extra)
+
+
+def mean_gradient(model, batch, *, loss_fn=None, unit="sample", weighting="sample",
+                  sample_ids=None, dtype=None, chunk_size=None, memory_budget=None,
+                  allow_tf32=False):
+    """Mean gradient :math:`\\bar g = \\sum_u w_u g_u / W`."""
+    return estimates.mean_gradient(_run(**locals()))
+
+
+def empirical_fisher(model, batch, *, loss_fn=None, unit="sample", weighting="sample",
+                     sample_ids=None, dtype=None, chunk_size=None, memory_budget=None,
+                     allow_tf32=False):
+    """Empirical Fisher diagonal :math:`F = \\sum_u w_u g_u^2 / W` (E[g²]: square each unit's
+    gradient, then average). Scaling every loss by c scales F by c²; ``reduction="sum"``
+    makes a row's gradient K_i times its ``"mean"`` gradient. No epsilon is added."""
+    return estimates.empirical_fisher(_run(**locals()))
+
+
+def squared_mean_gradient(model, batch, *, loss_fn=None, unit="sample", weighting="sample",
+                          sample_ids=None, dtype=None, chunk_size=None, memory_budget=None,
+                          allow_tf32=False):
+    """Squared mean gradient :math:`S = \\bar g^2` ((E[g])²); S ≤ F."""
+    return estimates.squared_mean_gradient(_run(**locals()))
+
+
+def gradient_variance(model, batch, *, loss_fn=None, unit="sample", weighting="sample",
+                      sample_ids=None, dtype=None, chunk_size=None, memory_budget=None,
+                      allow_tf32=False, unbiased=False):
+    """Gradient variance :math:`V = F - S = \\sum_u w_u (g_u - \\bar g)^2 / W`, from the
+    Welford M2 (never negative, no clamp). ``unbiased=True`` multiplies by
+    :math:`W^2 / (W^2 - \\sum_u w_u^2)` (U/(U−1) for unit weights); needs two units."""
+    kw = dict(locals())
+    kw.pop("unbiased")
+    return estimates.gradient_variance(_run(**kw), unbiased)
+
+
+def batch_squared_gradient(model, batch, *, loss_fn=None, unit="sample", weighting="sample",
+                           sample_ids=None, dtype=None, chunk_size=None, memory_budget=None,
+                           allow_tf32=False, micro_batch_size=1):
+    """Legacy estimator :math:`\\sum_m W_m \\bar g_m^2 / W` over micro-batches of
+    ``micro_batch_size`` consecutive units (the last may be shorter). Equals F at b = 1 and
+    S at b ≥ U. For measuring the gap only.
+
+    .. warning:: squaring a batch gradient is not the Fisher; this exists for comparison.
+    """
+    check_positive_int("micro_batch_size", micro_batch_size)
+    kw = dict(locals())
+    kw.pop("micro_batch_size")
+    state = _run(**kw, elements=False, groups=None, micro=(micro_batch_size,))
+    return estimates.batch_squared_gradient(state, micro_batch_size)
+
+
+def mc_fisher(model, batch, *, loss_fn=None, unit="sample", weighting="sample",
+              sample_ids=None, dtype=None, chunk_size=None, memory_budget=None,
+              allow_tf32=False, n_samples=1, seed=0):
+    """Monte-Carlo Fisher: F with each unit's labels drawn from the model, averaged over
+    ``n_samples`` draws.
+
+    .. math:: \\hat F_{MC} = \\frac{1}{n}\\sum_{k=1}^{n} \\frac{1}{W}\\sum_u w_u
+              \\big(\\nabla_\\theta \\ell_u(\\tilde y^{(k)})\\big)^2
+
+    Draws follow docs/architecture.md exactly (one CPU generator per row, seeded from the
+    sample id; see ``label_draws.py``), so they do not depend on chunking or batch order.
+    """
+    check_positive_int("n_samples", n_samples)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"seed: expected an int, got {seed!r}.")
+
+    def uniforms(model, loss, tensors, ids):
+        T = aligned_targets(loss, model, tensors).shape[1]
+        return row_uniforms(seed, ids, T, n_samples)
+
+    kw = dict(locals())
+    for k in ("n_samples", "seed", "uniforms"):
+        kw.pop(k)
+    state = _run(**kw, needs="mc_fisher", uniforms=uniforms,
+                 expand=lambda *_: (lambda units: with_draws(units, n_samples)))
+    return estimates.empirical_fisher(state)
+
+
+def exact_fisher(model, batch, *, loss_fn=None, unit="token", weighting="sample",
+                 sample_ids=None, dtype=None, chunk_size=None, memory_budget=None,
+                 allow_tf32=False):
+    """Exact Fisher diagonal for token units, enumerating the C classes:
+
+    .. math:: F_{exact} = \\frac{1}{W}\\sum_u w_u \\sum_c p_{u,c}\\,
+              \\big(\\nabla_\\theta(-\\log p_{u,c})\\big)^2
+
+    (p_{u,c} a weight, not differentiated). Each (token, class) pair is a forward row:
+    for small vocabularies, to check ``mc_fisher``.
+    """
+    if unit != "token":
+        raise ValueError(f"exact_fisher: expected unit='token', got unit={unit!r}.")
+
+    def expand(model, loss, tensors):
+        with torch.no_grad():
+            first = chunk_rows(tensors, torch.tensor([0]), next(model.parameters()).device)
+            C = loss.logits_and_targets(model, first)[0].shape[-1]
+        return lambda units: with_classes(units, C)
+
+    kw = dict(locals())
+    kw.pop("expand")
+    state = _run(**kw, needs="exact_fisher", expand=expand)
+    return estimates.empirical_fisher(state)
+
+
+def group_fisher(model, batch, *, loss_fn=None, unit="sample", weighting="sample",
+                 sample_ids=None, dtype=None, chunk_size=None, memory_budget=None,
+                 allow_tf32=False, groups="generic", layout=None):
+    """Per-group statistics of :math:`f_u[k] = \\sum_{p \\in k} g_{u,p}^2`: ``mean``
+    (= R(F)), ``variance`` (weighted, population), ``stderr`` (sqrt(variance / U)), ``snr``
+    (mean / stderr) and ``n`` (U), each a 1-D tensor over the parameter's groups.
+
+    Linear and Conv1D weights grouped by output unit take the Gram-product path when it is
+    cheaper than materialising per-row gradients (T (d_in + d_out) < d_in d_out):
+    :math:`f_u[o] = \\sum_{t,s} \\delta_{to}\\delta_{so}\\, x_t \\cdot x_s`.
+
+    Args:
+        groups: ``"generic"``, ``"heads"`` (attention heads via ``fisher_fast.slicing``) or a
+            dict ``{name: (ids, n_groups)}``.
+        layout: attention layout for ``groups="heads"``.
+    """
+    specs = resolve_groups(model, groups, layout)
+    kw = dict(locals())
+    for k in ("groups", "layout", "specs"):
+        kw.pop(k)
+    return estimates.group_fisher(_run(**kw, elements=False, groups=specs))

@@ -1,0 +1,245 @@
+"""QK-OV interference between two tasks (SPEC §6), as one batched matmul per (layer, block).
+
+For task-A units i, task-B units j, layer l, query head h and block B,
+
+.. math::
+
+    M^B[i, j, l, h] = \\sum_{p \\in I(l, h, B)} \\frac{C^A_i[p]}{\\hat F[p] + \\varepsilon_{l,h,B}}
+                      \\, \\varphi(g^B_j[p]),
+    \\qquad \\varepsilon_{l,h,B} = \\mathrm{eps} + \\mathrm{ridge\\_rel} \\cdot
+            \\operatorname{median}_{p \\in I(l,h,B)} \\hat F[p],
+
+with :math:`C^A_i = (g^A_i)^2`, φ = abs (default) or identity (``signed=True``). With the
+per-head views of :mod:`fisher_fast.slicing` (``[units, heads, m]``) this is, per block,
+
+``M = bmm((C_A * 1/(F̂+ε)).permute(1, 0, 2), φ(g_B).permute(1, 2, 0))``  →  ``[heads, N_A, N_B]``,
+
+costing :math:`O(N_A N_B \\cdot |\\text{slice}|)` flops and no Python loop over units or heads.
+K/V results are computed once per kv head and repeated for the query heads that share it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fisher_fast.layouts import AttentionLayout, attention_layout
+from fisher_fast.slicing import BLOCKS, block_params, kv_index, slice_matrix
+
+FISHER_CHOICES = ("a", "b", "pooled")
+
+
+class InterferenceResult(dict):
+    """``{"Q"|"K"|"V"|"O": Tensor[N_A, N_B, L, H]}`` with the means, top-k and ids.
+
+    Attributes:
+        means: ``{block: Tensor[L, H]}``, the mean of each block's scores over (i, j).
+        top_k: the ``top_k`` largest scores (signed mode: largest |M|; ``score`` keeps the
+            sign) as dicts ``{"score", "id_a", "id_b", "layer", "head", "block"}``, ties in
+            (block, layer, head, i, j) order; nan scores come last.
+        ids_a, ids_b: the units' ids (the callers' sample ids) along axes 0 and 1.
+        signed: whether φ is the identity.
+        eps: ``{block: Tensor[L, H]}``, the per-slice ε that was used.
+    """
+
+    def __init__(self, scores: dict, *, ids_a, ids_b, signed: bool, top_k: int, eps: dict):
+        super().__init__(scores)
+        self.ids_a, self.ids_b, self.signed, self.eps = list(ids_a), list(ids_b), bool(signed), eps
+        self.means = {b: m.mean(dim=(0, 1)) for b, m in scores.items()}
+        self.top_k = _top_entries(scores, self.ids_a, self.ids_b, top_k, signed)
+
+    def pair(self, id_a, id_b) -> dict:
+        """``{block: Tensor[L, H]}`` for one (task-A id, task-B id) pair."""
+        i, j = _position(self.ids_a, id_a, "id_a"), _position(self.ids_b, id_b, "id_b")
+        return {b: m[i, j] for b, m in self.items()}
+
+
+def _position(ids: list, uid, what: str) -> int:
+    for k, x in enumerate(ids):
+        if x == uid:
+            return k
+    raise ValueError(f"{what}: expected one of the units' ids, got unknown id {uid!r}.")
+
+
+def interference(model: torch.nn.Module, batch_a: dict, batch_b: dict, *, fisher="a",
+                 signed: bool = False, eps: float = 1e-12, ridge_rel: float = 0.0,
+                 top_k: int = 100, layout=None, loss_fn=None, unit: str = "sample",
+                 weighting: str = "sample", store=None, include_bias: bool = False,
+                 dtype=None, task_a="a", chunk_size: int | None = None, sample_ids_a=None,
+                 sample_ids_b=None) -> InterferenceResult:
+    """QK-OV interference M^B[i, j, l, h] of task A (``batch_a``) on task B (``batch_b``).
+
+    Args:
+        model: the model; its attention layout is detected unless ``layout`` is given.
+        batch_a, batch_b: the two tasks' batches (sample ids from ``batch["sample_ids"]``).
+        fisher: F̂ = empirical Fisher of ``"a"`` (default), ``"b"``, ``"pooled"`` (the units
+            of both tasks), or a dict ``{parameter name: tensor}``.
+        signed: φ = identity instead of abs.
+        eps, ridge_rel: ε_slice = eps + ridge_rel · median(F̂ over the slice).
+        top_k: how many of the largest entries to list.
+        loss_fn, unit, weighting: as for every estimator (docs/architecture.md).
+        store: a ``ContributionStore``: A's contributions C_A are written to it under task
+            ``task_a`` and read back ``chunk_size`` units at a time, so only a chunk of
+            them is on the device at once.
+        include_bias: also count the Q/K/V bias entries of each slice.
+        dtype: dtype of the per-sample gradients (default: the core's, float32).
+        task_a, chunk_size: see ``store``.
+        sample_ids_a, sample_ids_b: the units' sample ids, if not in the batches.
+
+    Returns:
+        InterferenceResult.
+    """
+    from fisher_fast.contributions import unit_gradients
+
+    lay = attention_layout(model, layout)
+    _check_options(fisher, signed, eps, ridge_rel, top_k)
+    names = _layout_names(lay, include_bias)
+    kw = dict(loss_fn=loss_fn, unit=unit, weighting=weighting, dtype=dtype)
+    ga = unit_gradients(model, batch_a, sample_ids=sample_ids_a, **kw)
+    gb = unit_gradients(model, batch_b, sample_ids=sample_ids_b, **kw)
+    return interference_from_units(lay, ga, gb, fisher=fisher, signed=signed, eps=eps,
+                                   ridge_rel=ridge_rel, top_k=top_k, include_bias=include_bias,
+                                   names=names, store=store, task_a=task_a, chunk_size=chunk_size)
+
+
+def interference_from_units(lay: AttentionLayout, ga, gb, *, fisher="a", signed=False, eps=1e-12,
+                            ridge_rel=0.0, top_k=100, include_bias=False, names=None,
+                            store=None, task_a="a", chunk_size=None) -> InterferenceResult:
+    """Interference from per-unit gradients (``PerUnit``-like: ``tensors``, ``ids``, ``weights``)."""
+    _check_options(fisher, signed, eps, ridge_rel, top_k)
+    check_same_parameters(ga.tensors, gb.tensors)
+    names = names or _layout_names(lay, include_bias)
+    missing = [n for n in names if n not in ga.tensors]
+    if missing:
+        raise ValueError(f"gradients: expected every attention tensor of the layout, got none for {missing[:5]}.")
+    heads = {la.num_heads for la in lay.layers}
+    if len(heads) != 1:
+        raise ValueError(f"interference: expected the same number of heads in every layer, got {sorted(heads)}.")
+    H, L = heads.pop(), lay.num_layers
+    n_a, n_b = len(ga.ids), len(gb.ids)
+    ca = {n: ga.tensors[n].square() for n in names}
+    fhat = _fisher_hat(fisher, ca, ga.weights, gb, names)
+    phi_b = {n: gb.tensors[n] if signed else gb.tensors[n].abs() for n in names}
+    ref = ca[names[0]]
+    inv, eps_out = {}, {}
+    for B in BLOCKS:
+        eps_out[B] = torch.empty(L, H, dtype=ref.dtype, device=ref.device)
+        for la in lay.layers:
+            f = slice_matrix(fhat, la, B, include_bias)                    # [heads, m]
+            e = eps + ridge_rel * _median_rows(f) if ridge_rel else torch.full(
+                (f.shape[0],), float(eps), dtype=f.dtype, device=f.device)
+            inv[(la.index, B)] = 1.0 / (f + e[:, None])     # inf where F̂ + ε = 0
+            eps_out[B][la.index] = e[kv_index(la, e.device)] if B in ("K", "V") else e
+    if store is not None:
+        store.add(task_a, ga.ids, ca)
+        del ca
+    phi = {(la.index, B): slice_matrix(phi_b, la, B, include_bias).permute(1, 2, 0)   # [heads, m, N_B]
+           for la in lay.layers for B in BLOCKS}
+    del phi_b
+    chunk = n_a if chunk_size is None else int(chunk_size)
+    if chunk < 1:
+        raise ValueError(f"chunk_size: expected a positive int, got {chunk_size!r}.")
+    blocks = {B: torch.empty(n_a, n_b, L, H, dtype=ref.dtype, device=ref.device) for B in BLOCKS}
+    for start in range(0, n_a, chunk):
+        rows = slice(start, min(start + chunk, n_a))
+        part = (store.get_stacked(task_a, ga.ids[rows], device=ref.device) if store is not None
+                else {n: t[rows] for n, t in ca.items()})
+        for la in lay.layers:
+            for B in BLOCKS:
+                c = slice_matrix(part, la, B, include_bias)                        # [n, heads, m]
+                x = torch.where(c == 0, torch.zeros_like(c), c * inv[(la.index, B)])  # 0 · inf := 0
+                m = torch.bmm(x.permute(1, 0, 2), phi[(la.index, B)])              # [heads, n, N_B]
+                if B in ("K", "V"):
+                    m = m.index_select(0, kv_index(la, m.device))
+                blocks[B][rows, :, la.index, :] = m.permute(1, 2, 0)
+    return InterferenceResult(blocks, ids_a=ga.ids, ids_b=gb.ids, signed=signed, top_k=top_k,
+                              eps=eps_out)
+
+
+def check_same_parameters(a: dict, b: dict) -> None:
+    """Both tasks' per-unit tensors have the same names and shapes, else ValueError."""
+    if set(a) != set(b):
+        raise ValueError(f"tasks measured on different models: expected the same parameters, got "
+                         f"{sorted(set(a) - set(b))[:5]} only in task A and "
+                         f"{sorted(set(b) - set(a))[:5]} only in task B.")
+    for n in a:
+        if a[n].shape[1:] != b[n].shape[1:]:
+            raise ValueError(f"tasks measured on different models: expected {n!r} of shape "
+                             f"{tuple(a[n].shape[1:])} in both, got {tuple(b[n].shape[1:])} in task B.")
+
+
+def _layout_names(lay: AttentionLayout, include_bias: bool) -> list[str]:
+    names = []
+    for la in lay.layers:
+        for B in BLOCKS:
+            names += [n for n, _ in block_params(la, B, include_bias) if n not in names]
+    return names
+
+
+def _check_options(fisher, signed, eps, ridge_rel, top_k) -> None:
+    if not isinstance(fisher, dict) and fisher not in FISHER_CHOICES:
+        raise ValueError(f"fisher: expected one of {FISHER_CHOICES} or a dict of tensors, got {fisher!r}.")
+    if not isinstance(signed, bool):
+        raise ValueError(f"signed: expected a bool, got {signed!r}.")
+    for name, v in (("eps", eps), ("ridge_rel", ridge_rel)):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < float("inf"):
+            raise ValueError(f"{name}: expected a finite number >= 0, got {v!r}.")
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
+        raise ValueError(f"top_k: expected an int >= 0, got {top_k!r}.")
+
+
+def _weighted_mean_sq(c: dict, w: torch.Tensor, names) -> dict:
+    """Σ_u w_u C_u / W per parameter (the empirical Fisher of those units)."""
+    out = {}
+    for n in names:
+        ww = w.to(c[n].dtype).to(c[n].device)
+        out[n] = torch.tensordot(ww, c[n], dims=1) / ww.sum()
+    return out
+
+
+def _fisher_hat(fisher, ca, wa, gb, names) -> dict:
+    if isinstance(fisher, dict):
+        out = {}
+        for n in names:
+            if n not in fisher:
+                raise ValueError(f"fisher: expected a tensor for every slice parameter, got none for {n!r}.")
+            t = torch.as_tensor(fisher[n])
+            if tuple(t.shape) != tuple(ca[n].shape[1:]):
+                raise ValueError(f"fisher[{n!r}]: shape mismatch: expected {tuple(ca[n].shape[1:])}, "
+                                 f"got {tuple(t.shape)}.")
+            out[n] = t.to(ca[n].dtype).to(ca[n].device)
+        return out
+    if fisher == "a":
+        return _weighted_mean_sq(ca, wa, names)
+    cb = {n: gb.tensors[n].square() for n in names}
+    if fisher == "b":
+        return _weighted_mean_sq(cb, gb.weights, names)
+    w = torch.cat([wa.to(cb[names[0]].device), gb.weights.to(cb[names[0]].device)])
+    return _weighted_mean_sq({n: torch.cat([ca[n], cb[n]]) for n in names}, w, names)
+
+
+def _median_rows(x: torch.Tensor) -> torch.Tensor:
+    """Row medians with the usual convention (mean of the two middle values for even m)."""
+    s = x.sort(dim=-1).values
+    m = s.shape[-1]
+    return 0.5 * (s[..., (m - 1) // 2] + s[..., m // 2])
+
+
+def _top_entries(blocks: dict, ids_a: list, ids_b: list, k: int, signed: bool) -> list[dict]:
+    """The k largest scores; a stable sort keeps ties in (block, layer, head, i, j) order."""
+    if k == 0:
+        return []
+    stacked = torch.stack([blocks[B].permute(2, 3, 0, 1) for B in BLOCKS])   # [4, L, H, N_A, N_B]
+    key = (stacked.abs() if signed else stacked).reshape(-1)
+    key = torch.where(torch.isnan(key), torch.full_like(key, -float("inf")), key)
+    flat = stacked.reshape(-1)
+    order = torch.sort(key, descending=True, stable=True).indices[:k]
+    shape = stacked.shape
+    out = []
+    for f in order.tolist():
+        b, rem = divmod(f, shape[1] * shape[2] * shape[3] * shape[4])
+        layer, rem = divmod(rem, shape[2] * shape[3] * shape[4])
+        head, rem = divmod(rem, shape[3] * shape[4])
+        i, j = divmod(rem, shape[4])
+        out.append({"score": float(flat[f]), "id_a": ids_a[i], "id_b": ids_b[j],
+                    "layer": layer, "head": head, "block": BLOCKS[b]})
+    return out

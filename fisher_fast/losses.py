@@ -1,0 +1,126 @@
+"""Built-in per-row losses implementing the token-loss protocol of docs/architecture.md.
+
+Each loss object ``loss`` offers
+
+- ``loss(model, batch) -> Tensor[B]``: row i's loss, the sum (``reduction="sum"``) or the
+  mean (``"mean"``) of the NLL over its K_i active label tokens; 0 for an empty row,
+- ``loss.logits_and_targets(model, batch) -> (logits [B, T, C], targets [B, T])``,
+- ``loss.token_counts(batch) -> LongTensor[B]`` (K_i, from the labels alone),
+- ``loss.reduction``.
+
+.. math::
+
+    \\ell_i = \\frac{1}{K_i^{[\\text{mean}]}} \\sum_{t:\\,y_{it} \\neq -100} -\\log
+    \\operatorname{softmax}(z_{it})_{y_{it}}
+
+Half-precision logits are promoted to float32 before the log-softmax.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+REDUCTIONS = ("mean", "sum")
+
+
+def model_inputs(batch: dict) -> dict:
+    """Every key of the batch except ``sample_ids``: what the model is called with."""
+    return {k: v for k, v in batch.items() if k != "sample_ids"}
+
+
+def model_logits(model: torch.nn.Module, batch: dict) -> torch.Tensor:
+    """Run the model on the batch (labels withheld, so the model computes no loss itself)."""
+    inputs = {k: v for k, v in model_inputs(batch).items() if k != "labels"}
+    out = model(**inputs)
+    logits = out.logits if hasattr(out, "logits") else out[0] if isinstance(out, tuple) else out
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()
+    return logits
+
+
+def token_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """NLL per position ``[B, T]``; 0 where ``targets == -100``."""
+    B, T, C = logits.shape
+    nll = F.cross_entropy(logits.reshape(B * T, C), targets.reshape(B * T),
+                          ignore_index=IGNORE_INDEX, reduction="none")
+    return nll.reshape(B, T)
+
+
+def reduce_rows(nll: torch.Tensor, targets: torch.Tensor, reduction: str) -> torch.Tensor:
+    """Row losses ``[B]`` from per-position NLL: sum, or mean over active positions (0 if none)."""
+    total = nll.sum(dim=1)
+    if reduction == "sum":
+        return total
+    count = (targets != IGNORE_INDEX).sum(dim=1).clamp(min=1).to(total.dtype)
+    return total / count
+
+
+class _TokenLoss:
+    """Shared body of the built-in losses; subclasses align logits and labels."""
+
+    def __init__(self, reduction: str = "mean"):
+        if reduction not in REDUCTIONS:
+            raise ValueError(f"reduction: expected one of {REDUCTIONS}, got {reduction!r}.")
+        self.reduction = reduction
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(reduction={self.reduction!r})"
+
+    def align(self, logits: torch.Tensor, labels: torch.Tensor):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def targets(self, batch: dict) -> torch.Tensor:
+        """The aligned targets ``[B, T]`` computed from the labels alone."""
+        if "labels" not in batch:
+            raise ValueError(f"{type(self).__name__}: expected a 'labels' entry in the batch, "
+                             f"got keys {sorted(batch)}.")
+        labels = batch["labels"]
+        return self.align(None, labels)[1]
+
+    def token_counts(self, batch: dict) -> torch.Tensor:
+        return (self.targets(batch) != IGNORE_INDEX).sum(dim=1)
+
+    def logits_and_targets(self, model: torch.nn.Module, batch: dict):
+        targets = self.targets(batch)
+        logits, _ = self.align(model_logits(model, batch), batch["labels"])
+        return logits, targets
+
+    def __call__(self, model: torch.nn.Module, batch: dict) -> torch.Tensor:
+        logits, targets = self.logits_and_targets(model, batch)
+        return reduce_rows(token_nll(logits, targets), targets, self.reduction)
+
+
+class CausalLMLoss(_TokenLoss):
+    """Next-token loss with the HF shift: logits at t predict the label at t + 1."""
+
+    def align(self, logits, labels):
+        return (None if logits is None else logits[:, :-1]), labels[:, 1:]
+
+
+class MaskedLMLoss(_TokenLoss):
+    """Masked-LM loss: logits and labels aligned as they are."""
+
+    def align(self, logits, labels):
+        return logits, labels
+
+
+class SequenceClassificationLoss(_TokenLoss):
+    """Sequence classification: logits ``[B, C]``, labels ``[B]``; one position (T = 1)."""
+
+    def align(self, logits, labels):
+        if labels.dim() != 1:
+            raise ValueError(f"SequenceClassificationLoss: expected labels of shape [B], "
+                             f"got {tuple(labels.shape)}.")
+        return (None if logits is None else logits[:, None, :]), labels[:, None]
+
+
+causal_lm_loss = CausalLMLoss("mean")
+masked_lm_loss = MaskedLMLoss("mean")
+sequence_classification_loss = SequenceClassificationLoss("mean")
+
+
+def has_token_protocol(loss_fn) -> bool:
+    """True when ``loss_fn`` offers the token-loss protocol (not just ``loss(model, batch)``)."""
+    return all(hasattr(loss_fn, a) for a in ("logits_and_targets", "token_counts", "reduction"))

@@ -1,0 +1,64 @@
+"""Weighted Welford/Chan moment states (W, mean, M2) that merge exactly (SPEC §8).
+
+A state summarises weighted values x_u (a per-element gradient, or a group's f_u):
+
+.. math::
+
+    W = \\sum_u w_u, \\qquad \\bar x = \\frac{1}{W}\\sum_u w_u x_u, \\qquad
+    M_2 = \\sum_u w_u (x_u - \\bar x)^2
+
+and two states merge by Chan's formula
+``mean = mean_a + δ W_b / W``, ``M2 = M2_a + M2_b + δ² W_a W_b / W`` (δ = mean_b − mean_a),
+so any split of the units gives the two-pass result up to rounding. From a state,
+``E[x²] = M2 / W + mean²`` adds two non-negative terms (no cancellation) and the variance
+``M2 / W`` is a sum of squares (never negative, no clamp needed).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Moments:
+    W: torch.Tensor  # 0-d
+    mean: torch.Tensor
+    m2: torch.Tensor
+
+    @staticmethod
+    def zeros(shape, dtype, device) -> "Moments":
+        z = torch.zeros(shape, dtype=dtype, device=device)
+        return Moments(torch.zeros((), dtype=dtype, device=device), z, z.clone())
+
+    @staticmethod
+    def of(values: torch.Tensor, w: torch.Tensor) -> "Moments":
+        """Two-pass moments of ``values [s, *shape]`` with weights ``w [s]``."""
+        W = w.sum()
+        tiny = torch.finfo(W.dtype).tiny  # W = 0 only when every w is 0, then Σ w x = 0 too
+        mean = torch.tensordot(w, values, dims=1) / W.clamp(min=tiny)
+        dev = values - mean
+        dev.square_()
+        return Moments(W, mean, torch.tensordot(w, dev, dims=1))
+
+    def merge(self, other: "Moments") -> "Moments":
+        W = self.W + other.W
+        r = other.W / W.clamp(min=torch.finfo(W.dtype).tiny)  # 0 when both are empty
+        delta = other.mean - self.mean
+        return Moments(W, self.mean + delta * r, self.m2 + other.m2 + delta.square() * self.W * r)
+
+    def second_moment(self) -> torch.Tensor:
+        """Weighted mean of x²: ``M2 / W + mean²``."""
+        return self.m2 / self.W + self.mean.square()
+
+    def variance(self) -> torch.Tensor:
+        """Weighted population variance ``M2 / W``."""
+        return self.m2 / self.W
+
+    def tensors(self, prefix: str) -> dict[str, torch.Tensor]:
+        return {f"{prefix}.W": self.W, f"{prefix}.mean": self.mean, f"{prefix}.m2": self.m2}
+
+    @staticmethod
+    def from_tensors(d: dict, prefix: str) -> "Moments":
+        return Moments(d[f"{prefix}.W"], d[f"{prefix}.mean"], d[f"{prefix}.m2"])

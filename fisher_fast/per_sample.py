@@ -1,0 +1,90 @@
+"""Per-unit gradients and contributions, all units of a batch at once.
+
+.. math:: g_u = \\nabla_\\theta \\ell_u
+
+computed by one batched forward and one backward per chunk (``capture.py``); rows never
+interact (SPEC §0), which ``check=True`` verifies on the first and last unit (each computed
+alone with plain autograd, curvlinops' ``_checks.py`` idea), else ``ValueError``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .capture_plan import build_plan
+from .engine import check_dtype, model_device, run_chunks
+from .results import PerUnit
+from .sinks import PerUnitSink
+from .units import plan_units
+from .validation import resolve_loss, split_batch
+
+
+def per_sample_gradients(model, batch, *, loss_fn=None, unit="sample", weighting="sample",
+                         sample_ids=None, dtype=None, chunk_size=None, memory_budget=None,
+                         check=False, allow_tf32=False) -> PerUnit:
+    """Every unit's gradient ``g_u`` at full parameter shape.
+
+    Args:
+        model: any module whose rows do not interact (eval mode).
+        batch: dict of tensors with a leading batch axis, optionally ``sample_ids``.
+        loss_fn: per-row loss; ``None`` is ``causal_lm_loss`` (mean over the row's tokens).
+        unit: ``"sample"`` (one unit per non-empty row) or ``"token"`` (per active token).
+        weighting: ``"sample"`` (w_u = 1) or ``"token"`` (w_u = K_i for sample units).
+        sample_ids: one id per row (or in the batch; not both); default ``0..B-1``.
+        dtype: float32 (default) or float64, the dtype of the returned gradients.
+        chunk_size: forward rows per chunk; default from ``memory_budget``.
+        memory_budget: bytes; default a fraction of free device memory (``chunking.py``).
+        check: also recompute the first and last units alone and compare (rows independent).
+        allow_tf32: let CUDA matmuls use TF32 (off by default).
+
+    Returns:
+        ``PerUnit(tensors={name: [U, *shape]}, ids, weights [U], empty_ids)`` on the
+        model's device.
+    """
+    dtype = check_dtype(dtype)
+    loss = resolve_loss(loss_fn, unit=unit, weighting=weighting)
+    tensors, ids = split_batch(batch, sample_ids)
+    units = plan_units(model, tensors, ids, loss, unit, weighting)
+    plan = build_plan(model)
+    device = model_device(model)
+    sink = PerUnitSink(plan.params, len(units), dtype, device)
+
+    def new_sink(start, n):
+        sink.offset = start
+        return sink
+
+    for _ in run_chunks(model, plan, loss, tensors, units, dtype=dtype, chunk_size=chunk_size,
+                        memory_budget=memory_budget, new_sink=new_sink, allow_tf32=allow_tf32):
+        pass
+    result = PerUnit(sink.out, list(units.ids), units.weights.to(device, dtype),
+                     list(units.empty_ids))
+    if check:
+        check_rows_independent(model, loss, tensors, units, result)
+    return result
+
+
+def check_rows_independent(model, loss, tensors, units, result: PerUnit) -> None:
+    """Raise ``ValueError`` unless the first and last units' gradients, computed alone (a
+    forward of that one row, plain autograd), equal the batched ones (curvlinops'
+    ``f(X) == vmap(f)(X)`` guard). A batch-coupled model (batch statistics, rows mixed)
+    fails it."""
+    from .unit_losses import chunk_losses, chunk_rows
+
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    device = model_device(model)
+    for j in sorted({0, len(units) - 1}):
+        one = units.take(j, j + 1)
+        loss_j, _ = chunk_losses(model, loss, chunk_rows(tensors, one.rows, device), one, None)
+        grads = torch.autograd.grad(loss_j.sum(), list(params.values()), allow_unused=True)
+        wants = [torch.zeros_like(p) if g is None else g for p, g in zip(params.values(), grads)]
+        scale = max(float(w.abs().max()) for w in wants if w.numel()) or 1e-30
+        tol = 1e-9 if wants[0].dtype == torch.float64 else 1e-4
+        for name, want in zip(params, wants):
+            got = result.tensors[name][j].to(want.dtype)
+            err = float((got - want).abs().max()) if want.numel() else 0.0
+            if err > tol * scale:
+                raise ValueError(
+                    f"rows interact: expected unit {units.ids[j]!r}'s gradient of {name} "
+                    f"computed alone to equal the batched one, got a max difference of "
+                    f"{err:.3g} (gradient scale {scale:.3g}). Is the model in eval mode, "
+                    "without batch-coupled layers?")

@@ -1,0 +1,76 @@
+"""Argument and batch checks; every failure is a ValueError saying what was expected."""
+
+from __future__ import annotations
+
+import torch
+
+from .losses import causal_lm_loss, has_token_protocol
+
+UNITS = ("sample", "token")
+WEIGHTINGS = ("sample", "token")
+
+
+def check_choice(name: str, value, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"{name}: expected one of {tuple(choices)}, got {value!r}.")
+
+
+def resolve_loss(loss_fn, *, unit: str, weighting: str, needs_protocol: str | None = None):
+    """The loss to use (``None`` means ``causal_lm_loss``), checked against what is asked."""
+    check_choice("unit", unit, UNITS)
+    check_choice("weighting", weighting, WEIGHTINGS)
+    loss = causal_lm_loss if loss_fn is None else loss_fn
+    if not callable(loss):
+        raise ValueError(f"loss_fn: expected a callable loss(model, batch) -> Tensor[B], "
+                         f"got {type(loss).__name__}.")
+    wants = needs_protocol or ("unit='token'" if unit == "token" else
+                               "weighting='token'" if weighting == "token" else None)
+    if wants and not has_token_protocol(loss):
+        raise ValueError(f"{wants} needs a loss with the token-loss protocol "
+                         f"(logits_and_targets, token_counts, reduction); got {loss!r}.")
+    return loss
+
+
+def split_batch(batch, sample_ids=None, *, id_offset: int = 0):
+    """``(tensors, ids)``: the model's tensors and one sample id per row.
+
+    Ids come from ``batch["sample_ids"]`` or the ``sample_ids`` argument (not both); default
+    ``id_offset + 0 .. B-1``. Ids must be unique within the call.
+    """
+    if not isinstance(batch, dict):
+        raise ValueError(f"batch: expected a dict of tensors, got {type(batch).__name__}.")
+    tensors = {k: v for k, v in batch.items() if k != "sample_ids"}
+    if not tensors:
+        raise ValueError("batch: expected at least one tensor, got none.")
+    sizes = {}
+    for k, v in tensors.items():
+        if not isinstance(v, torch.Tensor):
+            raise ValueError(f"batch[{k!r}]: expected a tensor, got {type(v).__name__}.")
+        if v.dim() == 0:
+            raise ValueError(f"batch[{k!r}]: expected a leading batch axis, got a scalar.")
+        sizes[k] = v.shape[0]
+    B = next(iter(sizes.values()))
+    if any(s != B for s in sizes.values()):
+        raise ValueError(f"batch: expected the same leading batch size for every tensor, got {sizes}.")
+    if B == 0:
+        raise ValueError("batch: expected at least one row, got 0.")
+    if "sample_ids" in batch and sample_ids is not None:
+        raise ValueError("sample_ids: expected them in the batch or as the argument, got both.")
+    ids = batch.get("sample_ids", sample_ids)
+    if ids is None:
+        ids = list(range(id_offset, id_offset + B))
+    else:
+        ids = list(ids)
+        if len(ids) != B:
+            raise ValueError(f"sample_ids: expected {B} ids (one per row), got {len(ids)}.")
+        seen = set()
+        for i in ids:
+            if i in seen:
+                raise ValueError(f"sample_ids: expected unique ids, got {i!r} twice.")
+            seen.add(i)
+    return tensors, ids
+
+
+def check_positive_int(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name}: expected a positive int, got {value!r}.")

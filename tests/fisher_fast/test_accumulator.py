@@ -1,0 +1,106 @@
+"""FisherAccumulator: streaming equals one pass, failures change nothing, state persists."""
+
+import pytest
+import torch
+
+import fisher_fast as ff
+from fisher_ref.testing.batches import concat_batches
+from fisher_ref.testing.compare import assert_dicts_close
+from fisher_ref.testing.tolerances import tolerance
+from tests.fisher_fast._fast_modules import TinyLM, tiny_batch
+
+TOL = dict(zip(("rtol", "atol"), tolerance("welford")))
+
+
+def _acc(model, **kw):
+    return ff.FisherAccumulator(model, dtype=torch.float64, groups="generic",
+                                micro_batch_sizes=(2,), **kw)
+
+
+def _tensors(acc):
+    return {f"{t}/{k}": v for t, d in acc.state_dict()["tasks"].items()
+            for k, v in d["tensors"].items()}
+
+
+def test_updates_equal_one_batch_for_any_chunk_size():
+    model, b1, b2 = TinyLM(), tiny_batch(B=3, seed=1), tiny_batch(B=4, seed=2, empty_rows=(1,))
+    acc = _acc(model, chunk_size=2)
+    acc.update(b1)
+    acc.update(b2)
+    whole = ff.empirical_fisher(model, concat_batches([b1, b2]), dtype=torch.float64, chunk_size=5)
+    assert_dicts_close(acc.empirical_fisher(), whole, **TOL)
+    assert acc.empirical_fisher().empty_ids == whole.empty_ids == [4]  # ids continue: 3 + 1
+
+
+def test_tasks_are_kept_apart():
+    model, b1, b2 = TinyLM(), tiny_batch(B=3, seed=1), tiny_batch(B=2, seed=2)
+    acc = _acc(model)
+    acc.update(b1, task="a")
+    acc.update(b2, task="b")
+    assert acc.tasks() == ["a", "b"]
+    assert_dicts_close(acc.mean_gradient("b"), ff.mean_gradient(model, b2, dtype=torch.float64), **TOL)
+
+
+def test_failed_update_leaves_state_unchanged():
+    model = TinyLM()
+    acc = _acc(model, chunk_size=1)  # chunks 1 and 2 succeed before chunk 3 fails
+    acc.update(tiny_batch(B=3, seed=1))
+    before = _tensors(acc)
+    bad = tiny_batch(B=3, seed=2)
+    bad["input_ids"] = bad["input_ids"].clone()
+    bad["input_ids"][2, 0] = 99  # out of the vocabulary: fails in the forward of chunk 3
+    with pytest.raises(IndexError):
+        acc.update(bad)
+    after = _tensors(acc)
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert acc.n_units() == 3
+
+
+def test_non_finite_gradient_names_parameter_and_unit():
+    model = torch.nn.Linear(2, 1, bias=False).double()
+
+    def loss_fn(m, batch):  # sqrt(z^2) is finite at z = 0, its gradient is not
+        return torch.sqrt(m(batch["x"]).squeeze(-1) ** 2)
+
+    acc = ff.FisherAccumulator(model, loss_fn=loss_fn, dtype=torch.float64)
+    acc.update({"x": torch.tensor([[1.0, 2.0]], dtype=torch.float64)})
+    before = _tensors(acc)
+    with pytest.raises(ValueError, match=r"non-finite gradient.*'weight', unit 'b'"):
+        acc.update({"x": torch.tensor([[1.0, 1.0], [0.0, 0.0]], dtype=torch.float64),
+                    "sample_ids": ["a", "b"]})
+    assert all(torch.equal(v, _tensors(acc)[k]) for k, v in before.items())
+
+
+def test_resume_from_state_dict_is_identical():
+    model, b1, b2 = TinyLM(), tiny_batch(B=3, seed=1), tiny_batch(B=3, seed=2)
+    straight = _acc(model)
+    straight.update(b1)
+    straight.update(b2)
+    first = _acc(model)
+    first.update(b1)
+    resumed = _acc(model)
+    resumed.load_state_dict(first.state_dict())
+    resumed.update(b2)
+    a, b = _tensors(straight), _tensors(resumed)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_save_and_load_round_trip(tmp_path):
+    model = TinyLM()
+    acc = _acc(model)
+    acc.update(tiny_batch(B=3, seed=1, empty_rows=(0,)), task="t")
+    acc.save(tmp_path / "acc.safetensors")
+    back = _acc(model).load(tmp_path / "acc.safetensors")
+    assert back.tasks() == ["t"] and back.empirical_fisher("t").empty_ids == [0]
+    assert_dicts_close(back.empirical_fisher("t"), acc.empirical_fisher("t"), rtol=0, atol=0)
+    assert_dicts_close(back.batch_squared_gradient(2, "t"), acc.batch_squared_gradient(2, "t"),
+                       rtol=0, atol=0)
+
+
+def test_loading_into_a_different_configuration_fails():
+    model = TinyLM()
+    acc = _acc(model)
+    acc.update(tiny_batch(B=2))
+    other = ff.FisherAccumulator(model, dtype=torch.float64, unit="token")
+    with pytest.raises(ValueError, match="different one"):
+        other.load_state_dict(acc.state_dict())

@@ -1,0 +1,87 @@
+"""Every capture path against per-row autograd, on a tiny model that uses them all."""
+
+import pytest
+import torch
+
+import fisher_fast as ff
+from fisher_ref.testing.compare import assert_dicts_close
+from fisher_ref.testing.tolerances import tolerance
+
+from tests.fisher_fast._fast_modules import TinyLM, row_gradients, tiny_batch
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_per_row_gradients_match_autograd(tied):
+    model, batch = TinyLM(tied=tied), tiny_batch()
+    got = ff.per_sample_gradients(model, batch, dtype=torch.float64, chunk_size=3)
+    want = row_gradients(model, batch, ff.causal_lm_loss)
+    assert_dicts_close(got.tensors, want, **dict(zip(("rtol", "atol"), tolerance("float64-paths"))))
+
+
+def test_padding_row_of_embedding_gets_no_gradient():
+    model, batch = TinyLM(), tiny_batch()
+    got = ff.per_sample_gradients(model, batch, dtype=torch.float64)
+    assert torch.count_nonzero(got.tensors["emb.weight"][:, 0]) == 0
+    assert torch.count_nonzero(got.tensors["emb.weight"][:, 1:]) > 0
+
+
+def test_each_module_kind_takes_its_path():
+    model = TinyLM()
+    ff.per_sample_gradients(model, tiny_batch(B=2))  # runs the RMS check
+    plan = ff.capture_plan(model)
+    assert plan["emb.weight"] == ["emb:embedding"]
+    assert plan["ln.bias"] == ["ln:layernorm"]
+    assert plan["lin.weight"] == ["lin:linear"]
+    assert plan["rms.weight"] == ["rms:rmsnorm"]
+    assert plan["scale.scale"] == ["scale:functorch"]
+    assert plan["conv.weight"] == ["conv:conv1d"]
+
+
+def test_rms_lookalike_that_is_not_rms_falls_back_to_functorch():
+    from fisher_fast.capture_plan import build_plan
+    from fisher_fast.per_sample import per_sample_gradients  # noqa: F401 - same engine
+
+    model = TinyLM()
+    assert ff.capture_plan(model)["gemma.weight"] == ["gemma:rmsnorm"]  # by its attributes
+    plan = build_plan(model)
+    from fisher_fast.engine import run_chunks
+    from fisher_fast.sinks import PerUnitSink
+    from fisher_fast.units import plan_units
+    batch = tiny_batch(B=2)
+    units = plan_units(model, batch, [0, 1], ff.causal_lm_loss, "sample", "sample")
+    sink = PerUnitSink(plan.params, 2, torch.float64, "cpu")
+    list(run_chunks(model, plan, ff.causal_lm_loss, batch, units, dtype=torch.float64,
+                    new_sink=lambda s, n: sink))
+    assert plan.describe()["gemma.weight"] == ["gemma:functorch"]
+
+
+def test_tied_parameter_appears_once_with_both_uses():
+    plan = ff.capture_plan(TinyLM(tied=True))
+    assert sorted(plan["emb.weight"]) == ["emb:embedding", "out:linear"]
+    assert "out.weight" not in plan
+
+
+def test_ghost_norms_equal_materialised_row_norms():
+    from fisher_fast.capture_rules import CONV1D, LINEAR
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 5, 4, generator=g, dtype=torch.float64)
+    dy = torch.randn(3, 5, 6, generator=g, dtype=torch.float64)
+    full = torch.einsum("nto,nti->noi", dy, x)  # [n, out, in] by definition
+    rows = LINEAR.ghost(None, x, dy, slice(0, 3), torch.float64)
+    cols = CONV1D.ghost(None, x, dy, slice(0, 3), torch.float64)
+    inputs = LINEAR.ghost(None, x, dy, slice(0, 3), torch.float64, "in")
+    torch.testing.assert_close(rows, full.square().sum(-1), rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(cols, full.square().sum(-1), rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(inputs, full.square().sum(-2), rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "bert", "gpt_neox", "phi3"])
+def test_hf_models_need_no_functorch_and_tie_their_heads(arch):
+    from fisher_ref.testing.models import TinyConfig, build_model
+
+    plan = ff.capture_plan(build_model(TinyConfig(arch=arch, num_layers=1)))
+    paths = {use.split(":")[1] for uses in plan.values() for use in uses}
+    assert "functorch" not in paths
+    tied = [uses for uses in plan.values() if len(uses) == 2]
+    assert len(tied) == 1 and {u.split(":")[1] for u in tied[0]} == {"embedding", "linear"}

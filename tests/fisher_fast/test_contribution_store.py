@@ -1,0 +1,186 @@
+"""ContributionStore: round trips, tiers and oldest-first spilling, budgets, all-or-nothing
+writes, opaque ids, deletion."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from fisher_fast.contribution_store import ContributionStore
+
+# one record = a [2, 3] float64 tensor + a [4] float64 tensor = 10 * 8 = 80 bytes
+REC = 80
+
+
+def _tensors(n, offset=0.0):
+    a = torch.arange(n * 6, dtype=torch.float64).reshape(n, 2, 3) + offset
+    b = -torch.arange(n * 4, dtype=torch.float64).reshape(n, 4) - offset
+    return {"w": a, "b": b}
+
+
+def _snapshot(store, directory=None):
+    files = sorted(os.listdir(directory)) if directory else []
+    return ({t: store.ids(t) for t in store.tasks()}, store.usage(), files)
+
+
+def test_round_trip_in_memory():
+    store = ContributionStore(device="cpu")
+    t = _tensors(3)
+    store.add("a", ["x", "y_1", 7], t)
+    assert store.ids("a") == ["x", "y_1", 7]
+    got = store.get_stacked("a", [7, "x"])
+    assert torch.equal(got["w"], t["w"][[2, 0]]) and torch.equal(got["b"], t["b"][[2, 0]])
+    assert torch.equal(store.get("a", "y_1")["w"], t["w"][1])
+    assert store.contains("a", "y_1") and not store.contains("a", "y") and not store.contains("b", "x")
+
+
+def test_ids_are_opaque():
+    store = ContributionStore(device="cpu")
+    store.add("a", ["a_1", ("a", 1), "1"], _tensors(3))
+    store.add("a_1", [1], _tensors(1, offset=100.0))
+    assert store.ids("a") == ["a_1", ("a", 1), "1"] and store.ids("a_1") == [1]
+    assert torch.equal(store.get("a", ("a", 1))["w"], _tensors(3)["w"][1])
+    assert not store.contains("a", 1)
+
+
+def test_spill_oldest_first_to_disk(tmp_path):
+    store = ContributionStore(tmp_path, device="cpu", device_bytes=REC, host_bytes=2 * REC)
+    t = _tensors(5)
+    store.add("a", [0, 1], {k: v[:2] for k, v in t.items()})
+    store.add("a", [2, 3, 4], {k: v[2:] for k, v in t.items()})
+    assert [store.tier_of("a", i) for i in range(5)] == ["disk", "disk", "host", "host", "device"]
+    assert store.usage() == {"device": REC, "host": 2 * REC, "disk": 2 * REC}
+    got = store.get_stacked("a", [4, 0, 3, 1, 2])
+    assert torch.equal(got["w"], t["w"][[4, 0, 3, 1, 2]]) and torch.equal(got["b"], t["b"][[4, 0, 3, 1, 2]])
+
+
+def test_records_never_move_up_and_tasks_share_age(tmp_path):
+    store = ContributionStore(tmp_path, device="cpu", device_bytes=0, host_bytes=REC)
+    store.add("a", ["old"], _tensors(1))
+    store.add("b", ["new"], _tensors(1, offset=1.0))
+    assert store.tier_of("a", "old") == "disk" and store.tier_of("b", "new") == "host"
+    store.delete("b")
+    store.add("b", ["newer"], _tensors(1, offset=2.0))
+    assert store.tier_of("a", "old") == "disk" and store.tier_of("b", "newer") == "host"
+
+
+def test_disk_budget_exhausted_leaves_store_unchanged(tmp_path):
+    store = ContributionStore(tmp_path, device="cpu", device_bytes=0, host_bytes=REC, disk_bytes=REC)
+    store.add("a", [0, 1], _tensors(2))
+    before = _snapshot(store, tmp_path)
+    with pytest.raises(ValueError, match="ContributionStore full"):
+        store.add("a", [2], _tensors(1))
+    assert _snapshot(store, tmp_path) == before
+
+
+def test_no_directory_means_no_disk_tier():
+    store = ContributionStore(device="cpu", host_bytes=REC, device_bytes=0)
+    with pytest.raises(ValueError, match="the disk tier is off"):
+        store.add("a", [0, 1], _tensors(2))
+    assert store.tasks() == [] and len(store) == 0
+
+
+def test_failed_disk_write_leaves_no_trace(tmp_path, monkeypatch):
+    import safetensors.torch
+
+    store = ContributionStore(tmp_path, device="cpu", device_bytes=0, host_bytes=REC)
+    store.add("a", [0], _tensors(1))
+    before = _snapshot(store, tmp_path)
+
+    def broken(tensors, path, *args, **kwargs):
+        with open(path, "wb") as f:
+            f.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", broken)
+    with pytest.raises(OSError, match="disk full"):
+        store.add("a", [1], _tensors(1, offset=5.0))
+    assert _snapshot(store, tmp_path) == before
+    assert torch.equal(store.get("a", 0)["w"], _tensors(1)["w"][0])
+
+
+def test_delete_removes_empty_shards(tmp_path):
+    store = ContributionStore(tmp_path, device="cpu", device_bytes=0, host_bytes=0)
+    store.add("a", ["x", "y"], _tensors(2))
+    assert len(os.listdir(tmp_path)) == 1
+    store.delete("a", ["x"])
+    assert store.ids("a") == ["y"] and len(os.listdir(tmp_path)) == 1
+    assert torch.equal(store.get("a", "y")["b"], _tensors(2)["b"][1])
+    store.delete("a", ["y"])
+    assert os.listdir(tmp_path) == [] and store.tasks() == []
+
+
+def _store_with(ids):
+    s = ContributionStore(device="cpu")
+    s.add("a", ids, _tensors(len(ids)))
+    return s
+
+
+BAD = [
+    pytest.param(lambda s: s.add("a", ["p", "p"], _tensors(2)), "got 'p' twice", id="duplicate-in-call"),
+    pytest.param(lambda s: s.add("a", ["x"], _tensors(1)), "already holds 'x'", id="duplicate-stored"),
+    pytest.param(lambda s: s.add("a", ["p", "q"], _tensors(1)), "expected shape (2, ...)", id="count-mismatch"),
+    pytest.param(lambda s: s.add("a", ["p"], {"w": torch.zeros(1, 3)}), "expected the parameters", id="schema"),
+    pytest.param(lambda s: s.add("a", [["p"]], _tensors(1)), "hashable", id="unhashable-id"),
+    pytest.param(lambda s: s.get("a", "nope"), "got 'nope'", id="unknown-id"),
+    pytest.param(lambda s: s.get_stacked("b", ["x"]), "Unknown task", id="unknown-task"),
+    pytest.param(lambda s: s.delete("a", ["x", "nope"]), "got 'nope'", id="delete-unknown"),
+    pytest.param(lambda s: ContributionStore(host_bytes=-1), "host_bytes", id="negative-budget"),
+]
+
+
+@pytest.mark.parametrize("fn,message", BAD)
+def test_bad_input_leaves_store_unchanged(fn, message):
+    store = _store_with(["x", "y"])
+    before = _snapshot(store)
+    with pytest.raises(ValueError) as err:
+        fn(store)
+    assert message in str(err.value)
+    assert _snapshot(store) == before
+
+
+@pytest.mark.gpu
+def test_gpu_tier_spills_to_pinned_host(device, tmp_path):
+    store = ContributionStore(tmp_path, device=device, device_bytes=REC, host_bytes=REC)
+    t = _tensors(3)
+    store.add("a", [0, 1, 2], {k: v.to(device) for k, v in t.items()})
+    assert [store.tier_of("a", i) for i in range(3)] == ["disk", "host", "device"]
+    assert store._records[("a", 1)].tensors[0].is_pinned()
+    got = store.get_stacked("a", [0, 1, 2])
+    assert got["w"].device.type == "cuda" and torch.equal(got["w"].cpu(), t["w"])
+
+
+def _model_case():
+    from fisher_ref.testing.batches import random_batch
+    from fisher_ref.testing.models import TinyConfig, build_model
+
+    model = build_model(TinyConfig(arch="gpt2", num_layers=1), dtype=torch.float64)
+    return model, random_batch(vocab_size=11, batch_size=3, seq_len=4, seed=0, sample_ids=["s_1", "s_2", "s_3"])
+
+
+def test_per_sample_contributions_fill_the_store(tmp_path):
+    from fisher_fast.contributions import per_sample_contributions
+    from fisher_fast.per_sample import per_sample_gradients
+
+    model, batch = _model_case()
+    store = ContributionStore(tmp_path, device="cpu", host_bytes=4_000)
+    c = per_sample_contributions(model, batch, dtype=torch.float64, store=store, task="t_1")
+    g = per_sample_gradients(model, batch, dtype=torch.float64)
+    assert c.ids == ["s_1", "s_2", "s_3"] and store.ids("t_1") == c.ids
+    for n, t in g.tensors.items():
+        assert torch.equal(c.tensors[n], t.square())
+        assert torch.equal(store.get_stacked("t_1", ["s_3", "s_1"])[n], t.square()[[2, 0]])
+
+
+def test_failed_contributions_write_changes_nothing(tmp_path):
+    from fisher_fast.contributions import per_sample_contributions
+
+    model, batch = _model_case()
+    store = ContributionStore(tmp_path, device="cpu")
+    store.add("t", ["s_2"], {"x": torch.zeros(1, 2)})
+    before = _snapshot(store, tmp_path)
+    with pytest.raises(ValueError, match="already holds 's_2'"):
+        per_sample_contributions(model, batch, dtype=torch.float64, store=store, task="t")
+    assert _snapshot(store, tmp_path) == before

@@ -1,0 +1,102 @@
+"""Functional estimators: relations SPEC §2 states, derived by hand."""
+
+import pytest
+import torch
+
+import fisher_fast as ff
+from fisher_ref.testing.batches import concat_batches
+from fisher_ref.testing.compare import assert_dicts_close
+from fisher_ref.testing.tolerances import tolerance
+from tests.fisher_fast._fast_modules import TinyLM as _TinyLM, tiny_batch
+
+TOL = dict(zip(("rtol", "atol"), tolerance("float64-paths")))
+F64 = dict(dtype=torch.float64)
+
+
+def TinyLM():  # noqa: N802 - the float64-only variant
+    return _TinyLM(rms=False)
+
+
+def test_duplicating_every_unit_changes_nothing():
+    model, b = TinyLM(), tiny_batch(B=3)
+    twice = concat_batches([b, b])
+    for fn in (ff.empirical_fisher, ff.squared_mean_gradient, ff.gradient_variance):
+        assert_dicts_close(fn(model, twice, **F64), fn(model, b, **F64), **TOL)
+
+
+def test_scaling_the_loss_by_c_scales_fisher_by_c_squared():
+    model, b = TinyLM(), tiny_batch(B=3)
+    f = ff.empirical_fisher(model, b, **F64)
+    f3 = ff.empirical_fisher(model, b, loss_fn=lambda m, x: 3.0 * ff.causal_lm_loss(m, x), **F64)
+    assert_dicts_close(f3, {k: 9.0 * v for k, v in f.items()}, **TOL)
+
+
+def test_batch_squared_gradient_ends_are_fisher_and_squared_mean():
+    model, b = TinyLM(), tiny_batch(B=3)
+    assert_dicts_close(ff.batch_squared_gradient(model, b, micro_batch_size=1, **F64),
+                       ff.empirical_fisher(model, b, **F64), **TOL)
+    assert_dicts_close(ff.batch_squared_gradient(model, b, micro_batch_size=3, **F64),
+                       ff.squared_mean_gradient(model, b, **F64), **TOL)
+
+
+def test_variance_is_fisher_minus_squared_mean():
+    model, b = TinyLM(), tiny_batch(B=4)
+    f, s = ff.empirical_fisher(model, b, **F64), ff.squared_mean_gradient(model, b, **F64)
+    v = ff.gradient_variance(model, b, unbiased=True, **F64)
+    assert_dicts_close(v, {k: (f[k] - s[k]) * 4 / 3 for k in f}, rtol=1e-9, atol=1e-12)
+
+
+def test_mc_draws_do_not_depend_on_row_order_or_chunks():
+    model, b = TinyLM(), tiny_batch(B=3)
+    ids = ["p", "q", "r"]
+    flipped = {k: v.flip(0) for k, v in b.items()}
+    a = ff.mc_fisher(model, b, sample_ids=ids, n_samples=2, seed=5, chunk_size=1, **F64)
+    c = ff.mc_fisher(model, flipped, sample_ids=ids[::-1], n_samples=2, seed=5, **F64)
+    assert_dicts_close(a, c, **TOL)
+
+
+def test_ghost_group_norms_equal_reduced_per_row_gradients(monkeypatch):
+    from fisher_fast.capture_rules import LinearRule
+
+    calls = []
+    original = LinearRule.ghost
+    monkeypatch.setattr(LinearRule, "ghost", lambda *a: calls.append(1) or original(*a))
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Embedding(5, 16), torch.nn.Linear(16, 16),
+                                torch.nn.Tanh(), torch.nn.Linear(16, 5)).double()
+    batch = {"input_ids": torch.randint(0, 5, (3, 2)), "labels": torch.randint(0, 5, (3, 2))}
+    fwd = lambda m, x: ff.masked_lm_loss(lambda **k: m(k["input_ids"]), x)  # noqa: E731
+    got = ff.group_fisher(model, batch, loss_fn=fwd, **F64)
+    pu = ff.per_sample_gradients(model, batch, loss_fn=fwd, **F64)
+    assert calls, "the Gram path was not taken"
+    want = pu.tensors["1.weight"].square().sum(-1).mean(0)  # rows of a Linear weight
+    torch.testing.assert_close(got["1.weight"]["mean"], want, rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_half_models_give_float32_statistics(dtype):
+    model = torch.nn.Sequential(torch.nn.Embedding(5, 4), torch.nn.Linear(4, 5)).to(dtype)
+    batch = {"input_ids": torch.randint(0, 5, (2, 3)), "labels": torch.randint(0, 5, (2, 3))}
+    fwd = lambda m, x: ff.masked_lm_loss(lambda **k: m(k["input_ids"]), x)  # noqa: E731
+    f = ff.empirical_fisher(model, batch, loss_fn=fwd)
+    assert {v.dtype for v in f.values()} == {torch.float32}
+
+
+@pytest.mark.parametrize("axis", [0, 1], ids=["head-rows", "head-columns"])
+def test_gram_path_for_groups_along_one_axis(monkeypatch, axis):
+    from fisher_fast.capture_rules import LinearRule
+
+    calls = []
+    original = LinearRule.ghost
+    monkeypatch.setattr(LinearRule, "ghost", lambda *a: calls.append(a[-1]) or original(*a))
+    torch.manual_seed(1)
+    model = torch.nn.Sequential(torch.nn.Embedding(5, 16), torch.nn.Linear(16, 16),
+                                torch.nn.Tanh(), torch.nn.Linear(16, 5)).double()
+    batch = {"input_ids": torch.randint(0, 5, (3, 2)), "labels": torch.randint(0, 5, (3, 2))}
+    fwd = lambda m, x: ff.masked_lm_loss(lambda **k: m(k["input_ids"]), x)  # noqa: E731
+    heads = (torch.arange(16) // 4).unsqueeze(1 - axis).expand(16, 16)  # 4 heads of 4 units
+    got = ff.group_fisher(model, batch, loss_fn=fwd, groups={"1.weight": (heads, 4)}, **F64)
+    g2 = ff.per_sample_gradients(model, batch, loss_fn=fwd, **F64).tensors["1.weight"].square()
+    want = g2.reshape(3, 4, 4, 16).sum((2, 3)) if axis == 0 else g2.reshape(3, 16, 4, 4).sum((1, 3))
+    assert calls[-1] == ("out" if axis == 0 else "in")  # backward reaches layer 1 last
+    torch.testing.assert_close(got["1.weight"]["mean"], want.mean(0), rtol=1e-12, atol=1e-15)

@@ -1,0 +1,54 @@
+"""Welford/Chan states: any split merges to the two-pass weighted moments."""
+
+import torch
+
+from fisher_fast.moments import Moments
+
+
+def _two_pass(x, w):
+    W = w.sum()
+    mean = (w[:, None] * x).sum(0) / W
+    return W, mean, (w[:, None] * (x - mean) ** 2).sum(0)
+
+
+def test_merge_of_any_split_equals_two_pass():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(9, 3, generator=g, dtype=torch.float64) + 100.0  # large mean: cancellation bait
+    w = torch.rand(9, generator=g, dtype=torch.float64) + 0.5
+    state = Moments.zeros((3,), torch.float64, "cpu")
+    for a, b in [(0, 2), (2, 3), (3, 9)]:
+        state = state.merge(Moments.of(x[a:b], w[a:b]))
+    W, mean, m2 = _two_pass(x, w)
+    torch.testing.assert_close(state.W, W, rtol=1e-12, atol=0)
+    torch.testing.assert_close(state.mean, mean, rtol=1e-12, atol=0)
+    torch.testing.assert_close(state.m2, m2, rtol=1e-10, atol=0)
+
+
+def test_second_moment_and_variance_by_hand():
+    # values 1 and 3 with weights 1 and 3: W = 4, mean = 2.5, E[x^2] = (1 + 27) / 4 = 7
+    s = Moments.of(torch.tensor([[1.0], [3.0]], dtype=torch.float64),
+                   torch.tensor([1.0, 3.0], dtype=torch.float64))
+    assert float(s.second_moment()) == 7.0
+    assert float(s.variance()) == 7.0 - 2.5 ** 2
+
+
+def test_empty_state_merges_as_identity():
+    x = torch.tensor([[2.0, -1.0]], dtype=torch.float64)
+    one = Moments.of(x, torch.ones(1, dtype=torch.float64))
+    merged = Moments.zeros((2,), torch.float64, "cpu").merge(one)
+    assert torch.equal(merged.mean, one.mean) and torch.equal(merged.m2, one.m2)
+
+
+def test_shifted_chunk_sums_equal_two_pass_moments():
+    from fisher_fast.sinks import ShiftedSums
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(7, 2, 3, generator=g, dtype=torch.float64) + 50.0
+    w = torch.rand(7, generator=g, dtype=torch.float64) + 0.1
+    sums = ShiftedSums(x[0])
+    for a, b in [(0, 3), (3, 4), (4, 7)]:
+        sums.add(x[a:b], w[a:b])
+    got = sums.moments()
+    W, mean, m2 = _two_pass(x.reshape(7, -1), w)
+    torch.testing.assert_close(got.mean.reshape(-1), mean, rtol=1e-12, atol=0)
+    torch.testing.assert_close(got.m2.reshape(-1), m2, rtol=1e-9, atol=0)

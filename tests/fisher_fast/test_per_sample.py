@@ -1,0 +1,52 @@
+"""per_sample_gradients: token units, ids, and the rows-do-not-interact guard."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fisher_fast as ff
+from tests.fisher_fast._fast_modules import TinyLM, tiny_batch
+
+
+def test_token_unit_gradient_is_that_tokens_nll_gradient():
+    model, batch = TinyLM(), tiny_batch(B=2)
+    pu = ff.per_sample_gradients(model, batch, unit="token", dtype=torch.float64, chunk_size=4)
+    j = pu.ids.index((1, 2))  # row 1, aligned position 2 predicts labels[1, 3]
+    logits = model(batch["input_ids"][1:2])[0, 2]
+    nll = F.cross_entropy(logits[None], batch["labels"][1, 3][None])
+    want = torch.autograd.grad(nll, [model.lin.weight])[0]
+    torch.testing.assert_close(pu.tensors["lin.weight"][j], want, rtol=1e-9, atol=1e-14)
+
+
+def test_ids_weights_and_empty_rows_are_reported():
+    model, batch = TinyLM(), tiny_batch(B=3, empty_rows=(1,))
+    pu = ff.per_sample_gradients(model, batch, weighting="token", sample_ids=["a", "b", "c"],
+                                 dtype=torch.float64)
+    assert pu.ids == ["a", "c"] and pu.empty_ids == ["b"]
+    assert pu.weights.tolist() == [4.0, 4.0]  # 5 labels, shifted: 4 targets per row
+    assert pu.tensors["lin.weight"].shape == (2, 4, 4)
+
+
+class MixRows(torch.nn.Module):
+    """Subtracts the batch mean: rows interact, so per-row capture is not exact."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(2, 1).double()
+
+    def forward(self, x):
+        h = torch.tanh(self.lin(x))
+        return h - h.mean(0, keepdim=True)
+
+
+def test_check_detects_interacting_rows():
+    x = torch.tensor([[1.0, 2.0], [0.5, -1.0], [2.0, 0.0]], dtype=torch.float64)
+    loss = lambda m, b: (m(b["x"]).squeeze(-1) - 1.0) ** 2  # noqa: E731
+    with pytest.raises(ValueError, match="rows interact"):
+        ff.per_sample_gradients(MixRows(), {"x": x}, loss_fn=loss, dtype=torch.float64, check=True)
+
+
+def test_check_passes_on_independent_rows():
+    pu = ff.per_sample_gradients(TinyLM(tied=True), tiny_batch(B=3), dtype=torch.float64,
+                                 check=True)
+    assert len(pu.ids) == 3

@@ -1,0 +1,29 @@
+"""Units: ids, weights and dropped empty rows (docs/architecture.md)."""
+
+import torch
+
+import fisher_fast as ff
+from fisher_fast.units import plan_units, with_classes, with_draws
+
+BATCH = {"input_ids": torch.zeros(3, 4, dtype=torch.long),
+         "labels": torch.tensor([[1, 1, -100, 1], [-100] * 4, [1, 1, 1, 1]])}
+
+
+def test_sample_units_drop_empty_rows_and_weigh_by_tokens():
+    u = plan_units(None, BATCH, ["a", "b", "c"], ff.causal_lm_loss, "sample", "token")
+    assert u.ids == ["a", "c"] and u.empty_ids == ["b"]
+    assert u.weights.tolist() == [2.0, 3.0]  # causal targets are labels[:, 1:]
+
+
+def test_token_units_are_row_major_with_positions():
+    u = plan_units(None, BATCH, ["a", "b", "c"], ff.causal_lm_loss, "token", "token")
+    assert u.ids == [("a", 0), ("a", 2), ("c", 0), ("c", 1), ("c", 2)]
+    assert u.weights.tolist() == [1.0] * 5
+
+
+def test_expansions_are_unit_major():
+    u = plan_units(None, BATCH, [0, 1, 2], ff.causal_lm_loss, "sample", "sample")
+    d = with_draws(u, 2)
+    assert d.rows.tolist() == [0, 0, 2, 2] and d.draw.tolist() == [0, 1, 0, 1]
+    t = with_classes(plan_units(None, BATCH, [0, 1, 2], ff.causal_lm_loss, "token", "sample"), 3)
+    assert t.cls.tolist()[:6] == [0, 1, 2, 0, 1, 2] and t.pos.tolist()[:6] == [0, 0, 0, 2, 2, 2]
