@@ -51,9 +51,9 @@ trainable parameters only, a tied parameter once):
 
 Optional attributes: ``name`` (shown in reports), ``units`` and ``weightings`` (the values
 of ``unit`` / ``weighting`` the estimators support, default ``("sample",)``), ``dtype``
-(the precision results are compared at: ``torch.float64`` (default) or ``torch.float32``;
-the harness then builds its models in that dtype) and ``architectures`` (HF ``model_type``
-values the adapter supports; the harness draws only those).
+(``torch.float64``, the default, or ``torch.float32``: the harness builds its models in
+that dtype and compares at the matching row of the tolerance table) and ``architectures``
+(HF ``model_type`` values the adapter supports; the harness draws only those).
 """
 
 from __future__ import annotations

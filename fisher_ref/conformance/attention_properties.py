@@ -15,10 +15,6 @@ from fisher_ref.testing.compare import compare_dicts
 
 BLOCKS = ("Q", "K", "V", "O")
 
-
-def config_key(model) -> int:
-    """Case models are cached (one object per config), so the object id names the config."""
-    return id(model)
 IDENTITY_EPS = 1e-300  # "epsilon = 0" without 0/0 where F̂ vanishes; F̂ + 1e-300 == F̂ otherwise
 
 
@@ -34,7 +30,7 @@ def _slices_property(name: str, check, doc: str):
 
         def body(config):
             model = build_case_model(config, ctx.dtype)
-            check(adapter, model, ctx.oracle.attention_layout(model), ctx)
+            check(adapter, model, ctx.oracle.attention_layout(model), ctx, config)
 
         return run_property(name, needs, tiny_configs(ctx.archs), body,
                             lambda c: f"model {c.make_id()}", ctx)
@@ -44,13 +40,13 @@ def _slices_property(name: str, check, doc: str):
     return prop
 
 
-def _check_agreement(adapter, model, layout, ctx):
+def _check_agreement(adapter, model, layout, ctx, config):
     shapes = {n: p.shape for n, p in model.named_parameters()}
     for la in layout.layers:
         for h in range(la.num_heads):
             for b in BLOCKS:
                 got = _mask(adapter, model, la.index, h, b)
-                want = ctx.memo(("mask", config_key(model), la.index, h, b),
+                want = ctx.memo(("mask", config, la.index, h, b),
                                 lambda: _mask(ctx.oracle, model, la.index, h, b))
                 for n in set(got) | set(want):
                     if n not in shapes:
@@ -71,7 +67,7 @@ def _where(mask: torch.Tensor) -> str:
     return f"(rows {rows[0]}..{rows[-1]}, columns {cols[0]}..{cols[-1]})"
 
 
-def _check_partition(adapter, model, layout, ctx):
+def _check_partition(adapter, model, layout, ctx, config):
     shapes = {n: p.shape for n, p in model.named_parameters()}
     for la in layout.layers:
         owner: dict[str, torch.Tensor] = {}  # name -> LongTensor of slice index (-1: none)
@@ -117,7 +113,7 @@ def _check_partition(adapter, model, layout, ctx):
                                      f"{o.numel()} entries of {n!r} in no slice")
 
 
-def _check_semantic(adapter, model, layout, ctx):
+def _check_semantic(adapter, model, layout, ctx, config):
     from fisher_ref.semantic_check import check_masks
 
     report = check_masks(model, lambda l, h, b: _mask(adapter, model, l, h, b), layout)
@@ -179,7 +175,7 @@ def _interference(adapter, model, task_a, task_b, **options):
 def _check_interference_agreement(adapter, model, a, b, ctx, key):
     got = _interference(adapter, model, a[1], b[1])
     want = ctx.memo(("interference",) + key, lambda: _interference(ctx.oracle, model, [a[0]], [b[0]]))
-    rtol, atol = ctx.tolerance()
+    rtol, atol = ctx.tolerance(key[0])
     bad = compare_dicts(got, want, rtol=rtol, atol=atol, what="interference blocks")
     if bad:
         raise AssertionError("interference vs fisher_ref:\n  " + "\n  ".join(m.message for m in bad))
@@ -193,7 +189,7 @@ def _check_identity(adapter, model, a, b, ctx, key):
     _, grads_b = ctx.memo(("grads_b",) + key, lambda: ctx.oracle.per_sample_gradients(
         model, [b[0]], loss_fn=causal_lm_loss))
     layout = ctx.oracle.attention_layout(model)
-    rtol, atol = ctx.tolerance()
+    rtol, atol = ctx.tolerance(key[0])
     for blk in BLOCKS:
         for la in layout.layers:
             for h in range(la.num_heads):

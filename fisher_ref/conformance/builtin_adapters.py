@@ -85,7 +85,7 @@ class ReferenceAdapter:
 
     def conflict_pvalues(self, model, batches_a, batches_b, *, loss_fn, n_permutations, seed):
         result = ref("conflicts")(model, join(batches_a), join(batches_b), loss_fn=loss_fn,
-                                  n_permutations=n_permutations, seed=seed)
+                                  n_permutations=n_permutations, seed=seed, n_bootstrap=10)
         return _pvalues(result)
 
     def fdr_qvalues(self, pvalues, *, method="bh"):

@@ -15,6 +15,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis.errors import HypothesisException
 
+from fisher_ref.testing.strategies import float64_tolerance_kind
 from fisher_ref.testing.tolerances import tolerance
 
 PASS, FAIL, NOT_PROVIDED = "pass", "fail", "not provided"
@@ -78,10 +79,14 @@ class Context:
             self.cache[key] = compute()
         return self.cache[key]
 
-    def tolerance(self) -> tuple[float, float]:
-        """(rtol, atol) for comparing an adapter's float results with the float64 oracle."""
+    def tolerance(self, config=None) -> tuple[float, float]:
+        """(rtol, atol) for comparing an adapter's results on ``config``'s model with the
+        oracle's (or with its own on another split): float64 adapters get the float64 row of
+        that architecture (HF RMS norms compute in float32 even in a float64 model), float32
+        adapters the float32 row."""
         if self.dtype == torch.float64:
-            return tolerance("float64-paths", torch.float64)
+            kind = "float64-paths" if config is None else float64_tolerance_kind(config)
+            return tolerance(kind, torch.float64)
         return tolerance("float32-fisher", torch.float32)
 
     def settings(self, max_examples: int | None = None) -> settings:

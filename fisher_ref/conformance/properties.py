@@ -9,7 +9,6 @@ the caller's sample ids) and splits with Hypothesis, checks one statement of
 
 from __future__ import annotations
 
-import torch
 from hypothesis import strategies as st
 
 from fisher_ref.conformance import attention_properties as attn
@@ -26,8 +25,9 @@ ESTIMATORS = ("empirical_fisher", "squared_mean_gradient")
 LOSS_SCALES = (2.0**-10, -4.0, 8.0)
 
 
-def _check_close(actual: dict, expected: dict, ctx: Context, what: str, scale: float = 1.0):
-    rtol, atol = ctx.tolerance()
+def _check_close(actual: dict, expected: dict, ctx: Context, what: str, config,
+                 scale: float = 1.0):
+    rtol, atol = ctx.tolerance(config)
     bad = compare_dicts(actual, expected, rtol=rtol, atol=atol * scale, what=what)
     if bad:
         lines = "\n  ".join(m.message for m in bad[:6])
@@ -71,7 +71,7 @@ def _agreement(estimator: str):
             got = _estimate(adapter, estimator, model, split_batch(batch, sizes), **opts)
             want = ctx.memo((estimator, config, data, tuple(sorted(opts.items()))),
                             lambda: _estimate(ctx.oracle, estimator, model, [batch], **opts))
-            _check_close(got, want, ctx, f"{estimator} vs fisher_ref")
+            _check_close(got, want, ctx, f"{estimator} vs fisher_ref", config)
 
         return run_property(name, (estimator,), _estimator_cases(ctx, options=True), body,
                             _describe, ctx)
@@ -103,7 +103,7 @@ def _self_consistency(name: str, needs_rows: int, transform, doc: str, allow_emp
                 want = _estimate(adapter, est, model, reference_batches, loss_fn=loss_a)
                 got = _estimate(adapter, est, model, other_batches, loss_fn=loss_b)
                 want = {k: v * scale for k, v in want.items()}
-                _check_close(got, want, ctx, f"{est} ({name})", scale=scale)
+                _check_close(got, want, ctx, f"{est} ({name})", config, scale=scale)
 
         cases = _estimator_cases(ctx, min_rows=needs_rows, allow_empty=allow_empty)
         return run_property(name, have, cases, body,
@@ -180,7 +180,7 @@ def group_fisher_agreement(adapter, ctx: Context) -> PropertyResult:
         got = group_means(adapter.group_fisher(model, split_batch(batch, sizes), loss_fn=causal_lm_loss))
         want = ctx.memo(("group_fisher", config, data), lambda: group_means(
             ctx.oracle.group_fisher(model, [batch], loss_fn=causal_lm_loss)))
-        _check_close(got, want, ctx, "group Fisher means vs fisher_ref")
+        _check_close(got, want, ctx, "group Fisher means vs fisher_ref", config)
 
     return run_property(name, needs, _estimator_cases(ctx), body, _describe, ctx)
 
@@ -199,7 +199,7 @@ def _contributions_property(name: str, check, doc: str):
                                                             loss_fn=causal_lm_loss))
             want = ctx.memo(("contributions", config, data), lambda: per_unit(
                 ctx.oracle.per_sample_contributions(model, [batch], loss_fn=causal_lm_loss)))
-            check(got, want, model, ctx)
+            check(got, want, config, model, ctx)
 
         return run_property(name, needs, _estimator_cases(ctx), body, _describe, ctx)
 
@@ -208,7 +208,7 @@ def _contributions_property(name: str, check, doc: str):
     return prop
 
 
-def _check_ids(got, want, model, ctx):
+def _check_ids(got, want, config, model, ctx):
     ids, _ = got
     if len(set(map(repr, ids))) != len(ids):
         raise AssertionError(f"contribution ids are not unique: {ids}")
@@ -217,7 +217,7 @@ def _check_ids(got, want, model, ctx):
                              f"{want[0]}, got {ids}")
 
 
-def _check_shapes(got, want, model, ctx):
+def _check_shapes(got, want, config, model, ctx):
     ids, tensors = got
     params = {n: tuple(p.shape) for n, p in model.named_parameters() if p.requires_grad}
     if set(tensors) != set(params):
@@ -230,7 +230,7 @@ def _check_shapes(got, want, model, ctx):
                                  f"got {tuple(tensors[n].shape)}")
 
 
-def _check_values(got, want, model, ctx):
+def _check_values(got, want, config, model, ctx):
     (ids, tensors), (ref_ids, ref_tensors) = got, want
     index = {repr(i): k for k, i in enumerate(ids)}
     for k, sid in enumerate(ref_ids):
@@ -239,7 +239,8 @@ def _check_values(got, want, model, ctx):
         j = index[repr(sid)]
         actual = {n: t[j] for n, t in tensors.items() if n in ref_tensors}
         expected = {n: t[k] for n, t in ref_tensors.items()}
-        _check_close(actual, expected, ctx, f"contribution of sample {sid!r} vs fisher_ref g²")
+        _check_close(actual, expected, ctx, f"contribution of sample {sid!r} vs fisher_ref g²",
+                     config)
 
 
 contributions_keyed_by_ids = _contributions_property(

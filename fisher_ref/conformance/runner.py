@@ -27,7 +27,8 @@ PROFILES = {
 
 
 def run_conformance(adapter, *, profile: str = "quick", properties=None, derandomize: bool = True,
-                    oracle=None, progress=None) -> ConformanceReport:
+                    oracle=None, progress=None, shrink_seconds: float | None = None
+                    ) -> ConformanceReport:
     """Check ``adapter`` (see :mod:`fisher_ref.conformance.adapter`) against the properties.
 
     Args:
@@ -37,6 +38,8 @@ def run_conformance(adapter, *, profile: str = "quick", properties=None, derando
         derandomize: deterministic examples (True for CI).
         oracle: the reference adapter (default: ``ReferenceAdapter`` over fisher_ref).
         progress: optional callable receiving each ``PropertyResult`` as it completes.
+        shrink_seconds: the time a failing property may spend shrinking its counterexample
+            (default: the profile's, 5 s quick, 60 s thorough).
 
     Returns:
         ConformanceReport: one verdict per property: pass, fail (with the minimal
@@ -59,7 +62,8 @@ def run_conformance(adapter, *, profile: str = "quick", properties=None, derando
                   dtype=adapter_dtype(adapter),
                   units=tuple(adapter_option(adapter, "units", ("sample",))),
                   weightings=tuple(adapter_option(adapter, "weightings", ("sample",))),
-                  derandomize=derandomize, shrink_seconds=conf["shrink_seconds"])
+                  derandomize=derandomize,
+                  shrink_seconds=conf["shrink_seconds"] if shrink_seconds is None else shrink_seconds)
     start = time.perf_counter()
     results = []
     for name in names:

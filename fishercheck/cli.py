@@ -1,0 +1,121 @@
+"""``fishercheck``: the main job (``run``) and the conformance harness (``conform``).
+
+    fishercheck run --out DIR                         # embedded default model and tasks
+    fishercheck run --model CKPT --task-a A.txt --task-b B.jsonl --out DIR [--check]
+    fishercheck conform --impl fisher_fast [--profile quick|thorough] [--report out.json]
+
+See docs/cli.md and docs/conformance.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fishercheck", description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("run", help="Fisher diagnostics of a model on two tasks (reports and plots)")
+    r.add_argument("--out", required=True, help="output directory (created)")
+    r.add_argument("--model", help="local HF causal-LM checkpoint directory (default: embedded)")
+    r.add_argument("--task-a", help="task A texts: .txt (one per line) or .jsonl")
+    r.add_argument("--task-b", help="task B texts: .txt or .jsonl")
+    r.add_argument("--text-field", default="text", help="field of .jsonl records (default text)")
+    r.add_argument("--max-samples", type=int, default=64, help="rows per task (default 64)")
+    r.add_argument("--max-length", type=int, default=64, help="tokens per row (default 64)")
+    r.add_argument("--pairs", type=int, default=32, help="rows per task for interference and "
+                                                         "conflicts (default 32)")
+    r.add_argument("--permutations", type=int, default=1000, help="conflict permutations")
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--dtype", choices=("float32", "float64"), default="float32",
+                   help="fisher_fast accumulation dtype")
+    r.add_argument("--check", action="store_true",
+                   help="recompute a subset with fisher_ref and report the largest differences")
+    r.add_argument("--check-rows", type=int, default=8, help="rows per task for --check")
+    r.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    c = sub.add_parser("conform", help="check an implementation against the definitions")
+    c.add_argument("--impl", required=True,
+                   help="package.module:object adapter, or fisher_fast / fisher_fast32 / fisher_ref")
+    c.add_argument("--profile", choices=("quick", "thorough"), default="quick")
+    c.add_argument("--report", help="write the report as JSON to this path")
+    c.add_argument("--property", action="append", dest="properties",
+                   help="run only this property (repeatable)")
+    c.add_argument("--explore", action="store_true",
+                   help="random (not derandomized) examples: finds new cases, not for CI gates")
+    return p
+
+
+def _positive(name: str, value: int) -> None:
+    if value < 1:
+        raise ValueError(f"{name}: expected a positive integer, got {value}.")
+
+
+def run_command(args) -> int:
+    from fishercheck import inputs, mainjob, plots, reports
+
+    for name in ("max_samples", "max_length", "pairs", "permutations", "check_rows"):
+        _positive("--" + name.replace("_", "-"), getattr(args, name))
+    if args.model is not None and (args.task_a is None or args.task_b is None):
+        raise ValueError("--model: expected --task-a and --task-b with it, got "
+                         f"task-a={args.task_a!r}, task-b={args.task_b!r}.")
+    start = time.perf_counter()
+    inp = inputs.load_model(args.model)
+    default_a, default_b = inputs.default_tasks()
+    path_a, path_b = args.task_a or default_a, args.task_b or default_b
+    batches = [inputs.make_batch(inp.tokenizer, inputs.read_texts(p, args.text_field, args.max_samples),
+                                 prefix, args.max_length)
+               for p, prefix in ((path_a, "a"), (path_b, "b"))]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results = mainjob.run(inp.model, *batches, n_pairs=args.pairs, n_permutations=args.permutations,
+                          seed=args.seed, check=args.check, check_rows=args.check_rows,
+                          dtype=getattr(torch, args.dtype))
+    results["meta"] = {"model": inp.source, "trained": inp.trained, "task_a": str(path_a),
+                       "task_b": str(path_b), "plots": []}
+    if not args.no_plots:
+        results["meta"]["plots"] = plots.write_plots(results, out)
+    results["timings"]["total_s"] = time.perf_counter() - start
+    reports.write_json(results, out / "report.json")
+    reports.write_markdown(results, out / "report.md")
+    print(f"fishercheck: wrote report.json, report.md and {len(results['meta']['plots'])} plots "
+          f"to {out} in {results['timings']['total_s']:.1f} s")
+    for task, rec in results["tasks"].items():
+        ratios = ", ".join(f"{r['layer']} {r['ratio']:.3g}" for r in rec["per_layer"])
+        print(f"  task {task}: E[g²] / (E[g])² per layer: {ratios}")
+    if "check" in results:
+        print(f"  check against fisher_ref: {results['check']}")
+    return 0
+
+
+def conform_command(args) -> int:
+    from fisher_ref.conformance.runner import run_conformance
+    from fishercheck.adapters import resolve
+
+    adapter = resolve(args.impl)
+    report = run_conformance(adapter, profile=args.profile, properties=args.properties,
+                             derandomize=not args.explore,
+                             progress=lambda r: print(f"  {r.name}: {r.verdict}", file=sys.stderr))
+    print(report.table())
+    if args.report:
+        report.to_json(args.report)
+    return 0 if report.passed else 1
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "run":
+            return run_command(args)
+        return conform_command(args)
+    except ValueError as exc:
+        print(f"fishercheck {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,127 @@
+"""The main job's figures (matplotlib, Agg backend, PNG)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+
+BLOCKS = ("Q", "K", "V", "O")
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def layers_plot(results: dict, path: Path) -> None:
+    """Per layer: E[g²] and (E[g])² summed over the layer's parameters, both tasks, log scale."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), sharey=True)
+    for ax, (task, rec) in zip(axes, results["tasks"].items()):
+        names = [r["layer"] for r in rec["per_layer"]]
+        x = np.arange(len(names))
+        ax.bar(x - 0.2, [r["E_g2"] for r in rec["per_layer"]], 0.4, label="E[g²] (Fisher)")
+        ax.bar(x + 0.2, [r["Eg_2"] for r in rec["per_layer"]], 0.4, label="(E[g])²")
+        for xi, r in zip(x, rec["per_layer"]):
+            ax.text(xi, max(r["E_g2"], r["Eg_2"]), f"×{r['ratio']:.1f}", ha="center",
+                    va="bottom", fontsize=8)
+        ax.set_xticks(x, names, rotation=20)
+        ax.set_yscale("log")
+        ax.set_title(f"task {task}")
+    axes[0].set_ylabel("sum over the layer's parameters")
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _heatmaps(rows: list[tuple[str, np.ndarray]], path: Path, title: str, cmap="viridis",
+              marks=None, symmetric=False) -> None:
+    plt = _plt()
+    fig, axes = plt.subplots(len(rows), 4, figsize=(11, 2.4 * len(rows) + 0.6), squeeze=False)
+    for r, (label, arr) in enumerate(rows):  # arr: [L, H, 4]
+        vmax = float(np.nanmax(np.abs(arr))) if symmetric else None
+        for b, block in enumerate(BLOCKS):
+            ax = axes[r][b]
+            kw = dict(vmin=-vmax, vmax=vmax) if symmetric and vmax else {}
+            im = ax.imshow(arr[:, :, b], cmap=cmap, aspect="auto", **kw)
+            ax.set_title(f"{label}: {block}", fontsize=9)
+            ax.set_xticks(range(arr.shape[1]))
+            ax.set_yticks(range(arr.shape[0]))
+            ax.set_xlabel("head")
+            ax.set_ylabel("layer")
+            fig.colorbar(im, ax=ax, fraction=0.046)
+            if marks is not None:
+                ys, xs = np.nonzero(marks[:, :, b])
+                ax.scatter(xs, ys, marker="*", color="white", edgecolor="black", s=60)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def heads_plot(results: dict, path: Path) -> None:
+    rows = [(f"task {t}", np.array(rec["head_fisher"])) for t, rec in results["tasks"].items()]
+    _heatmaps(rows, path, "Group Fisher R(F) per head and block")
+
+
+def impact_plot(results: dict, path: Path) -> None:
+    """Ranks of the heads' slices under R(F) against R(S)."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(results["tasks"]), figsize=(9, 4))
+    for ax, (task, rec) in zip(np.atleast_1d(axes), results["tasks"].items()):
+        rf = np.array(rec["head_fisher"]).reshape(-1)
+        rs = np.array(rec["head_squared_mean"]).reshape(-1)
+        ax.scatter(np.argsort(np.argsort(-rf)) + 1, np.argsort(np.argsort(-rs)) + 1, s=14)
+        imp = rec["impact"]
+        ax.set_title(f"task {task}: Spearman {imp['spearman']:.2f}, "
+                     f"top-10% Jaccard {imp['topk_jaccard_10']:.2f}", fontsize=9)
+        ax.set_xlabel("rank by R(F) = E[g²]")
+        ax.set_ylabel("rank by R(S) = (E[g])²")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def interference_plot(results: dict, path: Path) -> None:
+    means = results["interference"]["means"]
+    arr = np.stack([np.array(means[b]) for b in BLOCKS], axis=-1)
+    _heatmaps([("mean M", arr)], path, "QK-OV interference of task A on task B (mean over pairs)")
+
+
+def conflicts_plot(results: dict, path: Path, alpha: float = 0.05) -> None:
+    L, H = results["layout"]["layers"], results["layout"]["heads"]
+    cos = np.full((L, H, 4), np.nan)
+    sig = np.zeros((L, H, 4), dtype=bool)
+    for rec in results["conflicts"]:
+        m = re.fullmatch(r"L(\d+)\.H(\d+)\.([QKVO])", rec["group"])
+        if m:
+            idx = (int(m.group(1)), int(m.group(2)), BLOCKS.index(m.group(3)))
+            cos[idx] = rec["mean_cosine"]
+            sig[idx] = rec["q"] < alpha
+    _heatmaps([("mean cosine", cos)], path,
+              f"Between-task gradient cosine per slice (★: BH q < {alpha})", cmap="coolwarm",
+              marks=sig, symmetric=True)
+
+
+PLOTS = {
+    "layers.png": layers_plot,
+    "heads.png": heads_plot,
+    "impact.png": impact_plot,
+    "interference.png": interference_plot,
+    "conflicts.png": conflicts_plot,
+}
+
+
+def write_plots(results: dict, out: Path) -> list[str]:
+    written = []
+    for name, fn in PLOTS.items():
+        fn(results, out / name)
+        written.append(name)
+    return written

@@ -1,0 +1,98 @@
+"""The fishercheck CLI: the main job on the embedded default, and the conformance gate."""
+
+import json
+
+import pytest
+
+from fishercheck.cli import main
+
+EXPECTED_FILES = ("report.json", "report.md", "layers.png", "heads.png", "impact.png",
+                  "interference.png", "conflicts.png")
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("fishercheck-run")
+    code = main(["run", "--out", str(out), "--max-samples", "12", "--pairs", "6",
+                 "--permutations", "99", "--check", "--check-rows", "3"])
+    return code, out
+
+
+def test_run_writes_every_report_file(run_dir):
+    code, out = run_dir
+    assert code == 0
+    for name in EXPECTED_FILES:
+        assert (out / name).stat().st_size > 0, name
+    assert (out / "layers.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_run_report_json_is_consistent(run_dir):
+    _, out = run_dir
+    report = json.loads((out / "report.json").read_text())
+    assert report["meta"]["trained"] is True
+    for task in ("A", "B"):
+        rec = report["tasks"][task]
+        assert rec["n_units"] == 12
+        assert [r["layer"] for r in rec["per_layer"]] == ["embeddings", "layer 0", "layer 1", "final/head"]
+        for r in rec["per_layer"]:  # E[g²] >= (E[g])² elementwise, so also summed
+            assert r["E_g2"] >= r["Eg_2"] > 0 and r["ratio"] == pytest.approx(r["E_g2"] / r["Eg_2"])
+        assert len(rec["head_fisher"]) == 2 and len(rec["head_fisher"][0]) == 4
+    assert all(1 / 100 <= c["p"] <= 1 and c["q"] >= c["p"] for c in report["conflicts"])
+    check = report["check"]  # fisher_fast float32 against the float64 oracle
+    assert check["empirical_fisher"] < 1e-4 and check["interference"] < 1e-4
+
+
+def test_run_report_markdown_names_the_model_and_tasks(run_dir):
+    _, out = run_dir
+    text = (out / "report.md").read_text()
+    assert "trained by fishercheck/data/train_default.py" in text
+    assert "task_a.txt" in text and "task_b.txt" in text
+
+
+def test_run_rejects_model_without_tasks(tmp_path, capsys):
+    assert main(["run", "--out", str(tmp_path), "--model", str(tmp_path)]) == 2
+    assert "expected --task-a and --task-b" in capsys.readouterr().err
+
+
+def test_conform_passes_for_fisher_fast(tmp_path, capsys):
+    report = tmp_path / "conform.json"
+    code = main(["conform", "--impl", "fisher_fast", "--report", str(report),
+                 "--property", "empirical_fisher_agreement", "--property", "qvalues_statsmodels"])
+    assert code == 0, capsys.readouterr().out
+    data = json.loads(report.read_text())
+    assert data["passed"] and [r["verdict"] for r in data["results"]] == ["pass", "pass"]
+
+
+def test_conform_fails_for_a_mutant(capsys):
+    code = main(["conform", "--impl", "tests.conformance.mutants.wrong_bh:Adapter",
+                 "--property", "qvalues_statsmodels"])
+    out = capsys.readouterr().out
+    assert code == 1
+    assert "FAIL" in out and "minimal counterexample: p = [" in out
+
+
+def _checkpoint(tmp_path, with_weights: bool):
+    from fishercheck.inputs import DATA
+
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    names = ["config.json", "char_vocab.json"] + (["model.safetensors"] if with_weights else [])
+    for name in names:
+        (ckpt / name).write_bytes((DATA / name).read_bytes())
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.txt"
+    a.write_text("\n".join(json.dumps({"body": f"{i}+{i}={2 * i}"}) for i in range(5)) + "\n")
+    b.write_text("ab>ba\nabc>cba\n\nkdj>jdk\n")
+    return ckpt, a, b
+
+
+@pytest.mark.parametrize("with_weights", [True, False], ids=["trained", "config-only"])
+def test_run_on_a_local_checkpoint_and_jsonl(tmp_path, with_weights):
+    ckpt, a, b = _checkpoint(tmp_path, with_weights)
+    out = tmp_path / "out"
+    code = main(["run", "--out", str(out), "--model", str(ckpt), "--task-a", str(a),
+                 "--task-b", str(b), "--text-field", "body", "--permutations", "19", "--no-plots"])
+    assert code == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["tasks"]["A"]["n_units"] == 5 and report["tasks"]["B"]["n_units"] == 3
+    assert report["meta"]["trained"] is with_weights
+    assert ("randomly initialised" in (out / "report.md").read_text()) is not with_weights

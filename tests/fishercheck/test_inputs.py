@@ -1,0 +1,56 @@
+"""The main job's inputs: character tokenizer, task files, batches, bad input."""
+
+import pytest
+
+from fishercheck.inputs import CharTokenizer, load_model, make_batch, read_texts
+
+
+def test_make_batch_pads_right_and_masks_labels():
+    tok = CharTokenizer(["<pad>", "\n", "a", "b"])
+    batch = make_batch(tok, ["ab", "a"], "t", max_length=10)
+    assert batch["input_ids"].tolist() == [[1, 2, 3, 1], [1, 2, 1, 0]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1, 1], [1, 1, 1, 0]]
+    assert batch["labels"].tolist() == [[1, 2, 3, 1], [1, 2, 1, -100]]
+    assert batch["sample_ids"] == ["t_0", "t_1"]
+
+
+def test_read_texts_skips_blank_lines_and_reads_jsonl_fields(tmp_path):
+    (tmp_path / "a.txt").write_text("x\n\ny\nz\n")
+    (tmp_path / "b.jsonl").write_text('{"t": "p"}\n{"t": "q"}\n')
+    assert read_texts(tmp_path / "a.txt", limit=2) == ["x", "y"]
+    assert read_texts(tmp_path / "b.jsonl", text_field="t") == ["p", "q"]
+
+
+def test_embedded_default_is_a_trained_gpt2():
+    inp = load_model(None)
+    assert inp.trained and inp.model.config.model_type == "gpt2"
+    assert sum(p.numel() for p in inp.model.parameters()) < 100_000
+    assert not inp.model.training and isinstance(inp.tokenizer, CharTokenizer)
+
+
+def _jsonl_without_field(tmp_path):
+    (tmp_path / "c.jsonl").write_text('{"body": "x"}\n')
+    return read_texts(tmp_path / "c.jsonl")
+
+
+def _empty_file(tmp_path):
+    (tmp_path / "e.txt").write_text("\n\n")
+    return read_texts(tmp_path / "e.txt")
+
+
+BAD_INPUT = [
+    pytest.param(lambda tmp: read_texts(tmp / "missing.txt"), "expected an existing .txt or .jsonl",
+                 id="missing-file"),
+    pytest.param(_jsonl_without_field, "expected a field 'text'", id="jsonl-field"),
+    pytest.param(_empty_file, "expected at least one text", id="empty-file"),
+    pytest.param(lambda tmp: CharTokenizer(["<pad>", "\n", "a"]).encode("ab"),
+                 r"expected characters from the model's vocabulary, got \['b'\]", id="unknown-char"),
+    pytest.param(lambda tmp: load_model(str(tmp / "nope")), "expected a local checkpoint directory",
+                 id="no-checkpoint"),
+]
+
+
+@pytest.mark.parametrize("call, message", BAD_INPUT)
+def test_bad_input_raises_value_error(tmp_path, call, message):
+    with pytest.raises(ValueError, match=message):
+        call(tmp_path)
