@@ -31,6 +31,24 @@ def resolve_loss(loss_fn, *, unit: str, weighting: str, needs_protocol: str | No
     return loss
 
 
+# Keys that carry one entry per token of ``input_ids`` (labels only when they are per token).
+_PER_TOKEN_KEYS = ("attention_mask", "token_type_ids", "position_ids", "labels")
+
+
+def _check_token_axes(tensors: dict) -> None:
+    """Per-token keys must have the shape of ``input_ids``."""
+    ids = tensors.get("input_ids")
+    if ids is None:
+        return
+    for k in _PER_TOKEN_KEYS:
+        v = tensors.get(k)
+        if v is None or (k == "labels" and v.dim() < 2):
+            continue
+        if v.shape != ids.shape:
+            raise ValueError(f"batch[{k!r}]: expected the shape of input_ids {tuple(ids.shape)}, "
+                             f"got {tuple(v.shape)}.")
+
+
 def split_batch(batch, sample_ids=None, *, id_offset: int = 0):
     """``(tensors, ids)``: the model's tensors and one sample id per row.
 
@@ -54,6 +72,7 @@ def split_batch(batch, sample_ids=None, *, id_offset: int = 0):
         raise ValueError(f"batch: expected the same leading batch size for every tensor, got {sizes}.")
     if B == 0:
         raise ValueError("batch: expected at least one row, got 0.")
+    _check_token_axes(tensors)
     if "sample_ids" in batch and sample_ids is not None:
         raise ValueError("sample_ids: expected them in the batch or as the argument, got both.")
     ids = batch.get("sample_ids", sample_ids)

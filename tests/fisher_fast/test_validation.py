@@ -23,6 +23,18 @@ def _half_ragged():
     return b
 
 
+def _short_labels():
+    b = dict(BATCH)
+    b["labels"] = b["labels"][:, :-1]
+    return b
+
+
+def _short_mask():
+    b = dict(BATCH)
+    b["attention_mask"] = b["attention_mask"][:, :-1]
+    return b
+
+
 CASES = [
     pytest.param(ff.empirical_fisher, dict(batch=BATCH, unit="word"), "unit: expected one of", id="unit"),
     pytest.param(ff.empirical_fisher, dict(batch=BATCH, weighting="x"), "weighting: expected", id="weighting"),
@@ -30,6 +42,9 @@ CASES = [
     pytest.param(ff.empirical_fisher, dict(batch=BATCH, chunk_size=0), "chunk_size: expected a positive int", id="chunk0"),
     pytest.param(ff.empirical_fisher, dict(batch=[1, 2]), "batch: expected a dict", id="not-dict"),
     pytest.param(ff.empirical_fisher, dict(batch=_half_ragged()), "same leading batch size", id="ragged"),
+    pytest.param(ff.empirical_fisher, dict(batch=_short_labels()), "batch['labels']: expected the shape of input_ids", id="labels-shape"),
+    pytest.param(ff.empirical_fisher, dict(batch=_short_mask()), "batch['attention_mask']: expected the shape of input_ids", id="mask-shape"),
+    pytest.param(_acc_update, dict(batch=_short_labels()), "expected the shape of input_ids", id="acc-labels-shape"),
     pytest.param(ff.empirical_fisher, dict(batch=BATCH, sample_ids=[1]), "expected 2 ids", id="n-ids"),
     pytest.param(ff.empirical_fisher, dict(batch=BATCH, sample_ids=["a", "a"]), "unique ids, got 'a' twice", id="dup-ids"),
     pytest.param(ff.empirical_fisher, dict(batch={**BATCH, "sample_ids": [0, 1]}, sample_ids=[0, 1]), "got both", id="ids-twice"),
