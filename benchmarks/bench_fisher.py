@@ -7,7 +7,8 @@ Measures, side by side in one run on one device, for one GPT-2-shaped model and 
 - ``fisher_fast.group_fisher``: per-output-unit (``--groups generic``) or per-head
   (``--groups heads``) group Fisher, with Gram products where cheaper;
 - ``loop``: the micro-batch-of-one loop (forward+backward per sample, square, add);
-- ``vmap``: ``torch.func.vmap(grad)`` of ``functional_call`` over samples (chunked).
+- ``vmap``: ``torch.func.vmap(grad)`` of ``functional_call`` over samples (chunked);
+- ``mc`` (only with ``--methods``): ``fisher_fast.mc_fisher`` with ``--mc-samples`` draws.
 
 Reports samples/s, peak memory and ratios to ``fwd+bwd``. On CUDA, peak memory is
 ``torch.cuda.max_memory_allocated``. On CPU each method runs once in its own subprocess for
@@ -76,6 +77,10 @@ def run_groups(model, batch, args):
     ff.group_fisher(model, batch, chunk_size=args.chunk, groups=args.groups)
 
 
+def run_mc(model, batch, args):
+    ff.mc_fisher(model, batch, chunk_size=args.chunk, n_samples=args.mc_samples)
+
+
 def run_loop(model, batch, args):
     params = [p for p in model.parameters() if p.requires_grad]
     acc = [torch.zeros_like(p) for p in params]
@@ -107,7 +112,7 @@ def run_vmap(model, batch, args):
 
 
 RUNNERS = {"fwd+bwd": run_fwd_bwd, "fisher": run_fisher, "groups": run_groups,
-           "loop": run_loop, "vmap": run_vmap}
+           "loop": run_loop, "vmap": run_vmap, "mc": run_mc}  # mc: only when asked for
 
 
 def _rss_bytes() -> int:
@@ -172,11 +177,14 @@ def main(argv=None):
                    help="samples per vmap call (default: 8 on CUDA, the whole batch on CPU)")
     p.add_argument("--groups", default="generic", choices=("generic", "heads"),
                    help="groups of the group_fisher row (heads: attention heads, generic else)")
+    p.add_argument("--mc-samples", type=int, default=4, help="label draws of the mc row")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--only", default=None, help=argparse.SUPPRESS)
     p.add_argument("--json", action="store_true", help="print JSON lines only")
+    p.add_argument("--json-out", default=None,
+                   help="also write {environment, arguments, results, ratios} to this file")
     args = p.parse_args(argv)
     defaults = GPU_DEFAULT if args.device.startswith("cuda") else CPU_DEFAULT
     for k, v in defaults.items():
@@ -212,7 +220,48 @@ def main(argv=None):
             print(json.dumps(r))
         return results
     report(args, results)
+    if args.json_out:
+        write_json(args, results, args.json_out)
     return results
+
+
+def environment(args) -> dict:
+    import datetime
+    import platform
+
+    env = {"date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+           "torch": torch.__version__, "python": platform.python_version(),
+           "threads": torch.get_num_threads(), "device": args.device,
+           "tf32_matmul": torch.backends.cuda.matmul.allow_tf32,
+           "NVIDIA_TF32_OVERRIDE": os.environ.get("NVIDIA_TF32_OVERRIDE")}
+    try:
+        import transformers
+        env["transformers"] = transformers.__version__
+    except ImportError:
+        pass
+    if args.device.startswith("cuda"):
+        env.update(card=torch.cuda.get_device_name(), cuda=torch.version.cuda,
+                   memory_bytes=torch.cuda.get_device_properties(0).total_memory)
+    else:
+        env["cpu"] = platform.processor() or platform.machine()
+    return env
+
+
+def write_json(args, results, path) -> None:
+    base = next((r for r in results if r["method"] == "fwd+bwd" and "error" not in r), None)
+    ratios = {}
+    for r in results:
+        if base and "error" not in r:
+            ratios[r["method"]] = {
+                "time_over_fwd_bwd": r["seconds"] / base["seconds"],
+                "memory_over_fwd_bwd": (r["peak_bytes"] / base["peak_bytes"]
+                                        if base["peak_bytes"] else None)}
+    keep = ("layers", "d_model", "heads", "vocab", "batch", "seq_len", "tied", "dtype", "chunk",
+            "vmap_chunk", "groups", "mc_samples", "repeats", "methods")
+    with open(path, "w") as f:
+        json.dump({"environment": environment(args),
+                   "arguments": {k: getattr(args, k) for k in keep},
+                   "results": results, "ratios": ratios}, f, indent=1)
 
 
 def report(args, results):

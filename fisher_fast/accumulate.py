@@ -16,7 +16,7 @@ from .engine import model_device, run_chunks
 from .micro_batches import MicroBatchState
 from .sinks import MomentSink, PerUnitSink
 from .task_state import TaskState
-from .units import plan_units
+from .units import plan_units, unshared
 
 
 @dataclass
@@ -38,6 +38,7 @@ def _finite(states) -> bool:
 
 
 def _first_bad_gradient(model, plan, loss, tensors, part, cfg, uniforms) -> str:
+    part = unshared(part)  # one forward row per label draw: every gradient kept
     sink = PerUnitSink(plan.params, len(part), cfg.dtype, model_device(model))
     for _ in run_chunks(model, plan, loss, tensors, part, dtype=cfg.dtype, chunk_size=len(part),
                         memory_budget=cfg.memory_budget, uniforms=uniforms,

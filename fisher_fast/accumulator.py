@@ -15,8 +15,12 @@ from .accumulate import Config, accumulate_batch
 from .capture_plan import build_plan
 from .engine import check_dtype, model_device
 from .group_specs import resolve_groups
+from .label_draws import row_uniforms
 from .task_state import TaskState
-from .validation import check_positive_int, resolve_loss, split_batch
+from .units import aligned_targets, with_shared_draws
+from .validation import check_choice, check_positive_int, resolve_loss, split_batch
+
+LABELS = ("true", "mc")
 
 
 class FisherAccumulator:
@@ -46,13 +50,33 @@ class FisherAccumulator:
         elements: keep per-element moments (set False to keep only group statistics, which
             lets Linear/Conv1D weights use Gram products instead of per-row gradients).
         allow_tf32: allow TF32 CUDA matmuls (off by default).
+        labels: ``"true"`` (default: the batch's labels) or ``"mc"``: every unit's labels
+            drawn ``n_samples`` times from the model's own predictive distribution, seeded
+            per sample id exactly as ``mc_fisher`` (docs/architecture.md), so that
+            ``empirical_fisher(task)`` is the MC Fisher
+            :math:`\\frac{1}{n}\\sum_k \\frac{1}{W}\\sum_u w_u (\\nabla\\ell_u(\\tilde y^{(k)}))^2`
+            of all the units seen, for any split into updates and any chunk size.
+            Only ``empirical_fisher`` and ``group_fisher`` are offered then (the other
+            estimators are defined for the true labels), and no ``micro_batch_sizes``.
+        n_samples, seed: label draws per unit and their seed (``labels="mc"`` only).
     """
 
     def __init__(self, model, loss_fn=None, *, device=None, dtype=torch.float32, unit="sample",
                  weighting="sample", chunk_size=None, memory_budget=None, groups=None,
-                 layout=None, micro_batch_sizes=(), elements=True, allow_tf32=False):
+                 layout=None, micro_batch_sizes=(), elements=True, allow_tf32=False,
+                 labels="true", n_samples=1, seed=0):
         self.model = model
-        self.loss = resolve_loss(loss_fn, unit=unit, weighting=weighting)
+        check_choice("labels", labels, LABELS)
+        self.labels = labels
+        self.loss = resolve_loss(loss_fn, unit=unit, weighting=weighting,
+                                 needs_protocol="labels='mc'" if labels == "mc" else None)
+        check_positive_int("n_samples", n_samples)
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ValueError(f"seed: expected an int, got {seed!r}.")
+        if labels == "mc" and micro_batch_sizes:
+            raise ValueError(f"labels='mc': expected no micro_batch_sizes, got "
+                             f"{tuple(micro_batch_sizes)}.")
+        self.n_samples, self.seed = n_samples, seed
         self.dtype = check_dtype(dtype)
         self.device = torch.device(device) if device is not None else model_device(model)
         if chunk_size is not None:
@@ -80,13 +104,24 @@ class FisherAccumulator:
             raise ValueError(f"task: expected a str, got {type(task).__name__}.")
         prior = self._tasks.get(task, TaskState())
         tensors, ids = split_batch(batch, sample_ids, id_offset=prior.n_rows)
+        extra = {}
+        if self.labels == "mc":
+            T = aligned_targets(self.loss, self.model, tensors).shape[1]
+            extra = dict(uniforms=row_uniforms(self.seed, ids, T, self.n_samples),
+                         expand=lambda units: with_shared_draws(units, self.n_samples))
         delta = accumulate_batch(self.model, self.plan, self.loss, tensors, ids, self.config,
-                                 prior, allow_empty=True).to(self.device)
+                                 prior, allow_empty=True, **extra).to(self.device)
         self._tasks[task] = prior.merged(delta)  # commit: nothing above changed any state
         return delta.n_units
 
     def tasks(self) -> list[str]:
         return list(self._tasks)
+
+    def _true_labels(self, what: str) -> None:
+        if self.labels != "true":
+            raise ValueError(f"{what}: expected an accumulator with labels='true', got "
+                             f"labels={self.labels!r} (only empirical_fisher and group_fisher "
+                             "are defined for drawn labels).")
 
     def _state(self, task) -> TaskState:
         if task not in self._tasks:
@@ -100,23 +135,28 @@ class FisherAccumulator:
     # estimators --------------------------------------------------------------------------
     def mean_gradient(self, task="default"):
         """ḡ = Σ w_u g_u / W."""
+        self._true_labels("mean_gradient")
         return estimates.mean_gradient(self._state(task))
 
     def empirical_fisher(self, task="default"):
-        """F = Σ w_u g_u² / W (E[g²])."""
+        """F = Σ w_u g_u² / W (E[g²]); with ``labels="mc"``, the MC Fisher (mean over the
+        draws)."""
         return estimates.empirical_fisher(self._state(task))
 
     def squared_mean_gradient(self, task="default"):
         """S = ḡ² ((E[g])²)."""
+        self._true_labels("squared_mean_gradient")
         return estimates.squared_mean_gradient(self._state(task))
 
     def gradient_variance(self, task="default", unbiased=False):
         """V = F − S (population, weighted); ``unbiased`` multiplies by W²/(W² − Σw²)."""
+        self._true_labels("gradient_variance")
         return estimates.gradient_variance(self._state(task), unbiased)
 
     def batch_squared_gradient(self, micro_batch_size, task="default"):
         """Σ_m W_m ḡ_m² / W over micro-batches of ``micro_batch_size`` consecutive units
         (a size given in ``micro_batch_sizes``)."""
+        self._true_labels("batch_squared_gradient")
         return estimates.batch_squared_gradient(self._state(task), micro_batch_size)
 
     def group_fisher(self, task="default"):
@@ -148,7 +188,9 @@ class FisherAccumulator:
 
     def config_summary(self) -> dict:
         c = self.config
-        return {"dtype": str(c.dtype).replace("torch.", ""), "unit": c.unit,
+        mc = {"labels": "mc", "n_samples": self.n_samples, "seed": self.seed} \
+            if self.labels == "mc" else {}
+        return {**mc, "dtype": str(c.dtype).replace("torch.", ""), "unit": c.unit,
                 "weighting": c.weighting, "elements": c.elements,
                 "groups": sorted(c.groups), "micro_batch_sizes": list(c.micro_batch_sizes),
                 "params": list(self.plan.params)}

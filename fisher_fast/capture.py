@@ -109,6 +109,11 @@ class Capture:
     def _on_grad(self, entry, rule, saved, dy):
         module = entry.module
         attrs = tuple(entry.names)
+        if self._sparse(entry, rule):
+            rows, tokens, values = rule.pairs(module, saved, dy, self.dtype)
+            self.sink.add_pairs(entry.names["weight"], rows, tokens, values,
+                                tuple(module.weight.shape))
+            return None
         ghost = self._ghost_plan(entry, rule, saved, dy)  # (axis, unit -> group) or None
         full_attrs = tuple(a for a in attrs if not (ghost and a == "weight"))
         was = self.paused
@@ -120,7 +125,7 @@ class Capture:
                     norms = rule.ghost(module, saved, dy, sl, self.dtype, axis)
                     f = torch.zeros((norms.shape[0], n_groups), dtype=norms.dtype,
                                     device=norms.device)
-                    f.index_add_(1, groups.to(norms.device), norms)
+                    f.index_add_(1, groups, norms)
                     self.sink.add_groups(entry.names["weight"], f, sl.start)
                 if full_attrs:
                     grads = rule.grads(module, saved, dy, sl, self.dtype, full_attrs)
@@ -129,6 +134,15 @@ class Capture:
         finally:
             self.paused = was
         return None
+
+    def _sparse(self, entry, rule) -> bool:
+        """Embedding statistics from (row, token) pairs when the weight has this one use (a
+        tied use, e.g. an lm_head, makes its per-row gradient dense anyway) and the sink
+        takes pairs for it."""
+        name = entry.names.get("weight")
+        takes = getattr(self.sink, "takes_pairs", None)
+        return (name is not None and hasattr(rule, "pairs") and self.uses.get(name, 0) == 1
+                and takes is not None and takes(name))
 
     def _ghost_plan(self, entry, rule, saved, dy):
         """Gram products for the weight when the sink needs only its group values, the
@@ -140,7 +154,14 @@ class Capture:
         full, spec = self.sink.wants(name)
         if full or spec is None:
             return None
-        mapped = axis_map(spec, tuple(entry.module.weight.shape), rule.out_axis)
+        device = entry.module.weight.device
+        hit = self.plan.ghost_maps.get((name, id(spec)))
+        if hit is None or hit[0] is not spec or hit[2] != device:  # once per plan and spec
+            mapped = axis_map(spec, tuple(entry.module.weight.shape), rule.out_axis)
+            if mapped is not None:
+                mapped = (mapped[0], mapped[1].to(device))
+            hit = self.plan.ghost_maps[(name, id(spec))] = (spec, mapped, device)
+        mapped = hit[1]
         if mapped is None:
             return None
         materialise, gram = rule.ghost_cost(entry.module, saved, dy)
@@ -156,14 +177,15 @@ class Capture:
                                                    device=g.device)
         buf[sl] += g
 
-    def backward(self, losses: torch.Tensor) -> None:
+    def backward(self, losses: torch.Tensor, retain_graph: bool = False) -> None:
         """Back-propagate ``losses.sum()`` to the roots, then flush tied parameters and give
-        zero gradients to parameters the loss does not reach."""
+        zero gradients to parameters the loss does not reach. ``retain_graph`` keeps the
+        forward's graph for another backward (the next label draw)."""
         roots = [r for r in self.roots if r.requires_grad] or None
         if roots is None:
             raise ValueError("per-sample capture: expected the loss to depend on a hooked "
                              "module's output, got no trainable module in the graph.")
-        torch.autograd.grad(losses.sum(), roots, allow_unused=True)
+        torch.autograd.grad(losses.sum(), roots, allow_unused=True, retain_graph=retain_graph)
         for name, buf in self.buffers.items():
             self.sink.add(name, buf, 0)
         self.buffers.clear()

@@ -31,6 +31,8 @@ class Plan:
     entries: list[Entry]
     params: dict[str, torch.nn.Parameter]  # trainable, named_parameters() order, tied once
     fallbacks: set = field(default_factory=set)  # module names switched to functorch at run time
+    # (name, id(spec)) -> (spec, Gram-path axis map, its device), filled on first use
+    ghost_maps: dict = field(default_factory=dict)
 
     def describe(self) -> dict[str, list[str]]:
         """``{parameter name: ["module_name:path", ...]}`` (several entries for tied parameters)."""

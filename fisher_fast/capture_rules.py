@@ -118,6 +118,28 @@ class EmbeddingRule:
         g.index_add_(0, flat, ds.reshape(-1, d))
         return {"weight": g.reshape(s, V, d)}
 
+    def pairs(self, module, ids, dy, dtype):
+        r"""Per-row gradients of the embedding rows each row touches, without the dense
+        ``[n, V, d]`` tensor: one entry per distinct (row n, token v) pair,
+
+        .. math:: g_n(E)[v] = \sum_{t:\ \mathrm{id}_{nt} = v} \delta_{nt}
+
+        (every other row of g_n(E) is 0). Returns ``(rows [P], tokens [P], values [P, d])``
+        with P ≤ n T, so memory is O(n T d). ``padding_idx`` pairs carry 0, as in torch.
+        ``torch.unique`` sizes its output from the data: one host sync per call.
+        """
+        n, d, V = dy.shape[0], dy.shape[-1], module.num_embeddings
+        idx = ids.reshape(n, -1)
+        ds = dy.reshape(n, -1, d).to(dtype)
+        if module.padding_idx is not None:
+            ds = ds * (idx != module.padding_idx).unsqueeze(-1).to(dtype)
+        key = (torch.arange(n, device=idx.device)[:, None] * V + idx).reshape(-1)
+        uniq, inv = torch.unique(key, return_inverse=True)
+        vals = torch.zeros((uniq.numel(), d), dtype=dtype, device=dy.device)
+        vals.index_add_(0, inv.to(dy.device), ds.reshape(-1, d))
+        uniq = uniq.to(dy.device)
+        return uniq // V, uniq % V, vals
+
 
 class LayerNormRule:
     """``LayerNorm``: weight and bias gradients from the normalised input x̂ (recomputed per

@@ -12,8 +12,9 @@ import contextlib
 import torch
 
 from .capture import Capture
-from .chunking import default_budget, rows_per_chunk, slice_bytes
+from .chunking import default_budget, rows_per_chunk, rows_per_pass, slice_bytes
 from .unit_losses import chunk_losses, chunk_rows
+from .units import draw_layout
 
 
 def model_device(model) -> torch.device:
@@ -42,14 +43,20 @@ def tf32(allow: bool):
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
 
 
-def _check_losses(losses: torch.Tensor, units, n: int) -> None:
-    if losses.dim() != 1 or losses.shape[0] != n:
-        raise ValueError(f"loss_fn: expected one loss per row, shape ({n},), got "
+def _check_shape(losses: torch.Tensor, units, n: int) -> None:
+    shape = (n, units.n_draws) if units.n_draws else (n,)
+    if tuple(losses.shape) != shape:
+        raise ValueError(f"loss_fn: expected one loss per row, shape {shape}, got "
                          f"{tuple(losses.shape)}.")
-    bad = ~torch.isfinite(losses.detach())
+
+
+def _check_finite(losses: torch.Tensor, bad: torch.Tensor, units, n: int) -> None:
+    """Raise on a non-finite loss. Called after the backward, so that reading the flag (a
+    host sync) does not stall the device between the forward and the backward; a failed
+    chunk's statistics are discarded anyway."""
     if bool(bad.any()):
-        j = int(torch.nonzero(bad)[0])
-        value = float(losses[j].detach())
+        j = int(torch.nonzero(bad)[0][0])
+        value = float(losses.detach().reshape(n, -1)[j].min())
         raise ValueError(f"non-finite loss: expected finite losses, got {value} for unit "
                          f"{units.ids[j]!r}.")
 
@@ -57,23 +64,42 @@ def _check_losses(losses: torch.Tensor, units, n: int) -> None:
 def run_chunks(model, plan, loss, tensors, units, *, dtype, chunk_size=None, memory_budget=None,
                uniforms=None, new_sink, allow_tf32=False):
     """For each chunk of ``units``: ``sink = new_sink(start, n)``, forward, backward into the
-    sink, then ``yield (start, chunk_units, sink)``."""
+    sink, then ``yield (start, chunk_units, sink)``.
+
+    Label draws (mc_fisher, ``units.total_draws = K``) are laid out on forward rows once the
+    chunk size is known (``units.draw_layout``); a row carrying q draws has its chunk's
+    forward run once and the graph kept for q backward passes, one per draw, each
+    delivering the rows' gradients under that draw to the same sink.
+    """
     device = model_device(model)
     budget = default_budget(device) if memory_budget is None else int(memory_budget)
     U = len(units)
     if chunk_size is None:
-        chunk_size = rows_per_chunk(model, tensors, budget, U)
+        chunk_size = rows_per_chunk(model, tensors, budget, U * max(units.total_draws, 1))
     elif isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size: expected a positive int, got {chunk_size!r}.")
+    if units.total_draws and units.draw is None:
+        units = draw_layout(units, chunk_size, rows_per_pass(model, tensors))
+        U = len(units)
     with tf32(allow_tf32):
         for start in range(0, U, chunk_size):
             part = units.take(start, min(start + chunk_size, U))
             n = len(part)
             sink = new_sink(start, n)
             sub = chunk_rows(tensors, part.rows, device)
+            # host-to-device copy of the weights before the forward is queued: a pageable
+            # copy waits for the stream, and would otherwise wait for the forward
+            unit_weights = part.draw_weights().to(device=device, dtype=dtype)
             with Capture(plan, n, dtype, sink, slice_bytes(budget)) as cap:
                 losses, weights = chunk_losses(model, loss, sub, part, uniforms)
-                _check_losses(losses, part, n)
-                sink.begin(weights.to(device=device, dtype=dtype))
-                cap.backward(losses)
+                _check_shape(losses, part, n)
+                bad = ~torch.isfinite(losses.detach())
+                weights = unit_weights if weights is part.weights else \
+                    weights.to(device=device, dtype=dtype)  # exact_fisher: w p_c
+                columns = losses.unbind(1) if part.n_draws else (losses,)
+                w_columns = weights.unbind(1) if part.n_draws else (weights,)
+                for k, (column, w) in enumerate(zip(columns, w_columns)):
+                    sink.begin(w)
+                    cap.backward(column, retain_graph=k + 1 < len(columns))
+                _check_finite(losses, bad, part, n)
             yield start, part, sink

@@ -26,7 +26,7 @@ from .engine import check_dtype
 from .group_specs import resolve_groups
 from .label_draws import row_uniforms
 from .task_state import TaskState
-from .units import aligned_targets, with_classes, with_draws
+from .units import aligned_targets, with_classes, with_shared_draws
 from .unit_losses import chunk_rows
 from .validation import check_positive_int, resolve_loss, split_batch
 
@@ -122,7 +122,7 @@ def mc_fisher(model, batch, *, loss_fn=None, unit="sample", weighting="sample",
     for k in ("n_samples", "seed", "uniforms"):
         kw.pop(k)
     state = _run(**kw, needs="mc_fisher", uniforms=uniforms,
-                 expand=lambda *_: (lambda units: with_draws(units, n_samples)))
+                 expand=lambda *_: (lambda units: with_shared_draws(units, n_samples)))
     return estimates.empirical_fisher(state)
 
 

@@ -95,6 +95,20 @@ def reduce_squares(spec: GroupSpec, g: torch.Tensor) -> torch.Tensor:
     return out.index_add_(1, ids, sq.reshape(s, -1))
 
 
+def reduce_squares_pairs(spec: GroupSpec, rows: torch.Tensor, cols: torch.Tensor,
+                         values: torch.Tensor, n: int, shape) -> torch.Tensor:
+    """f = R(g²) per row, ``[n, n_groups]``, of per-row tensors ``[n, *shape]`` given as
+    distinct (row, index along axis 0) pairs with ``values [P, *shape[1:]]`` (zero
+    elsewhere; see ``Moments.of_pairs``)."""
+    sq = values.square().reshape(values.shape[0], -1)
+    G = spec.n_groups
+    out = torch.zeros(n * G, dtype=values.dtype, device=values.device)
+    if spec.kind == "rows":
+        return out.index_add_(0, rows * shape[0] + cols, sq.sum(-1)).view(n, G)
+    ids = group_ids_tensor(spec, shape).to(values.device).reshape(shape[0], -1)[cols]
+    return out.index_add_(0, (rows[:, None] * G + ids).reshape(-1), sq.reshape(-1)).view(n, G)
+
+
 GROUPINGS = ("generic", "heads")
 
 

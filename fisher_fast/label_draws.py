@@ -35,3 +35,12 @@ def draw_labels(logits: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     cdf = torch.softmax(logits.detach().to("cpu", torch.float64), dim=-1).cumsum(dim=-1)
     c = torch.searchsorted(cdf, u.to(torch.float64).unsqueeze(-1), right=True).squeeze(-1)
     return c.clamp(max=logits.shape[-1] - 1)
+
+
+def draw_label_sets(logits: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Several draws per position at once: ``logits [..., C]``, ``u [..., K]`` -> LongTensor
+    ``[..., K]`` (on CPU); element for element the same draws as ``draw_labels`` (one
+    softmax and cumsum per position, shared by its K draws)."""
+    cdf = torch.softmax(logits.detach().to("cpu", torch.float64), dim=-1).cumsum(dim=-1)
+    c = torch.searchsorted(cdf, u.to(torch.float64).contiguous(), right=True)
+    return c.clamp(max=logits.shape[-1] - 1)

@@ -42,6 +42,38 @@ class Moments:
         dev.square_()
         return Moments(W, mean, torch.tensordot(w, dev, dims=1))
 
+    @staticmethod
+    def of_pairs(w: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, values: torch.Tensor,
+                 shape) -> "Moments":
+        r"""Two-pass moments of s per-unit tensors ``[s, *shape]`` that are zero except along
+        axis 0 at the pairs (unit ``rows[p]``, index ``cols[p]``) with ``values[p]``
+        (distinct pairs; the sparse per-row gradients of an embedding):
+
+        .. math::
+
+            \bar x_v = \frac{1}{W}\sum_{p:\ c_p = v} w_{r_p} x_p, \qquad
+            M_{2,v} = \sum_{p:\ c_p = v} w_{r_p} (x_p - \bar x_v)^2
+                      + \Big(\sum_{u \text{ not at } v} w_u\Big)\, \bar x_v^2
+
+        Every term is non-negative (the units that miss v contribute (0 − x̄)² each), so
+        nothing cancels; cost O(P · row size + s · shape[0]).
+        """
+        s, V = w.shape[0], shape[0]
+        W = w.sum()
+        tiny = torch.finfo(W.dtype).tiny
+        wp = w[rows].reshape(-1, *([1] * (values.dim() - 1)))
+        mean = torch.zeros(shape, dtype=values.dtype, device=values.device)
+        mean.index_add_(0, cols, values * wp)
+        mean /= W.clamp(min=tiny)
+        dev = values - mean[cols]
+        dev.square_()
+        m2 = torch.zeros_like(mean).index_add_(0, cols, dev.mul_(wp))
+        missing = torch.ones(s * V, dtype=w.dtype, device=w.device)
+        missing.index_fill_(0, rows * V + cols, 0)
+        w_missing = w @ missing.view(s, V)  # [V]: weight of the units that do not touch v
+        m2 += w_missing.reshape(-1, *([1] * (values.dim() - 1))) * mean.square()
+        return Moments(W, mean, m2)
+
     def merge(self, other: "Moments") -> "Moments":
         W = self.W + other.W
         r = other.W / W.clamp(min=torch.finfo(W.dtype).tiny)  # 0 when both are empty

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .group_specs import reduce_squares
+from .group_specs import reduce_squares, reduce_squares_pairs
 from .micro_batches import MicroBatchState
 from .moments import Moments
 
@@ -93,13 +93,35 @@ class MomentSink(_Sink):
         super().__init__()
         self.full, self.groups = set(full), dict(groups)
         self.sums: dict[str, ShiftedSums] = {}
+        self.pair_moments: dict[str, Moments] = {}
         self.group_moments: dict[str, Moments] = {}
         self.micro = {b: dict(states) for b, states in (micro or {}).items()}
 
     @property
     def moments(self) -> dict[str, Moments]:
-        """Per-element Welford states of the chunk (from the shifted sums)."""
-        return {name: sums.moments() for name, sums in self.sums.items()}
+        """Per-element Welford states of the chunk (from the shifted sums and the pairs)."""
+        out = {name: sums.moments() for name, sums in self.sums.items()}
+        for name, m in self.pair_moments.items():
+            out[name] = out[name].merge(m) if name in out else m
+        return out
+
+    def takes_pairs(self, name) -> bool:
+        """Sparse (row, index) pairs serve per-element and group moments, not the
+        micro-batch states of ``batch_squared_gradient`` (those need dense rows)."""
+        return not any(name in st for st in self.micro.values())
+
+    def add_pairs(self, name, rows, cols, values, shape):
+        """The whole chunk's per-row gradients of ``name`` as distinct (row, index) pairs
+        (zero elsewhere): ``Moments.of_pairs`` and ``reduce_squares_pairs``."""
+        w = self.w.to(values.dtype)
+        self.got.add(name)
+        if name in self.full:
+            m = Moments.of_pairs(w, rows, cols, values, shape)
+            store = self.pair_moments
+            store[name] = store[name].merge(m) if name in store else m
+        if name in self.groups:
+            f = reduce_squares_pairs(self.groups[name], rows, cols, values, w.shape[0], shape)
+            self._merge_groups(name, f, w)
 
     def wants(self, name):
         return name in self.full or any(name in st for st in self.micro.values()), \

@@ -1,7 +1,8 @@
 """One batched forward for a chunk of units: each forward row's loss is its unit's loss.
 
 - sample units: the row loss ``loss(model, rows)``; with label draws (mc_fisher), the
-  loss's reduction applied to the NLL of the drawn labels at the active positions;
+  loss's reduction applied to the NLL of the drawn labels at the active positions (one
+  column per draw when a row carries several, ``shared_draw_losses``);
 - token units: the NLL of the one target at the unit's position (its true label, its drawn
   label, or the enumerated class of exact_fisher, whose weight is multiplied by p_c).
 """
@@ -11,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .label_draws import draw_labels
+from .label_draws import draw_label_sets, draw_labels
 from .losses import IGNORE_INDEX, reduce_rows, token_nll
 
 
@@ -21,14 +22,18 @@ def chunk_rows(tensors: dict, rows: torch.Tensor, device) -> dict:
 
 
 def chunk_losses(model, loss, sub: dict, units, uniforms: torch.Tensor | None):
-    """``(losses [n], weights [n] float64 on CPU)`` for the chunk ``units``.
+    """``(losses [n], weights [n] float64 on CPU)`` for the chunk ``units``; for rows that
+    carry q label draws (``units.n_draws = q``) the losses are ``[n, q]``, one column per
+    draw (their weights: ``units.draw_weights()``).
 
     ``uniforms [B, T, n_samples]`` are the batch rows' label-draw uniforms (mc_fisher only).
     """
     weights = units.weights
-    if units.unit == "sample" and units.draw is None:
+    if units.unit == "sample" and units.draw is None and not units.n_draws:
         return loss(model, sub), weights
     logits, targets = loss.logits_and_targets(model, sub)
+    if units.n_draws:
+        return shared_draw_losses(logits, targets, units, uniforms, loss.reduction), weights
     n = logits.shape[0]
     ar = torch.arange(n, device=logits.device)
     if units.unit == "sample":  # drawn labels at every active position
@@ -47,3 +52,31 @@ def chunk_losses(model, loss, sub: dict, units, uniforms: torch.Tensor | None):
     else:
         label = targets[ar, pos]
     return F.cross_entropy(z, label, reduction="none"), weights
+
+
+def shared_draw_losses(logits, targets, units, uniforms, reduction: str) -> torch.Tensor:
+    """``[n, q]``: each row's loss under each of the q label draws it carries (draws
+    ``units.draw + j``; an index past K repeats draw K − 1, whose weight is then 0), from one
+    forward.
+
+    The log-softmax is taken once and the q draws' NLLs gathered from it, so the graph keeps
+    one ``[n, T, C]`` tensor whatever q; the q backward passes differ only in which entries
+    receive a gradient.
+    """
+    q, K = units.n_draws, units.total_draws
+    k = (units.draw[:, None] + torch.arange(q)).clamp(max=K - 1)  # [n, q]
+    if units.unit == "sample":  # drawn labels at every active position
+        u = uniforms[units.rows]  # [n, T, K]
+        u = u.gather(2, k[:, None, :].expand(-1, u.shape[1], -1))  # [n, T, q]
+        drawn = draw_label_sets(logits, u).to(logits.device)
+        active = (targets != IGNORE_INDEX).unsqueeze(-1)  # [n, T, 1]
+        nll = -torch.log_softmax(logits, dim=-1).gather(-1, drawn)  # [n, T, q]
+        total = torch.where(active, nll, torch.zeros_like(nll)).sum(dim=1)  # [n, q]
+        if reduction == "sum":
+            return total
+        return total / active.sum(dim=1).clamp(min=1).to(total.dtype)
+    ar = torch.arange(logits.shape[0], device=logits.device)
+    z = logits[ar, units.pos.to(logits.device)]  # [n, C]
+    u = uniforms[units.rows, units.pos].gather(1, k)  # [n, q]
+    drawn = draw_label_sets(z, u).to(z.device)  # [n, q]
+    return -torch.log_softmax(z, dim=-1).gather(-1, drawn)

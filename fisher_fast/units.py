@@ -6,9 +6,11 @@ w = 1 (``weighting="sample"``) or K_i (``weighting="token"``).
 ``(sample_id, position)``, w = 1. A token unit becomes its own forward row (its row of the
 batch, repeated), whose loss is that token's NLL, so token units need no other machinery.
 
-``with_draws`` and ``with_classes`` expand units further for ``mc_fisher`` (one unit per
-label draw) and ``exact_fisher`` (one unit per vocabulary class, weighted by its probability
-at run time).
+``with_shared_draws`` and ``draw_layout`` let each forward row of ``mc_fisher`` carry a
+block of its unit's label draws (one forward, one backward per draw in the block);
+``with_draws`` and ``with_classes`` expand units instead: one forward row per label draw
+(tiny models; locating a non-finite gradient) and one per vocabulary class for
+``exact_fisher`` (weighted by its probability at run time).
 """
 
 from __future__ import annotations
@@ -28,8 +30,18 @@ class Units:
     ids: list
     empty_ids: list
     pos: torch.Tensor | None = None  # [U] aligned target position (token units)
-    draw: torch.Tensor | None = None  # [U] index of the label draw (mc_fisher)
+    draw: torch.Tensor | None = None  # [U] the row's label draw, or its first (mc_fisher)
     cls: torch.Tensor | None = None  # [U] enumerated class (exact_fisher)
+    total_draws: int = 0  # K label draws per unit (mc_fisher)
+    n_draws: int = 0  # > 0: each row carries draws draw .. draw + n_draws - 1 (those < K)
+
+    def draw_weights(self) -> torch.Tensor:
+        """Each row's weight ``[U]``, or ``[U, n_draws]`` per carried draw (0 for a draw
+        index past K, which a row's block of draws may reach at its unit's end)."""
+        if not self.n_draws:
+            return self.weights
+        valid = (self.draw[:, None] + torch.arange(self.n_draws)) < self.total_draws
+        return self.weights[:, None] * valid
 
     def __len__(self) -> int:
         return int(self.rows.numel())
@@ -82,6 +94,48 @@ def with_draws(units: Units, n_samples: int) -> Units:
     return replace(units, rows=rep(units.rows), weights=rep(units.weights),
                    ids=[i for i in units.ids for _ in range(n_samples)], pos=rep(units.pos),
                    draw=k)
+
+
+def with_shared_draws(units: Units, n_samples: int) -> Units:
+    """Ask for ``n_samples`` label draws per unit, laid out on forward rows by the engine
+    (``draw_layout``) once it knows how many rows a chunk holds."""
+    return replace(units, total_draws=n_samples)
+
+
+def draw_layout(units: Units, rows_per_chunk: int, rows_per_pass: int = 1) -> Units:
+    r"""Forward rows for the K draws of U units, given that a chunk holds at most c rows and
+    that a backward pass should hold at least m rows to amortise its fixed cost.
+
+    Each unit becomes r = max(1, min(K, ⌈m / U⌉, ⌊c / U⌋)) rows, each carrying a block of
+    q = ⌈K / r⌉ consecutive draws: one forward per row, then q backward passes. Sharing a
+    forward saves work (K − 1 forwards per unit when r = 1), but each extra backward pass
+    costs its fixed overhead, so rows are replicated only until a pass holds m rows (tiny
+    models: every draw its own row, ``with_draws``; real models: r = 1).
+    """
+    K, U = units.total_draws, len(units)
+    r = max(1, min(K, -(-rows_per_pass // max(U, 1)), rows_per_chunk // max(U, 1)))
+    q = -(-K // r)
+    if q == 1:
+        return with_draws(replace(units, total_draws=0), K)
+    r = -(-K // q)
+    rep = lambda t: None if t is None else t.repeat_interleave(r)  # noqa: E731
+    return replace(units, rows=rep(units.rows), weights=rep(units.weights),
+                   ids=[i for i in units.ids for _ in range(r)], pos=rep(units.pos),
+                   draw=torch.arange(r).repeat(U) * q, n_draws=q)
+
+
+def unshared(units: Units) -> Units:
+    """The same draws as one forward row per (unit, draw), in order (``with_draws``)."""
+    if not units.n_draws:
+        return units
+    q, n = units.n_draws, len(units)
+    d = units.draw.repeat_interleave(q) + torch.arange(q).repeat(n)
+    keep = d < units.total_draws
+    idx = torch.arange(n).repeat_interleave(q)[keep]
+    take = lambda t: None if t is None else t[idx]  # noqa: E731
+    return replace(units, rows=take(units.rows), weights=take(units.weights),
+                   ids=[units.ids[i] for i in idx.tolist()], pos=take(units.pos),
+                   draw=d[keep], cls=take(units.cls), n_draws=0, total_draws=0)
 
 
 def with_classes(units: Units, n_classes: int) -> Units:

@@ -104,3 +104,64 @@ def test_loading_into_a_different_configuration_fails():
     other = ff.FisherAccumulator(model, dtype=torch.float64, unit="token")
     with pytest.raises(ValueError, match="different one"):
         other.load_state_dict(acc.state_dict())
+
+
+def test_mc_labels_equal_the_oracle_mc_fisher_over_updates():
+    import fisher_ref as fr
+    from fisher_ref.testing.batches import random_batch
+    from fisher_ref.testing.models import TinyConfig, build_model
+
+    model = build_model(TinyConfig(arch="gpt2", num_layers=1, vocab_size=7)).double()
+    b1 = random_batch(vocab_size=7, batch_size=3, seq_len=5, seed=1)
+    b2 = random_batch(vocab_size=7, batch_size=2, seq_len=5, seed=2, empty_rows=(0,))
+    acc = ff.FisherAccumulator(model, dtype=torch.float64, chunk_size=2,
+                               labels="mc", n_samples=3, seed=11)
+    acc.update(b1)
+    acc.update(b2)
+    want = fr.mc_fisher(model, concat_batches([b1, b2]), n_samples=3, seed=11)
+    assert_dicts_close(acc.empirical_fisher(), want,
+                       **dict(zip(("rtol", "atol"), tolerance("float64-paths"))))
+
+
+BAD = [
+    pytest.param(dict(labels="drawn"), "labels: expected one of ('true', 'mc'), got 'drawn'", id="labels"),
+    pytest.param(dict(labels="mc", micro_batch_sizes=(2,)), "expected no micro_batch_sizes", id="mc-micro"),
+    pytest.param(dict(labels="mc", n_samples=0), "n_samples: expected", id="n-samples"),
+    pytest.param(dict(labels="mc", seed=1.5), "seed: expected an int, got 1.5", id="seed"),
+    pytest.param(dict(labels="mc", loss_fn=lambda m, b: ff.causal_lm_loss(m, b)),
+                 "labels='mc' needs a loss with the token-loss protocol", id="mc-plain-loss"),
+]
+
+
+@pytest.mark.parametrize("kw, message", BAD)
+def test_bad_mc_configuration_is_a_value_error(kw, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        ff.FisherAccumulator(TinyLM(), **kw)
+
+
+def test_mc_accumulator_offers_only_fisher_estimators():
+    acc = ff.FisherAccumulator(TinyLM(), dtype=torch.float64, labels="mc")
+    acc.update(tiny_batch(B=2))
+    with pytest.raises(ValueError, match="expected an accumulator with labels='true'"):
+        acc.gradient_variance()
+
+
+def test_mc_non_finite_gradient_names_the_unit():
+    model = TinyLM(rms=False)
+
+    batch = tiny_batch(B=3)
+
+    keep = []
+
+    def find_row_one(module, args, out):  # forward rows that copy sample 1 (any order)
+        keep[:] = [(args[0] != batch["input_ids"][1]).any(dim=1).to(out.dtype)[:, None, None]]
+
+    def zero_row_one(module, args, out):  # sqrt(z^2) at z = 0 (sample 1's rows): 0/0
+        return out * keep[0] + torch.sqrt((out * keep[0]) ** 2) * 0
+
+    model.emb.register_forward_hook(find_row_one)
+    model.ln.register_forward_hook(zero_row_one)
+    acc = ff.FisherAccumulator(model, dtype=torch.float64, labels="mc", n_samples=2)
+    with pytest.raises(ValueError, match=r"non-finite gradient.*'emb.weight', unit 1\."):
+        acc.update(batch)
+    assert acc.tasks() == []

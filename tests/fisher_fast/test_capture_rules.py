@@ -85,3 +85,54 @@ def test_hf_models_need_no_functorch_and_tie_their_heads(arch):
     assert "functorch" not in paths
     tied = [uses for uses in plan.values() if len(uses) == 2]
     assert len(tied) == 1 and {u.split(":")[1] for u in tied[0]} == {"embedding", "linear"}
+
+
+def _sparse_only(monkeypatch):
+    """Make the dense embedding rule fail, so that a passing run took the pair path."""
+    from fisher_fast.capture_rules import EMBEDDING
+
+    def dense(*a, **k):
+        raise AssertionError("dense [n, V, d] embedding gradient formed")
+    monkeypatch.setattr(EMBEDDING, "grads", dense)
+
+
+def test_sparse_embedding_moments_equal_dense_rows(monkeypatch):
+    # repeated tokens within rows (V = 7, T = 6) and a padding token (id 0) in every row
+    model, batch = TinyLM(rms=False), tiny_batch(B=5, seed=3)
+    assert all(len(set(r[:-1].tolist())) < 5 for r in batch["input_ids"])  # repeats in each row
+    rows = ff.per_sample_gradients(model, batch, dtype=torch.float64).tensors  # dense path
+    _sparse_only(monkeypatch)
+    kw = dict(dtype=torch.float64, chunk_size=2)
+    fisher = ff.empirical_fisher(model, batch, **kw)
+    variance = ff.gradient_variance(model, batch, **kw)
+    groups = ff.group_fisher(model, batch, **kw)
+    tol = dict(zip(("rtol", "atol"), tolerance("float64-paths")))
+    for name in ("emb.weight", "pos.weight"):
+        g = rows[name]
+        torch.testing.assert_close(fisher[name], g.square().mean(0), **tol)
+        torch.testing.assert_close(variance[name], g.var(0, unbiased=False), **tol)
+        torch.testing.assert_close(groups[name]["mean"], g.square().sum(-1).mean(0), **tol)
+
+
+def test_sparse_embedding_path_equals_oracle(monkeypatch):
+    import fisher_ref as fr
+    from fisher_ref.testing.batches import random_batch
+    from fisher_ref.testing.models import TinyConfig, build_model
+
+    # untied GPT-2, vocab 5 over 6 positions (tokens repeat within rows), padded rows
+    model = build_model(TinyConfig(arch="gpt2", num_layers=1, vocab_size=5,
+                                   tie_embeddings=False)).double()
+    batch = random_batch(vocab_size=5, batch_size=4, seq_len=6, seed=2, empty_rows=(1,))
+    _sparse_only(monkeypatch)
+    tol = dict(zip(("rtol", "atol"), tolerance("float64-paths")))
+    for fast, ref in [(ff.empirical_fisher, fr.empirical_fisher),
+                      (ff.gradient_variance, fr.gradient_variance)]:
+        assert_dicts_close(fast(model, batch, dtype=torch.float64, chunk_size=3),
+                           ref(model, batch), **tol)
+
+
+def test_tied_embedding_keeps_the_dense_path(monkeypatch):
+    model, batch = TinyLM(tied=True), tiny_batch(B=2)
+    _sparse_only(monkeypatch)
+    with pytest.raises(AssertionError, match="dense"):
+        ff.empirical_fisher(model, batch)

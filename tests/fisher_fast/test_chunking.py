@@ -16,3 +16,23 @@ def test_budget_bounds_the_chunk():
 
 def test_cpu_budget_is_positive():
     assert default_budget(torch.device("cpu")) > 0
+
+
+def test_tied_parameters_count_their_per_row_buffer():
+    # TinyLM(tied=True), float64 (b = 8), T = 6, d = 4, V = 7. Widths: emb 4, pos 4,
+    # lin 4 + 4, conv 4 + 7, out 4 + 7 -> 34 + 4 = 38; widest Linear output C = 7; the
+    # tied emb.weight adds its per-row buffer V d = 28 elements:
+    # per row = 4 * 8 * 6 * (38 + 3 * 7) + 8 * 28 = 11552 bytes; half the budget per chunk
+    model, batch = TinyLM(tied=True), tiny_batch(B=4)
+    assert rows_per_chunk(model, batch, budget=2 * 3 * 11552, n_units=100) == 3
+    assert rows_per_chunk(model, batch, budget=2 * 3 * 11552 - 2, n_units=100) == 2
+
+
+def test_cuda_budget_counts_the_allocators_unused_cache(monkeypatch):
+    from fisher_fast.chunking import available_bytes
+
+    # 100 bytes free on the card, 50 reserved by torch of which 20 in use: 130 available
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (100, 1000))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 50)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 20)
+    assert available_bytes(torch.device("cuda")) == 130

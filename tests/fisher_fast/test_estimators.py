@@ -100,3 +100,29 @@ def test_gram_path_for_groups_along_one_axis(monkeypatch, axis):
     want = g2.reshape(3, 4, 4, 16).sum((2, 3)) if axis == 0 else g2.reshape(3, 16, 4, 4).sum((1, 3))
     assert calls[-1] == ("out" if axis == 0 else "in")  # backward reaches layer 1 last
     torch.testing.assert_close(got["1.weight"]["mean"], want.mean(0), rtol=1e-12, atol=1e-15)
+
+
+def test_mc_fisher_runs_one_forward_for_all_draws():
+    model, b = TinyLM(), tiny_batch(B=3)
+    calls = []
+    model.register_forward_hook(lambda *_: calls.append(1))
+    counts = {}
+    for n in (1, 4):
+        calls.clear()
+        ff.mc_fisher(model, b, n_samples=n, chunk_size=2, **F64)  # two chunks
+        counts[n] = len(calls)
+    assert counts[4] == counts[1] <= 3  # at most a no-grad targets pass plus one per chunk
+
+
+@pytest.mark.parametrize("chunk", [1, 4, 6], ids=["all-draws-per-row", "blocks-of-2", "row-per-draw"])
+def test_mc_fisher_draw_layouts_equal_the_oracle(chunk):
+    import fisher_ref as fr
+    from fisher_ref.testing.batches import random_batch
+    from fisher_ref.testing.models import TinyConfig, build_model
+
+    # 2 units, 3 draws: chunk 1 -> one row per unit carrying 3 draws; chunk 4 -> two rows
+    # per unit with draws {0, 1} and {2, (empty)}; chunk 6 -> one row per draw
+    model = build_model(TinyConfig(arch="gpt2", num_layers=1, vocab_size=7)).double()
+    batch = random_batch(vocab_size=7, batch_size=2, seq_len=5, seed=4)
+    got = ff.mc_fisher(model, batch, n_samples=3, seed=2, chunk_size=chunk, **F64)
+    assert_dicts_close(got, fr.mc_fisher(model, batch, n_samples=3, seed=2), **TOL)

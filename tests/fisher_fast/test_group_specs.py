@@ -1,5 +1,6 @@
 """Generic groups of docs/architecture.md and the reduction f = R(g²)."""
 
+import pytest
 import torch
 
 from fisher_fast.group_specs import (GroupSpec, generic_groups, group_ids_tensor, ids_spec,
@@ -29,3 +30,17 @@ def test_rows_by_hand():
     g = torch.tensor([[[1.0, 2.0], [3.0, 0.0]]], dtype=torch.float64)
     assert reduce_squares(GroupSpec("rows", 2), g).tolist() == [[5.0, 9.0]]
     assert reduce_squares(GroupSpec("columns", 2), g).tolist() == [[10.0, 4.0]]
+
+
+@pytest.mark.parametrize("kind", ["rows", "ids"])
+def test_pairs_reduce_like_the_dense_rows(kind):
+    from fisher_fast.group_specs import GroupSpec, reduce_squares_pairs
+
+    rows, cols = torch.tensor([0, 0, 2]), torch.tensor([1, 3, 1])
+    values = torch.arange(1.0, 7.0, dtype=torch.float64).reshape(3, 2)
+    dense = torch.zeros(3, 4, 2, dtype=torch.float64)
+    dense[rows, cols] = values
+    spec = GroupSpec("rows", 4) if kind == "rows" else \
+        GroupSpec("ids", 3, torch.tensor([[0, 1], [2, 0], [1, 1], [2, 2]]))
+    got = reduce_squares_pairs(spec, rows, cols, values, 3, (4, 2))
+    torch.testing.assert_close(got, reduce_squares(spec, dense), rtol=1e-15, atol=0)

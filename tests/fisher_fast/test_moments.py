@@ -52,3 +52,29 @@ def test_shifted_chunk_sums_equal_two_pass_moments():
     W, mean, m2 = _two_pass(x.reshape(7, -1), w)
     torch.testing.assert_close(got.mean.reshape(-1), mean, rtol=1e-12, atol=0)
     torch.testing.assert_close(got.m2.reshape(-1), m2, rtol=1e-9, atol=0)
+
+
+def test_moments_of_pairs_equal_two_pass_of_the_dense_tensors():
+    # 3 units over a [4, 2] table: row 0 touched by every unit (cancellation bait), row 2
+    # by none, rows 1 and 3 by some; dense x is zero outside the pairs
+    rows, cols = torch.tensor([0, 0, 1, 1, 2, 2]), torch.tensor([0, 1, 0, 3, 0, 1])
+    g = torch.Generator().manual_seed(4)
+    values = torch.randn(6, 2, generator=g, dtype=torch.float64)
+    values[cols == 0, 0] += 50.0
+    w = torch.tensor([0.5, 2.0, 1.5], dtype=torch.float64)
+    dense = torch.zeros(3, 4, 2, dtype=torch.float64)
+    dense[rows, cols] = values
+    got = Moments.of_pairs(w, rows, cols, values, (4, 2))
+    W, mean, m2 = _two_pass(dense.reshape(3, -1), w)
+    torch.testing.assert_close(got.W, W, rtol=1e-12, atol=0)
+    torch.testing.assert_close(got.mean, mean.reshape(4, 2), rtol=1e-12, atol=0)
+    torch.testing.assert_close(got.m2, m2.reshape(4, 2), rtol=1e-10, atol=1e-300)
+    assert torch.count_nonzero(got.m2[2]) == 0 and torch.count_nonzero(got.mean[2]) == 0
+
+
+def test_moments_of_pairs_by_hand():
+    # one column, two units of weight 1: unit 0 has x = 2 at row 0, unit 1 misses row 0.
+    # mean = 1, M2 = (2 - 1)^2 + (0 - 1)^2 = 2
+    m = Moments.of_pairs(torch.ones(2, dtype=torch.float64), torch.tensor([0]), torch.tensor([0]),
+                         torch.tensor([[2.0]], dtype=torch.float64), (1, 1))
+    assert float(m.mean) == 1.0 and float(m.m2) == 2.0

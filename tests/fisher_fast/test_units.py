@@ -27,3 +27,21 @@ def test_expansions_are_unit_major():
     assert d.rows.tolist() == [0, 0, 2, 2] and d.draw.tolist() == [0, 1, 0, 1]
     t = with_classes(plan_units(None, BATCH, [0, 1, 2], ff.causal_lm_loss, "token", "sample"), 3)
     assert t.cls.tolist()[:6] == [0, 1, 2, 0, 1, 2] and t.pos.tolist()[:6] == [0, 0, 0, 2, 2, 2]
+
+
+def test_draw_layout_blocks_of_draws_by_hand():
+    from fisher_fast.units import Units, draw_layout, unshared, with_shared_draws
+
+    units = with_shared_draws(Units("sample", torch.tensor([0, 1]), torch.tensor([1.0, 2.0]),
+                                    ["a", "b"], []), 3)
+    # U = 2, K = 3, a chunk of 4 rows: r = min(3, 4 // 2) = 2 rows per unit, q = 2 draws each
+    laid = draw_layout(units, rows_per_chunk=4, rows_per_pass=100)
+    assert laid.rows.tolist() == [0, 0, 1, 1] and laid.draw.tolist() == [0, 2, 0, 2]
+    assert laid.n_draws == 2 and laid.ids == ["a", "a", "b", "b"]
+    # the second block of each unit holds draw 2 and an empty slot (index 3 >= K): weight 0
+    assert laid.draw_weights().tolist() == [[1, 1], [1, 0], [2, 2], [2, 0]]
+    flat = unshared(laid)
+    assert flat.rows.tolist() == [0, 0, 0, 1, 1, 1] and flat.draw.tolist() == [0, 1, 2] * 2
+    # one row per unit when passes are already full; every draw its own row when tiny
+    assert draw_layout(units, 4, rows_per_pass=1).n_draws == 3
+    assert draw_layout(units, 100, rows_per_pass=100).draw.tolist() == [0, 1, 2] * 2
