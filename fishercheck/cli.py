@@ -17,34 +17,75 @@ from pathlib import Path
 import torch
 
 
+_EPILOG = """\
+examples:
+  fishercheck run --out report/                     # embedded tiny GPT-2 and two tasks
+  fishercheck run --model ckpt/ --task-a a.txt --task-b b.jsonl --out report/ --check
+  fishercheck conform --impl my_project.fisher_adapter:MyAdapter --report conformance.json
+
+exit status: 0 success (conform: every provided property passed), 1 conform found a failure
+(or nothing to check), 2 bad arguments or input. Nothing is ever downloaded.
+See docs/cli.md and docs/conformance.md."""
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="fishercheck", description=__doc__.split("\n")[0])
-    sub = p.add_subparsers(dest="command", required=True)
-    r = sub.add_parser("run", help="Fisher diagnostics of a model on two tasks (reports and plots)")
-    r.add_argument("--out", required=True, help="output directory (created)")
-    r.add_argument("--model", help="local HF causal-LM checkpoint directory (default: embedded)")
-    r.add_argument("--task-a", help="task A texts: .txt (one per line) or .jsonl")
-    r.add_argument("--task-b", help="task B texts: .txt or .jsonl")
-    r.add_argument("--text-field", default="text", help="field of .jsonl records (default text)")
-    r.add_argument("--max-samples", type=int, default=64, help="rows per task (default 64)")
-    r.add_argument("--max-length", type=int, default=64, help="tokens per row (default 64)")
-    r.add_argument("--pairs", type=int, default=32, help="rows per task for interference and "
-                                                         "conflicts (default 32)")
-    r.add_argument("--permutations", type=int, default=1000, help="conflict permutations")
-    r.add_argument("--seed", type=int, default=0)
+    from fisher_ref.conformance.properties import PROPERTIES
+
+    fmt = argparse.RawDescriptionHelpFormatter
+    p = argparse.ArgumentParser(
+        prog="fishercheck", formatter_class=fmt, epilog=_EPILOG,
+        description="Diagonal Fisher diagnostics of a causal LM (run), and a conformance\n"
+                    "check of any Fisher implementation against the definitions (conform).")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{run,conform}")
+    r = sub.add_parser("run", formatter_class=fmt, epilog=_EPILOG,
+                       help="Fisher diagnostics of a model on two tasks (reports and plots)",
+                       description="E[g²] vs (E[g])² per layer, group Fisher per head, QK-OV "
+                                   "interference and\nper-head conflicts of task A vs task B, "
+                                   "written to --out as report.json,\nreport.md and plots. "
+                                   "Without --model: the embedded tiny GPT-2 and its two tasks.")
+    r.add_argument("--out", required=True, metavar="DIR", help="output directory (created)")
+    r.add_argument("--model", metavar="DIR",
+                   help="local HF causal-LM checkpoint directory (default: embedded model)")
+    r.add_argument("--tokenizer", metavar="DIR",
+                   help="local tokenizer directory (default: the --model directory)")
+    r.add_argument("--task-a", metavar="FILE", help="task A texts: .txt (one per line) or .jsonl "
+                                                     "(required with --model)")
+    r.add_argument("--task-b", metavar="FILE", help="task B texts: .txt or .jsonl "
+                                                     "(required with --model)")
+    r.add_argument("--text-field", default="text", metavar="NAME",
+                   help="field of .jsonl records (default: text)")
+    r.add_argument("--max-samples", type=int, default=64, metavar="N",
+                   help="rows per task (default: 64)")
+    r.add_argument("--max-length", type=int, default=64, metavar="N",
+                   help="tokens per row (default: 64)")
+    r.add_argument("--pairs", type=int, default=32, metavar="N",
+                   help="rows per task for interference and conflicts (default: 32)")
+    r.add_argument("--permutations", type=int, default=1000, metavar="N",
+                   help="permutations per conflict test (default: 1000)")
+    r.add_argument("--seed", type=int, default=0, help="seed of the permutations (default: 0)")
     r.add_argument("--dtype", choices=("float32", "float64"), default="float32",
-                   help="fisher_fast accumulation dtype")
+                   help="fisher_fast accumulation dtype (default: float32)")
     r.add_argument("--check", action="store_true",
-                   help="recompute a subset with fisher_ref and report the largest differences")
-    r.add_argument("--check-rows", type=int, default=8, help="rows per task for --check")
+                   help="recompute a subset with fisher_ref (float64) and report the largest "
+                        "differences")
+    r.add_argument("--check-rows", type=int, default=8, metavar="N",
+                   help="rows per task for --check (default: 8)")
     r.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
-    c = sub.add_parser("conform", help="check an implementation against the definitions")
-    c.add_argument("--impl", required=True,
-                   help="package.module:object adapter, or fisher_fast / fisher_fast32 / fisher_ref")
-    c.add_argument("--profile", choices=("quick", "thorough"), default="quick")
-    c.add_argument("--report", help="write the report as JSON to this path")
-    c.add_argument("--property", action="append", dest="properties",
-                   help="run only this property (repeatable)")
+    c = sub.add_parser("conform", formatter_class=fmt, epilog=_EPILOG,
+                       help="check an implementation against the definitions",
+                       description="Run the named, Hypothesis-driven properties against an "
+                                   "adapter; print property,\nverdict (pass / FAIL / not "
+                                   "provided) and, for each failure, the minimal model\nand "
+                                   "batch. Deterministic unless --explore.")
+    c.add_argument("--impl", required=True, metavar="SPEC",
+                   help="package.module:object adapter, or one of fisher_fast, fisher_fast32, "
+                        "fisher_fast_cuda, fisher_ref")
+    c.add_argument("--profile", choices=("quick", "thorough"), default="quick",
+                   help="quick (default, CI): 10 examples per property; thorough: 60 and every "
+                        "architecture the adapter supports")
+    c.add_argument("--report", metavar="FILE", help="also write the report as JSON to FILE")
+    c.add_argument("--property", action="append", dest="properties", metavar="NAME",
+                   help="run only this property (repeatable); one of: " + ", ".join(PROPERTIES))
     c.add_argument("--explore", action="store_true",
                    help="random (not derandomized) examples: finds new cases, not for CI gates")
     return p
@@ -64,12 +105,17 @@ def run_command(args) -> int:
         raise ValueError("--model: expected --task-a and --task-b with it, got "
                          f"task-a={args.task_a!r}, task-b={args.task_b!r}.")
     start = time.perf_counter()
-    inp = inputs.load_model(args.model)
+    if args.tokenizer is not None and args.model is None:
+        raise ValueError(f"--tokenizer: expected it with --model, got --tokenizer "
+                         f"{args.tokenizer!r} for the embedded default.")
     default_a, default_b = inputs.default_tasks()
     path_a, path_b = args.task_a or default_a, args.task_b or default_b
-    batches = [inputs.make_batch(inp.tokenizer, inputs.read_texts(p, args.text_field, args.max_samples),
-                                 prefix, args.max_length)
-               for p, prefix in ((path_a, "a"), (path_b, "b"))]
+    texts = [inputs.read_texts(p, args.text_field, args.max_samples) for p in (path_a, path_b)]
+    inp = inputs.load_model(args.model, args.tokenizer)
+    batches = [inputs.make_batch(inp.tokenizer, t, prefix, args.max_length)
+               for t, prefix in zip(texts, ("a", "b"))]
+    for batch, path in zip(batches, (path_a, path_b)):
+        inputs.check_batch(batch, inp.model, path)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results = mainjob.run(inp.model, *batches, n_pairs=args.pairs, n_permutations=args.permutations,
@@ -96,6 +142,9 @@ def conform_command(args) -> int:
     from fisher_ref.conformance.runner import run_conformance
     from fishercheck.adapters import resolve
 
+    if args.report and not Path(args.report).resolve().parent.is_dir():
+        raise ValueError(f"--report: expected a file in an existing directory, got "
+                         f"{args.report!r}.")
     adapter = resolve(args.impl)
     report = run_conformance(adapter, profile=args.profile, properties=args.properties,
                              derandomize=not args.explore,

@@ -41,13 +41,56 @@ class Inputs:
     trained: bool  # False: the model's weights are random (reported)
 
 
-def load_model(path: str | None) -> Inputs:
-    """The embedded default (``path=None``) or a local HF causal-LM checkpoint (no download)."""
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "vocab.txt",
+                   "tokenizer.model", "spiece.model")  # what tokenizer.save_pretrained writes
+
+
+def load_tokenizer(directory: Path, option: str = "--model"):
+    """The tokenizer saved in ``directory``: ``char_vocab.json`` (fishercheck's character
+    vocabulary) or what ``tokenizer.save_pretrained`` writes, loaded with
+    ``local_files_only=True``. Never downloads; a directory without tokenizer files is an
+    error (transformers would otherwise build an empty tokenizer for some model types)."""
+    import transformers as tf
+
+    if (directory / CHAR_VOCAB).exists():
+        return CharTokenizer.from_dir(directory)
+    if not any((directory / f).exists() for f in TOKENIZER_FILES):
+        raise ValueError(
+            f"{option}: expected tokenizer files in {str(directory)!r} (one of "
+            f"{', '.join(TOKENIZER_FILES)}, as tokenizer.save_pretrained writes, or {CHAR_VOCAB}), "
+            f"got none; fishercheck never downloads a tokenizer: save yours there or pass "
+            f"--tokenizer DIR.")
+    try:
+        tokenizer = tf.AutoTokenizer.from_pretrained(directory, local_files_only=True)
+    except (OSError, ValueError, KeyError) as exc:
+        raise ValueError(f"{option}: expected a loadable tokenizer in {str(directory)!r}, got "
+                         f"{type(exc).__name__}: {str(exc).splitlines()[0]}") from exc
+    if len(tokenizer) == 0:
+        raise ValueError(f"{option}: expected a tokenizer with a vocabulary in "
+                         f"{str(directory)!r}, got an empty one.")
+    return tokenizer
+
+
+def load_model(path: str | None, tokenizer_path: str | None = None) -> Inputs:
+    """The embedded default (``path=None``) or a local HF causal-LM checkpoint (no download).
+
+    The tokenizer comes from ``tokenizer_path`` when given, else from the checkpoint
+    directory (see :func:`load_tokenizer`)."""
     import transformers as tf
 
     directory = DATA if path is None else Path(path)
     if not directory.is_dir():
         raise ValueError(f"--model: expected a local checkpoint directory, got {path!r}.")
+    if not (directory / "config.json").is_file():
+        raise ValueError(f"--model: expected a Hugging Face checkpoint directory with a "
+                         f"config.json, got {str(directory)!r} without one.")
+    if tokenizer_path is not None:
+        if not Path(tokenizer_path).is_dir():
+            raise ValueError(f"--tokenizer: expected a local tokenizer directory, got "
+                             f"{tokenizer_path!r}.")
+        tokenizer = load_tokenizer(Path(tokenizer_path), "--tokenizer")
+    else:
+        tokenizer = load_tokenizer(directory)
     weights = any(directory.glob("*.safetensors")) or any(directory.glob("*.bin"))
     if weights:
         model = tf.AutoModelForCausalLM.from_pretrained(directory, local_files_only=True,
@@ -57,10 +100,6 @@ def load_model(path: str | None) -> Inputs:
         config._attn_implementation = "eager"
         torch.manual_seed(0)
         model = tf.AutoModelForCausalLM.from_config(config)
-    if (directory / CHAR_VOCAB).exists():
-        tokenizer = CharTokenizer.from_dir(directory)
-    else:
-        tokenizer = tf.AutoTokenizer.from_pretrained(directory, local_files_only=True)
     source = str(directory)
     if path is None:
         source = ("embedded default: a character-level GPT-2 (2 layers, 4 heads, width 32) "
@@ -114,3 +153,17 @@ def make_batch(tokenizer, texts: list[str], prefix: str, max_length: int) -> dic
 
 def default_tasks() -> tuple[Path, Path]:
     return DATA / "task_a.txt", DATA / "task_b.txt"
+
+
+def check_batch(batch: dict, model: torch.nn.Module, path) -> None:
+    """Token ids the model can embed, and at least one row with a label to predict (two or
+    more tokens: the causal-LM loss shifts by one)."""
+    vocab = model.get_input_embeddings().num_embeddings
+    top = int(batch["input_ids"].max())
+    if top >= vocab:
+        raise ValueError(f"task file {str(path)!r}: expected token ids below the model's "
+                         f"vocabulary size {vocab}, got id {top}: is the tokenizer the model's?")
+    if not bool((batch["labels"][:, 1:] != -100).any()):
+        raise ValueError(f"task file {str(path)!r}: expected at least one text of two or more "
+                         f"tokens (the loss predicts each token from the previous ones), got "
+                         f"{batch['input_ids'].shape[0]} text(s) of at most one token.")

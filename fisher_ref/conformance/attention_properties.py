@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 
 from fisher_ref.conformance.adapter import provided
 from fisher_ref.conformance.cases import (build_case_model, data_specs, describe_case,
-                                          split_batch, splits, tiny_configs)
+                                          describe_model, split_batch, splits, tiny_configs)
 from fisher_ref.conformance.engine import Context, PropertyResult, not_provided, run_property
 from fisher_ref.conformance.outputs import block_tensors, bool_masks
 from fisher_ref.losses import causal_lm_loss
@@ -33,7 +33,7 @@ def _slices_property(name: str, check, doc: str):
             check(adapter, model, ctx.oracle.attention_layout(model), ctx, config)
 
         return run_property(name, needs, tiny_configs(ctx.archs), body,
-                            lambda c: f"model {c.make_id()}", ctx)
+                            lambda c: describe_model(c), ctx)
 
     prop.__name__ = name
     prop.__doc__ = doc

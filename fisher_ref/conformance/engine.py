@@ -60,6 +60,10 @@ class Context:
         dtype: the dtype models are built in (the adapter's ``dtype``).
         units, weightings: the options the adapter's estimators support.
         derandomize: fixed example sequence (CI), no example database.
+        shrink_examples: new examples Hypothesis may try after the first failure to shrink
+            it (a count, so the printed counterexample is the same on every run).
+        shrink_seconds: a safety cap on the time spent shrinking (for slow adapters); when
+            it, not the count, ends shrinking, the report says the example may vary.
     """
 
     oracle: object
@@ -69,7 +73,8 @@ class Context:
     units: tuple[str, ...] = ("sample",)
     weightings: tuple[str, ...] = ("sample",)
     derandomize: bool = True
-    shrink_seconds: float = 10.0
+    shrink_examples: int = 60
+    shrink_seconds: float = 120.0
     cache: dict = field(default_factory=dict)
 
     def memo(self, key, compute):
@@ -101,17 +106,24 @@ def run_property(name: str, needs: tuple[str, ...], strategy, body, describe, ct
     """Run ``body(example)`` on examples from ``strategy``; shrink and keep the minimal failure.
 
     ``describe(example) -> str`` renders an example for the report. Shrinking is bounded by
-    ``ctx.shrink_seconds``: once spent, examples not seen before are skipped (count as
-    passing), so Hypothesis stops at the smallest failure found so far and replays it.
+    ``ctx.shrink_examples`` new examples after the first failure (deterministic) and by
+    ``ctx.shrink_seconds`` (a safety cap): once either is spent, examples not seen before are
+    skipped (count as passing), so Hypothesis stops at the smallest failure found so far and
+    replays it.
     """
-    record: dict = {"n": 0, "first_failure": None}
+    record: dict = {"n": 0, "first_failure": None, "after_failure": 0, "timed_out": False}
     seen: set = set()
 
     def test(example):
         key = repr(example)
         t_fail = record["first_failure"]
-        if t_fail is not None and key not in seen and time.perf_counter() - t_fail > ctx.shrink_seconds:
-            return
+        if t_fail is not None and key not in seen:
+            if time.perf_counter() - t_fail > ctx.shrink_seconds:
+                record["timed_out"] = True
+                return
+            if record["after_failure"] >= ctx.shrink_examples:
+                return
+            record["after_failure"] += 1
         seen.add(key)
         record["n"] += 1
         try:
@@ -133,8 +145,12 @@ def run_property(name: str, needs: tuple[str, ...], strategy, body, describe, ct
         exc = record.get("exc")
         message = _message(exc)
         example = record.get("example")
-        return PropertyResult(name, FAIL, describe(example) if example is not None else None,
-                              message, needs, record["n"], time.perf_counter() - start)
+        text = describe(example) if example is not None else None
+        if text is not None and record["timed_out"]:
+            text += (f" (shrinking stopped by the {ctx.shrink_seconds:g} s time cap: a rerun may "
+                     f"print another example)")
+        return PropertyResult(name, FAIL, text, message, needs, record["n"],
+                              time.perf_counter() - start)
     return PropertyResult(name, PASS, None, None, needs, record["n"], time.perf_counter() - start)
 
 

@@ -11,7 +11,8 @@ from fisher_ref.conformance.engine import FAIL, NOT_PROVIDED, PASS, PropertyResu
 
 @dataclass
 class ConformanceReport:
-    """Verdicts of one adapter. ``passed``: no property failed ("not provided" is no pass)."""
+    """Verdicts of one adapter. ``passed``: no property failed and at least one passed ("not
+    provided" is no pass, so a run where nothing was provided does not pass a gate)."""
 
     adapter: str
     profile: str
@@ -22,7 +23,7 @@ class ConformanceReport:
 
     @property
     def passed(self) -> bool:
-        return not self.failures()
+        return not self.failures() and any(r.verdict == PASS for r in self.results)
 
     def failures(self) -> list[PropertyResult]:
         return [r for r in self.results if r.verdict == FAIL]
@@ -66,12 +67,31 @@ def format_table(report: ConformanceReport, width: int = 100) -> str:
         if r.verdict == FAIL:
             for label, text in (("why", r.message), ("minimal counterexample", r.counterexample)):
                 if text:
-                    body = textwrap.shorten(text, 1200, placeholder=" ...") if len(text) > 1200 else text
-                    wrapped = textwrap.fill(body, width - 6, initial_indent=f"    {label}: ",
-                                            subsequent_indent="      ")
-                    lines.append(wrapped)
+                    lines += _wrap(label, text, width)
     c = report.counts()
     lines.append("-" * (name_w + 32))
     lines.append(f"{c[PASS]} passed, {c[FAIL]} failed, {c[NOT_PROVIDED]} not provided "
-                 f"({report.seconds:.1f} s): {'PASS' if report.passed else 'FAIL'}")
+                 f"({report.seconds:.1f} s): {_overall(report)}")
     return "\n".join(lines)
+
+
+def _overall(report: ConformanceReport) -> str:
+    if report.passed:
+        return "PASS"
+    return "FAIL" if report.failures() else "FAIL (no property was provided: nothing was checked)"
+
+
+def _wrap(label: str, text: str, width: int, max_lines: int = 8) -> list[str]:
+    """``text`` under ``label``, each of its own lines wrapped separately (a message listing
+    parameters keeps one parameter per line); at most ``max_lines`` source lines, the rest
+    counted (the JSON report has the full text)."""
+    source = [line.strip() for line in text.splitlines() if line.strip()]
+    shown = source[:max_lines]
+    if len(source) > max_lines:
+        shown.append(f"... ({len(source) - max_lines} more lines in the JSON report)")
+    out = []
+    for k, line in enumerate(shown):
+        first = f"    {label}: " if k == 0 else "      "
+        out.append(textwrap.fill(line, width, initial_indent=first, subsequent_indent="        ",
+                                 break_on_hyphens=False))
+    return out

@@ -21,14 +21,16 @@ from fisher_ref.conformance.properties import PROPERTIES
 from fisher_ref.conformance.report import ConformanceReport
 
 PROFILES = {
-    "quick": {"max_examples": 10, "archs": ("gpt2", "llama", "phi3"), "shrink_seconds": 5.0},
-    "thorough": {"max_examples": 60, "archs": None, "shrink_seconds": 60.0},
+    "quick": {"max_examples": 10, "archs": ("gpt2", "llama", "phi3"), "shrink_examples": 60,
+              "shrink_seconds": 120.0},
+    "thorough": {"max_examples": 60, "archs": None, "shrink_examples": 400,
+                 "shrink_seconds": 600.0},
 }
 
 
 def run_conformance(adapter, *, profile: str = "quick", properties=None, derandomize: bool = True,
-                    oracle=None, progress=None, shrink_seconds: float | None = None
-                    ) -> ConformanceReport:
+                    oracle=None, progress=None, shrink_examples: int | None = None,
+                    shrink_seconds: float | None = None) -> ConformanceReport:
     """Check ``adapter`` (see :mod:`fisher_ref.conformance.adapter`) against the properties.
 
     Args:
@@ -38,8 +40,11 @@ def run_conformance(adapter, *, profile: str = "quick", properties=None, derando
         derandomize: deterministic examples (True for CI).
         oracle: the reference adapter (default: ``ReferenceAdapter`` over fisher_ref).
         progress: optional callable receiving each ``PropertyResult`` as it completes.
-        shrink_seconds: the time a failing property may spend shrinking its counterexample
-            (default: the profile's, 5 s quick, 60 s thorough).
+        shrink_examples: how many new examples a failing property may try to shrink its
+            counterexample (default: the profile's, 60 quick, 400 thorough). A count, not a
+            time, so the printed counterexample is the same on every run and machine.
+        shrink_seconds: a safety cap on the time spent shrinking (default: the profile's,
+            120 s quick, 600 s thorough); a counterexample cut short by it says so.
 
     Returns:
         ConformanceReport: one verdict per property: pass, fail (with the minimal
@@ -51,6 +56,11 @@ def run_conformance(adapter, *, profile: str = "quick", properties=None, derando
     unknown = [n for n in names if n not in PROPERTIES]
     if unknown:
         raise ValueError(f"properties: expected names from {sorted(PROPERTIES)}, got {unknown}.")
+    if not provided(adapter):
+        from fisher_ref.conformance.adapter import CAPABILITIES
+
+        raise ValueError(f"adapter {adapter_name(adapter)!r}: expected at least one capability "
+                         f"method ({', '.join(CAPABILITIES)}), got none: check the method names.")
     if oracle is None:
         from fisher_ref.conformance.builtin_adapters import ReferenceAdapter
 
@@ -63,7 +73,8 @@ def run_conformance(adapter, *, profile: str = "quick", properties=None, derando
                   units=tuple(adapter_option(adapter, "units", ("sample",))),
                   weightings=tuple(adapter_option(adapter, "weightings", ("sample",))),
                   derandomize=derandomize,
-                  shrink_seconds=conf["shrink_seconds"] if shrink_seconds is None else shrink_seconds)
+                  shrink_examples=_or(shrink_examples, conf["shrink_examples"]),
+                  shrink_seconds=_or(shrink_seconds, conf["shrink_seconds"]))
     start = time.perf_counter()
     results = []
     for name in names:
@@ -76,3 +87,7 @@ def run_conformance(adapter, *, profile: str = "quick", properties=None, derando
             progress(result)
     return ConformanceReport(adapter=adapter_name(adapter), profile=profile, results=results,
                              provided=provided(adapter), seconds=time.perf_counter() - start)
+
+
+def _or(value, default):
+    return default if value is None else value

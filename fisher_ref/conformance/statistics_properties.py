@@ -8,7 +8,8 @@ import numpy as np
 from hypothesis import strategies as st
 
 from fisher_ref.conformance.adapter import provided
-from fisher_ref.conformance.cases import DataSpec, build_case_model, data_specs, tiny_configs
+from fisher_ref.conformance.cases import (DataSpec, build_case_model, data_specs, describe_model,
+                                          tiny_configs)
 from fisher_ref.conformance.engine import Context, PropertyResult, not_provided, run_property
 from fisher_ref.losses import causal_lm_loss
 
@@ -51,7 +52,7 @@ def pvalues_positive(adapter, ctx: Context) -> PropertyResult:
 
     def describe(example):
         config, a, b, seed = example
-        return (f"model {config.make_id()}; task A {a.describe()}; task B {b.describe()}; "
+        return (f"{describe_model(config)}; task A {a.describe()}; task B {b.describe()}; "
                 f"n_permutations={N_PERMUTATIONS}, seed={seed}")
 
     return run_property(name, needs, _distinct_tasks(ctx), body, describe, ctx)
@@ -82,8 +83,10 @@ def pvalues_calibrated(adapter, ctx: Context) -> PropertyResult:
 
     strategy = st.tuples(tiny_configs(ctx.archs, max_layers=1), st.integers(0, 2**16))
     return run_property(name, needs, strategy, body,
-                        lambda e: f"model {e[0].make_id()}; rows random_batch(seed={e[1]} + r), "
-                                  f"4 + 4 rows of 5 tokens, r < {CALIBRATION_REPEATS}", ctx,
+                        lambda e: f"{describe_model(e[0])}; for r < {CALIBRATION_REPEATS}: task A "
+                                  f"DataSpec(seed={e[1]} + 2r, batch_size=4, seq_len=5), task B "
+                                  f"DataSpec(seed={e[1]} + 2r + 1, batch_size=4, seq_len=5), "
+                                  f"n_permutations={N_PERMUTATIONS}, seed=r", ctx,
                         max_examples=max(1, ctx.max_examples // 3))
 
 

@@ -80,3 +80,18 @@ BAD_INPUT = [
 def test_bad_input_raises_value_error(fn, kwargs, message):
     with pytest.raises(ValueError, match=message):
         fn(**kwargs)
+
+
+class _NoCapabilities:
+    name = "typo"
+
+    def empirical_fishr(self, model, batches, *, loss_fn):  # misspelt: provides nothing
+        raise NotImplementedError
+
+
+def test_nothing_provided_is_an_error_or_no_pass():
+    with pytest.raises(ValueError, match="expected at least one capability method"):
+        run_conformance(_NoCapabilities())
+    report = run_conformance(OnlyQValues(), properties=["loss_scaling"])
+    assert report.counts() == {"pass": 0, "fail": 0, "not provided": 1} and not report.passed
+    assert "nothing was checked" in report.table()

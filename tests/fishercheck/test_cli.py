@@ -1,6 +1,7 @@
 """The fishercheck CLI: the main job on the embedded default, and the conformance gate."""
 
 import json
+import re
 
 import pytest
 
@@ -96,3 +97,24 @@ def test_run_on_a_local_checkpoint_and_jsonl(tmp_path, with_weights):
     assert report["tasks"]["A"]["n_units"] == 5 and report["tasks"]["B"]["n_units"] == 3
     assert report["meta"]["trained"] is with_weights
     assert ("randomly initialised" in (out / "report.md").read_text()) is not with_weights
+
+
+def _conform_output(capsys, *args):
+    code = main(["conform", *args])
+    out = capsys.readouterr().out
+    return code, re.sub(r"\d+\.\d+( s\))?", "<t>", out)  # seconds vary between runs
+
+
+def test_conform_prints_the_same_pasteable_counterexample_twice(capsys):
+    args = ("--impl", "tests.conformance.mutants.p_zero:Adapter", "--property", "pvalues_positive")
+    code, first = _conform_output(capsys, *args)
+    assert code == 1 and _conform_output(capsys, *args) == (1, first)
+    assert "pvalues_positive" in first and "FAIL" in first
+    assert "= TinyConfig(arch=" in first and "attention_mask=[[" in first, first
+
+
+def test_conform_rejects_an_adapter_without_capabilities(tmp_path, capsys, monkeypatch):
+    (tmp_path / "empty_adapter.py").write_text("class Adapter:\n    def fisher(self): ...\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert main(["conform", "--impl", "empty_adapter:Adapter"]) == 2
+    assert "expected at least one capability method" in capsys.readouterr().err

@@ -9,20 +9,24 @@ BETA = 0.9
 
 
 class EmaCollector(FisherCollector):
+    """E[g²] as an EMA of per-batch means (the defect); E[g], contributions stay right."""
+
     def update(self, batch):
         sq = {n: 0 * p for n, p in self.sum_sq.items()}
         n_rows = 0
-        for _, grads in self.sample_gradients(batch):
+        for sid, grads in self.sample_gradients(batch):
+            self.store_contribution(sid, grads)
             for n, g in grads.items():
                 sq[n] = sq[n] + g * g
+                self.sum_g[n] += g
             n_rows += 1
         if n_rows == 0:
             return
+        self.count += n_rows
         self.steps = getattr(self, "steps", 0) + 1
         for n in sq:
             x = sq[n] / n_rows
             self.sum_sq[n] = x if self.steps == 1 else BETA * self.sum_sq[n] + (1 - BETA) * x
-        self.count = 1
 
     def fisher(self):
         return {n: s / (1 - BETA ** self.steps) for n, s in self.sum_sq.items()}

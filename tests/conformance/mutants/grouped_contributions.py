@@ -18,3 +18,4 @@ class GroupedCollector(FisherCollector):
 class Adapter(CollectorAdapter):
     name = "mutant:grouped_contributions"
     collector_class = GroupedCollector
+    interference = None  # needs contributions at full shape to slice heads: impossible here

@@ -5,7 +5,8 @@ import torch
 from .collector import CollectorAdapter, FisherCollector, active_label_counts
 
 DEFECT = "sum micro-batch gradients then square"
-FAILS = {"empirical_fisher_agreement", "micro_batch_invariance"}
+FAILS = {"empirical_fisher_agreement", "micro_batch_invariance", "split_invariance",
+         "duplication_invariance"}
 
 
 class BatchGradientCollector(FisherCollector):
@@ -26,3 +27,7 @@ class BatchGradientCollector(FisherCollector):
 class Adapter(CollectorAdapter):
     name = "mutant:sum_then_square"
     collector_class = BatchGradientCollector
+    # One backward per batch: this collector has no per-sample gradients, so it offers only
+    # the estimators (and its conflict test, which takes per-sample gradients separately).
+    per_sample_contributions = None
+    interference = None

@@ -1,0 +1,102 @@
+"""The main job on a user's local Hugging Face checkpoint (save_pretrained), never downloading."""
+
+import json
+import re
+
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+from fisher_ref.testing.models import TinyConfig, build_model
+from fishercheck.cli import main
+
+WORDS = ["[UNK]", "[PAD]", "hello", "world", "foo", "bar", "baz", "one", "two", "three", "four"]
+
+
+def save_tokenizer(directory):
+    """A word-level tokenizer of 11 words, saved as tokenizer.save_pretrained does."""
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]",
+                            pad_token="[PAD]").save_pretrained(directory)
+
+
+@pytest.fixture(scope="module")
+def tasks(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tasks")
+    (d / "a.txt").write_text("hello world foo\nfoo bar\n\nbaz hello two world\n")
+    (d / "b.jsonl").write_text("".join(json.dumps({"text": t}) + "\n"
+                                       for t in ("one two three", "four one", "three three two")))
+    return d / "a.txt", d / "b.jsonl"
+
+
+def checkpoint(tmp_path, arch, tokenizer=True):
+    d = tmp_path / arch
+    build_model(TinyConfig(arch=arch, num_layers=1, num_heads=2, head_dim=4,
+                           vocab_size=len(WORDS)), dtype=torch.float32).save_pretrained(d)
+    if tokenizer:
+        save_tokenizer(d)
+    return d
+
+
+def run(model, tasks, out, *extra):
+    return main(["run", "--model", str(model), "--task-a", str(tasks[0]), "--task-b", str(tasks[1]),
+                 "--out", str(out), "--pairs", "2", "--permutations", "19", "--no-plots", *extra])
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_run_on_a_saved_checkpoint(tmp_path, tasks, arch):
+    model = checkpoint(tmp_path, arch)
+    assert run(model, tasks, tmp_path / "out") == 0
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["meta"]["model"] == str(model) and report["meta"]["trained"] is True
+    assert report["tasks"]["A"]["n_units"] == 3 and report["tasks"]["B"]["n_units"] == 3
+    assert [r["layer"] for r in report["tasks"]["A"]["per_layer"]][1] == "layer 0"
+
+
+def test_tokenizer_from_another_directory(tmp_path, tasks):
+    model = checkpoint(tmp_path, "gpt2", tokenizer=False)
+    save_tokenizer(tmp_path / "tok")
+    assert run(model, tasks, tmp_path / "out", "--tokenizer", str(tmp_path / "tok")) == 0
+
+
+def _no_tokenizer(tmp_path):
+    return checkpoint(tmp_path, "gpt2", tokenizer=False), ()
+
+
+def _foreign_tokenizer(tmp_path):  # ids beyond a 5-word model's vocabulary
+    d = tmp_path / "small"
+    build_model(TinyConfig(arch="gpt2", num_layers=1, num_heads=2, head_dim=4, vocab_size=5),
+                dtype=torch.float32).save_pretrained(d)
+    save_tokenizer(d)
+    return d, ()
+
+
+def _missing_tokenizer_dir(tmp_path):
+    return checkpoint(tmp_path, "gpt2", tokenizer=False), ("--tokenizer", str(tmp_path / "nope"))
+
+
+def _not_a_checkpoint(tmp_path):
+    (tmp_path / "plain").mkdir()
+    return tmp_path / "plain", ()
+
+
+BAD_CHECKPOINTS = [
+    pytest.param(_no_tokenizer, "expected tokenizer files in .*never downloads", id="no-tokenizer"),
+    pytest.param(_foreign_tokenizer, "expected token ids below the model's vocabulary size 5",
+                 id="foreign-tokenizer"),
+    pytest.param(_missing_tokenizer_dir, "--tokenizer: expected a local tokenizer directory",
+                 id="missing-tokenizer-dir"),
+    pytest.param(_not_a_checkpoint, "expected a Hugging Face checkpoint directory with a config",
+                 id="no-config"),
+]
+
+
+@pytest.mark.parametrize("make, message", BAD_CHECKPOINTS)
+def test_bad_checkpoint_exits_2_with_a_message(tmp_path, tasks, capsys, make, message):
+    model, extra = make(tmp_path)
+    capsys.readouterr()  # save_pretrained's progress bar
+    assert run(model, tasks, tmp_path / "out", *extra) == 2
+    err = capsys.readouterr().err
+    assert re.search("^fishercheck run: error: .*" + message, err, re.M), err
