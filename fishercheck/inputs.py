@@ -92,6 +92,7 @@ def load_model(path: str | None, tokenizer_path: str | None = None) -> Inputs:
     else:
         tokenizer = load_tokenizer(directory)
     weights = any(directory.glob("*.safetensors")) or any(directory.glob("*.bin"))
+    tf.utils.logging.disable_progress_bar()  # no "Loading weights" bar in the CLI's output
     if weights:
         model = tf.AutoModelForCausalLM.from_pretrained(directory, local_files_only=True,
                                                         attn_implementation="eager")
