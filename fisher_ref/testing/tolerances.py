@@ -60,6 +60,93 @@ TOLERANCES: dict[tuple[str, torch.dtype], tuple[float, float, str]] = {
         "flips that deep models amplify (1e-7..1e-5 relative on a token's NLL); dropout or "
         "batch statistics move a loss by 1e-2 or more. A guard, not a measurement",
     ),
+    ("float64-ulps", torch.float64): (
+        1e-15, 0.0,
+        "one float64 value reached by two formulas with a handful of roundings each (a hand-worked "
+        "constant such as 0.16 / 3 or 2 ** -0.5, the same q-values recomputed, a sum of <= 12 "
+        "squares regrouped): each rounding is <= 2^-53 relative and they partly cancel, so the "
+        "results differ by a few ulps; 1e-15 admits ~4. No atol: the values are positive or "
+        "exactly zero in both",
+    ),
+    ("fdr-float64", torch.float64): (
+        1e-14, 0.0,
+        "step-up q-values (BH/BY) computed by two algorithms, ours and statsmodels' multipletests "
+        "or fisher_fast's and fisher_ref's: each q is m p / rank (times BY's harmonic sum, added "
+        "in another order) and a running minimum, about 5 roundings, so a few ulps apart; 1e-14 "
+        "is ~45 ulps. No atol: q >= p > 0 on every input tested",
+    ),
+    ("fdr-any-implementation", torch.float64): (
+        1e-12, 1e-15,
+        "conformance check of an adapter's q-values against statsmodels: any correct step-up "
+        "implementation (its own sort, cumulative minimum and BY factor) must pass, so the "
+        "relative tolerance allows 100x the few-ulps spread of two implementations; the atol "
+        "covers q-values of p drawn as small as 1e-8, where ulp differences are ~1e-24",
+    ),
+    ("float64-reorder", torch.float64): (
+        1e-12, 0.0,
+        "two float64 computations of the same small sum in different orders: total weights, "
+        "weighted means, sums of squares, and the cosine statistics (mean cosine, null mean, "
+        "z-score, tie detection) of one gradient slice taken two ways, whose dot products are "
+        "summed in another order: error ~ n_terms * 2^-52, ~1e-14 for the < 100 terms tested; "
+        "1e-12 leaves a 100x margin. No atol: the values compared are positive, exactly zero in "
+        "both, or seeded cosine statistics no smaller than ~4e-3, where an absolute rounding "
+        "error of ~1e-16 is still < 1e-13 relative",
+    ),
+    ("float64-reorder-signed", torch.float64): (
+        1e-12, 1e-12,
+        "as float64-reorder, for sums of signed terms (masked sums of N(0, 1) values): such a sum "
+        "can cancel to near zero, where relative error is meaningless, so an atol of 1e-12 covers "
+        "n_terms * 2^-52 * max |term| for the few dozen O(1) terms summed",
+    ),
+    ("float64-cast-placement", torch.float64): (
+        1e-13, 0.0,
+        "one float64 computation from identical float32-representable inputs, with the upcast "
+        "done by the caller or inside the function: only the order of a few float64 sums can "
+        "differ (~1e-15); 1e-13 leaves a 100x margin, while computing in float32 would be off "
+        "by ~1e-7",
+    ),
+    ("ghost-norm", torch.float64): (
+        1e-12, 1e-15,
+        "per-row squared gradient norms (or group sums of them) by the Gram identity "
+        "sum_t,t' (dy_t . dy_t') (x_t . x_t') against materialised per-row gradients squared: "
+        "the Gram sum has signed cross terms over <= 25 token pairs, error ~ T^2 * 2^-52 times "
+        "sum |terms|, which is the size of the positive result for random data, so ~1e-14 "
+        "relative; 1e-12 leaves a 100x margin and the atol covers entries that are ~0",
+    ),
+    ("welford-m2", torch.float64): (
+        1e-10, 0.0,
+        "M2 of columns with mean 50-100 and sd ~1 (cancellation bait) by merged Welford/Chan "
+        "states or shifted sums against a two-pass sum of squared deviations: the one-pass forms "
+        "lose ~ (mean / sd)^2 * 2^-52 ~ 1e-12 relative; 1e-10 leaves a 100x margin, while a "
+        "naive E[x^2] - mean^2 would be off by ~1e-8. No atol: M2 > 0 or exactly 0",
+    ),
+    ("variance-by-subtraction", torch.float64): (
+        1e-10, 1e-12,
+        "a variance compared with second moment minus squared mean (or Fisher minus squared mean "
+        "gradient): the subtraction cancels, losing ~ (E[x^2] / Var x) * 2^-52 relative, and "
+        "entries whose variance is ~0 keep an absolute error ~ 2^-52 * E[x^2], covered by the "
+        "atol for the O(1) moments tested",
+    ),
+    ("float64-scalar", torch.float64): (
+        1e-9, 0.0,
+        "an O(1) scalar summary (permutation z-score, bootstrap percentile interval, top "
+        "interference score against its hand value) from float64 statistics by two paths "
+        "(vectorised vs a plain loop; a denominator regularised by eps = 1e-12): ~1e-12 "
+        "relative after the cancellation in obs - mean(null); 1e-9 as in float64-paths. No "
+        "atol: these scalars are far from zero in the tests that use this row",
+    ),
+    ("null-summary", torch.float64): (
+        1e-9, 1e-12,
+        "mean and sd of a permutation null and a bootstrap interval of cosines from two float64 "
+        "paths: relative error as float64-paths, and an atol for an sd that is pure rounding "
+        "noise (~1e-16) when every permutation gives the same cosine",
+    ),
+    ("permutation-effect", torch.float64): (
+        1e-7, 0.0,
+        "effect = (obs - null_mean) / null_sd, compared only where null_sd > 1e-9: cosine "
+        "differences of ~1e-16 between two float64 paths are divided by an sd that small, so "
+        "~1e-7 relative on the effect",
+    ),
     ("semantic-check-bias", torch.float64): (
         0.0, 1e-6,
         "a key bias shifts each attention row by a constant, which softmax ignores, but the "

@@ -7,6 +7,10 @@ import pytest
 from statsmodels.stats.multitest import multipletests
 
 from fisher_fast.fdr import bh_qvalues, by_qvalues
+from fisher_ref.testing.tolerances import tolerance
+
+ULPS = dict(zip(("rtol", "atol"), tolerance("float64-ulps")))
+FDR = dict(zip(("rtol", "atol"), tolerance("fdr-float64")))
 
 
 def test_hand_worked_bh_and_by():
@@ -15,8 +19,8 @@ def test_hand_worked_bh_and_by():
     bh = [0.04, 0.16 / 3, 0.16 / 3, 0.5]
     c = 1 + 1 / 2 + 1 / 3 + 1 / 4
     by = [min(1.0, c * x) for x in bh]
-    np.testing.assert_allclose(bh_qvalues(p), bh, rtol=1e-15, atol=0)
-    np.testing.assert_allclose(by_qvalues(p), by, rtol=1e-15, atol=0)
+    np.testing.assert_allclose(bh_qvalues(p), bh, **ULPS)
+    np.testing.assert_allclose(by_qvalues(p), by, **ULPS)
 
 
 @pytest.mark.parametrize("seed", range(5))
@@ -27,7 +31,7 @@ def test_equal_statsmodels_with_ties_and_ones(seed):
     p[[0, 11]] = 1.0             # ones
     for fn, method in ((bh_qvalues, "fdr_bh"), (by_qvalues, "fdr_by")):
         want = multipletests(p, method=method)[1]
-        np.testing.assert_allclose(fn(p), want, rtol=1e-13, atol=0)
+        np.testing.assert_allclose(fn(p), want, **FDR)
 
 
 def test_q_is_monotone_in_p():

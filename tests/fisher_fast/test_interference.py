@@ -13,6 +13,7 @@ from fisher_fast.results import PerUnit
 from fisher_ref.testing.tolerances import tolerance
 
 RTOL, ATOL = tolerance("float64-paths")
+SCALAR_RTOL, SCALAR_ATOL = tolerance("float64-scalar")
 
 
 def _layout(d_in=1, heads=2, kv=1):
@@ -83,7 +84,7 @@ def test_top_k_order_ids_and_ties():
     assert got[4:6] == [("Q", 0, 0, "a_0", "b_0"), ("Q", 0, 0, "a_0", "b_1")]
     # zeros tie: (block, layer, head, i, j) order
     assert got[6:] == [("Q", 0, 1, "a_1", "b_0"), ("Q", 0, 1, "a_1", "b_1")]
-    assert res.top_k[0]["score"] == pytest.approx(8.0, rel=1e-9)
+    assert res.top_k[0]["score"] == pytest.approx(8.0, rel=SCALAR_RTOL, abs=SCALAR_ATOL)
 
 
 def test_identity_mean_over_a_is_l1_norm_of_g_b():

@@ -12,6 +12,7 @@ from fisher_ref.testing.batches import random_batch
 from fisher_ref.testing.models import TinyConfig, build_model
 from fisher_ref.testing.tolerances import tolerance
 
+SIGNED = dict(zip(("rtol", "atol"), tolerance("float64-reorder-signed")))
 CFGS = [
     TinyConfig(arch="gpt2"),
     TinyConfig(arch="llama", num_heads=4, num_kv_heads=2, head_dim=2, hidden=12, attention_bias=True),
@@ -134,7 +135,7 @@ def test_per_head_sum_is_masked_sum(cfg):
         for h in range(la.num_heads):
             want = sum((x[n] * m).flatten(1).sum(1)
                        for n, m in qkov_mask(model, 0, h, block, include_bias=True).items())
-            torch.testing.assert_close(got[:, h], want, rtol=1e-12, atol=1e-12)
+            torch.testing.assert_close(got[:, h], want, **SIGNED)
 
 
 def _gpt2():

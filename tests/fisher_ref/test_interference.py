@@ -13,6 +13,7 @@ from fisher_ref.testing.tolerances import tolerance
 from fisher_ref.units import per_sample_gradients
 
 RTOL, ATOL = tolerance("float64-paths")
+CAST = dict(zip(("rtol", "atol"), tolerance("float64-cast-placement")))
 
 # one layer, separate projections, H = H_kv = 2, head_dim = 1, d = 2
 HAND = AttentionLayout("declared", (LayerAttention(
@@ -186,7 +187,7 @@ def test_float32_gradients_are_computed_in_float64(phi3):
     got, want = interference_from_gradients(a32, b32, lay), interference_from_gradients(a64, b64, lay)
     for block in want:
         assert got[block].dtype == torch.float64
-        torch.testing.assert_close(got[block], want[block], rtol=1e-13, atol=0.0)
+        torch.testing.assert_close(got[block], want[block], **CAST)
 
 
 def test_signed_top_k_ranks_by_magnitude_and_keeps_the_sign():
