@@ -37,14 +37,13 @@ def chunk_losses(model, loss, sub: dict, units, uniforms: torch.Tensor | None):
     n = logits.shape[0]
     ar = torch.arange(n, device=logits.device)
     if units.unit == "sample":  # drawn labels at every active position
-        u = uniforms[units.rows, :, units.draw]  # [n, T]
-        drawn = draw_labels(logits, u).to(targets.device)
-        drawn = torch.where(targets != IGNORE_INDEX, drawn, torch.full_like(drawn, IGNORE_INDEX))
+        u = uniforms[units.rows, :, units.draw]  # [n, T] (CPU; moved to the logits' device)
+        drawn = draw_labels(logits, u, targets != IGNORE_INDEX, fill=IGNORE_INDEX)
         return reduce_rows(token_nll(logits, drawn), drawn, loss.reduction), weights
     pos = units.pos.to(logits.device)
     z = logits[ar, pos]  # [n, C]
     if units.draw is not None:
-        label = draw_labels(z, uniforms[units.rows, units.pos, units.draw]).to(z.device)
+        label = draw_labels(z, uniforms[units.rows, units.pos, units.draw])
     elif units.cls is not None:
         label = units.cls.to(z.device)
         p = torch.softmax(z.detach().double(), dim=-1)[ar, label]
@@ -68,8 +67,9 @@ def shared_draw_losses(logits, targets, units, uniforms, reduction: str) -> torc
     if units.unit == "sample":  # drawn labels at every active position
         u = uniforms[units.rows]  # [n, T, K]
         u = u.gather(2, k[:, None, :].expand(-1, u.shape[1], -1))  # [n, T, q]
-        drawn = draw_label_sets(logits, u).to(logits.device)
-        active = (targets != IGNORE_INDEX).unsqueeze(-1)  # [n, T, 1]
+        active = targets != IGNORE_INDEX  # [n, T]
+        drawn = draw_label_sets(logits, u, active)  # [n, T, q], class 0 where inactive
+        active = active.unsqueeze(-1)  # [n, T, 1]
         nll = -torch.log_softmax(logits, dim=-1).gather(-1, drawn)  # [n, T, q]
         total = torch.where(active, nll, torch.zeros_like(nll)).sum(dim=1)  # [n, q]
         if reduction == "sum":
@@ -78,5 +78,5 @@ def shared_draw_losses(logits, targets, units, uniforms, reduction: str) -> torc
     ar = torch.arange(logits.shape[0], device=logits.device)
     z = logits[ar, units.pos.to(logits.device)]  # [n, C]
     u = uniforms[units.rows, units.pos].gather(1, k)  # [n, q]
-    drawn = draw_label_sets(z, u).to(z.device)  # [n, q]
+    drawn = draw_label_sets(z, u)  # [n, q]
     return -torch.log_softmax(z, dim=-1).gather(-1, drawn)

@@ -5,7 +5,7 @@ import zlib
 
 import torch
 
-from fisher_fast.label_draws import draw_labels, row_seed, row_uniforms
+from fisher_fast.label_draws import draw_label_sets, draw_labels, row_seed, row_uniforms
 
 
 def test_inverse_cdf_picks_the_first_class_whose_cdf_exceeds_u():
@@ -27,3 +27,25 @@ def test_uniforms_depend_only_on_the_row_id():
     g = torch.Generator("cpu").manual_seed(row_seed(3, "x"))
     torch.testing.assert_close(a[0], torch.rand((4, 2), dtype=torch.float64, generator=g), rtol=0, atol=0)
     assert not math.isclose(float(a[0, 0, 0]), float(a[1, 0, 0]))
+
+
+def test_draws_do_not_depend_on_dtype_slicing_or_active_positions():
+    g = torch.Generator("cpu").manual_seed(0)
+    logits = (3 * torch.randn((3, 7, 11), generator=g)).float()  # float32 logits
+    u = torch.rand((3, 7, 4), dtype=torch.float64, generator=g)
+    active = torch.rand((3, 7), generator=g) > 0.3
+    # the oracle's formula, per position on the CPU
+    cdf = torch.cumsum(torch.softmax(logits.double(), dim=-1), dim=-1)
+    # two draws right at a float64 boundary (any other rounding of the cdf would flip some)
+    u[..., 2] = cdf[..., 4]  # -> class 5: cdf must exceed u
+    u[..., 3] = torch.nextafter(cdf[..., 4], torch.tensor(0.0, dtype=torch.float64))  # -> 4
+    want = torch.searchsorted(cdf, u, right=True).clamp(max=10)
+    assert (want[..., 2] == 5).all() and (want[..., 3] == 4).all()
+    for z in (logits, logits.double()):
+        for slice_bytes in (1 << 27, 8 * 11, 3 * 8 * 11):  # one slice; one position; three
+            got = draw_label_sets(z, u, slice_bytes=slice_bytes)
+            assert torch.equal(got, want)
+            got = draw_label_sets(z, u, active, fill=-100, slice_bytes=slice_bytes)
+            assert torch.equal(got, torch.where(active[..., None], want, -100))
+            one = draw_labels(z, u[..., 1], active, fill=-100, slice_bytes=slice_bytes)
+            assert torch.equal(one, torch.where(active, want[..., 1], -100))
