@@ -149,12 +149,18 @@ def _gpt2(path, module, model):
         return None
     config = _config_of(model, module)
     H, _ = _heads(config, gqa=False)
-    w = f"{path}.c_attn.weight"
-    return dict(module=path, o_module=f"{path}.c_proj", kind="gpt2", packing="fused_blocks",
-                orientation="conv1d", q=w, k=w, v=w, o=f"{path}.c_proj.weight",
-                q_bias=f"{path}.c_attn.bias", k_bias=f"{path}.c_attn.bias",
-                v_bias=f"{path}.c_attn.bias", o_bias=f"{path}.c_proj.bias", num_heads=H,
-                num_kv_heads=H, head_dim=_head_dim(module, config, H, "head_dim"))
+    return _fused(path, "c_attn", "c_proj", kind="gpt2", packing="fused_blocks",
+                  orientation="conv1d", heads=H, kv_heads=H,
+                  head_dim=_head_dim(module, config, H, "head_dim"))
+
+
+def _fused(path, qkv, o, *, kind, packing, orientation, heads, kv_heads, head_dim) -> dict:
+    """The entry of a layer whose Q, K and V live in one tensor ``{path}.{qkv}``."""
+    w, b = f"{path}.{qkv}.weight", f"{path}.{qkv}.bias"
+    return dict(module=path, o_module=f"{path}.{o}", kind=kind, packing=packing,
+                orientation=orientation, q=w, k=w, v=w, o=f"{path}.{o}.weight", q_bias=b,
+                k_bias=b, v_bias=b, o_bias=f"{path}.{o}.bias", num_heads=heads,
+                num_kv_heads=kv_heads, head_dim=head_dim)
 
 
 def _llama(path, module, model):
@@ -179,11 +185,9 @@ def _phi3(path, module, model):
         return None
     config = _config_of(model, module)
     H, kv = _heads(config, gqa=True)
-    w, b = f"{path}.qkv_proj.weight", f"{path}.qkv_proj.bias"
-    return dict(module=path, o_module=f"{path}.o_proj", kind="phi3", packing="fused_blocks",
-                orientation="linear", q=w, k=w, v=w, o=f"{path}.o_proj.weight", q_bias=b,
-                k_bias=b, v_bias=b, o_bias=f"{path}.o_proj.bias", num_heads=H, num_kv_heads=kv,
-                head_dim=_head_dim(module, config, H, "head_dim"))
+    return _fused(path, "qkv_proj", "o_proj", kind="phi3", packing="fused_blocks",
+                  orientation="linear", heads=H, kv_heads=kv,
+                  head_dim=_head_dim(module, config, H, "head_dim"))
 
 
 def _neox(path, module, model):
@@ -192,11 +196,9 @@ def _neox(path, module, model):
         return None
     config = _config_of(model, module)
     H, _ = _heads(config, gqa=False)
-    w, b = f"{path}.query_key_value.weight", f"{path}.query_key_value.bias"
-    return dict(module=path, o_module=f"{path}.dense", kind="gpt_neox", packing="fused_per_head",
-                orientation="linear", q=w, k=w, v=w, o=f"{path}.dense.weight", q_bias=b,
-                k_bias=b, v_bias=b, o_bias=f"{path}.dense.bias", num_heads=H, num_kv_heads=H,
-                head_dim=_head_dim(module, config, H, "head_size"))
+    return _fused(path, "query_key_value", "dense", kind="gpt_neox", packing="fused_per_head",
+                  orientation="linear", heads=H, kv_heads=H,
+                  head_dim=_head_dim(module, config, H, "head_size"))
 
 
 def _bert(path, module, model):
