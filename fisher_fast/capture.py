@@ -34,6 +34,11 @@ def _expand(values, n):
                  and v.shape[0] == 1 else v for v in values)
 
 
+#: CPU bytes of one block of a weight's per-row gradients (``Capture._parts``): small
+#: enough for the shift, square and sums to run in cache, large enough for the products.
+PART_BYTES = 4 << 20
+
+
 class Capture:
     """Context manager: hooks installed on enter, removed on exit.
 
@@ -115,7 +120,8 @@ class Capture:
                                 tuple(module.weight.shape))
             return None
         ghost = self._ghost_plan(entry, rule, saved, dy)  # (axis, unit -> group) or None
-        full_attrs = tuple(a for a in attrs if not (ghost and a == "weight"))
+        parts = None if ghost else self._parts(entry, rule, dy)
+        full_attrs = tuple(a for a in attrs if not ((ghost or parts) and a == "weight"))
         was = self.paused
         self.paused = True  # functorch re-runs the module: its children must not be captured
         try:
@@ -127,6 +133,8 @@ class Capture:
                                     device=norms.device)
                     f.index_add_(1, groups, norms)
                     self.sink.add_groups(entry.names["weight"], f, sl.start)
+                if parts:
+                    self._deliver_parts(entry, rule, saved, dy, sl, parts)
                 if full_attrs:
                     grads = rule.grads(module, saved, dy, sl, self.dtype, full_attrs)
                     for a, g in grads.items():
@@ -134,6 +142,34 @@ class Capture:
         finally:
             self.paused = was
         return None
+
+    def _parts(self, entry, rule, dy) -> int | None:
+        """Rows of the weight's first axis per block when its per-row gradient can go to the
+        sink block by block (a weight used once whose sink wants only its per-element
+        moments); ``None`` otherwise. On the CPU a block of a slice holds about
+        ``PART_BYTES``, so that forming it, shifting, squaring and summing it stay in cache
+        (the head of a 50257-token vocabulary: 2.5x faster than whole slices); elsewhere
+        one block is the whole weight."""
+        name = entry.names.get("weight")
+        takes = getattr(self.sink, "takes_parts", None)
+        if (name is None or not hasattr(rule, "weight_part") or takes is None
+                or self.uses.get(name, 0) != 1 or not takes(name)):
+            return None
+        weight = entry.module.weight
+        if dy.device.type != "cpu":
+            return weight.shape[0]
+        rows = self._slices(entry)[0]
+        per_block_row = (rows.stop - rows.start) * weight[0].numel() * \
+            torch.finfo(self.dtype).bits // 8
+        return max(1, min(weight.shape[0], PART_BYTES // max(per_block_row, 1)))
+
+    def _deliver_parts(self, entry, rule, saved, dy, sl, rows_per_part):
+        module, name = entry.module, entry.names["weight"]
+        shape = tuple(module.weight.shape)
+        for a in range(0, shape[0], rows_per_part):
+            part = slice(a, min(a + rows_per_part, shape[0]))
+            g = rule.weight_part(module, saved, dy, sl, self.dtype, part)
+            self.sink.add_part(name, g, sl.start, part, shape)
 
     def _sparse(self, entry, rule) -> bool:
         """Embedding statistics from (row, token) pairs when the weight has this one use (a

@@ -61,6 +61,16 @@ class LinearRule:
     def _weight(self, xs, ds):
         return torch.einsum("nto,nti->noi", ds, xs)
 
+    def weight_part(self, module, x, dy, sl, dtype, part: slice):
+        """Rows ``sl`` of the weight's per-row gradient, block ``part`` of its first axis
+        only (``[s, *weight.shape[part]]``): the head of a large vocabulary block by block,
+        so that each block stays in cache and no ``[s, V, d]`` tensor is formed."""
+        xs, ds = _rows(x, sl, dtype), _rows(dy, sl, dtype)
+        return self._weight_part(xs, ds, part)
+
+    def _weight_part(self, xs, ds, part):
+        return self._weight(xs, ds[..., part])
+
     def ghost_cost(self, module, x, dy) -> tuple[int, int]:
         """(materialise, Gram) multiply-adds per row for the weight's group norms."""
         T, i, o = x[0].numel() // x.shape[-1], x.shape[-1], dy.shape[-1]
@@ -92,6 +102,9 @@ class Conv1DRule(LinearRule):
 
     def _weight(self, xs, ds):
         return torch.einsum("nti,nto->nio", xs, ds)
+
+    def _weight_part(self, xs, ds, part):
+        return self._weight(xs[..., part], ds)
 
 
 class EmbeddingRule:

@@ -61,17 +61,24 @@ class Moments:
         s, V = w.shape[0], shape[0]
         W = w.sum()
         tiny = torch.finfo(W.dtype).tiny
+        # only the indices some unit touches get non-zero moments: work on those (U ≤ P
+        # rows, e.g. the tokens of a batch against a 50257-token vocabulary), then scatter
+        touched, at = torch.unique(cols, return_inverse=True)
         wp = w[rows].reshape(-1, *([1] * (values.dim() - 1)))
-        mean = torch.zeros(shape, dtype=values.dtype, device=values.device)
-        mean.index_add_(0, cols, values * wp)
-        mean /= W.clamp(min=tiny)
-        dev = values - mean[cols]
+        mean_t = torch.zeros((touched.shape[0], *shape[1:]), dtype=values.dtype,
+                             device=values.device)
+        mean_t.index_add_(0, at, values * wp)
+        mean_t /= W.clamp(min=tiny)
+        dev = values - mean_t[at]
         dev.square_()
-        m2 = torch.zeros_like(mean).index_add_(0, cols, dev.mul_(wp))
+        m2_t = torch.zeros_like(mean_t).index_add_(0, at, dev.mul_(wp))
         missing = torch.ones(s * V, dtype=w.dtype, device=w.device)
         missing.index_fill_(0, rows * V + cols, 0)
-        w_missing = w @ missing.view(s, V)  # [V]: weight of the units that do not touch v
-        m2 += w_missing.reshape(-1, *([1] * (values.dim() - 1))) * mean.square()
+        w_missing = w @ missing.view(s, V)[:, touched]  # weight of the units that miss v
+        m2_t.addcmul_(w_missing.reshape(-1, *([1] * (values.dim() - 1))) * mean_t, mean_t)
+        mean = torch.zeros(shape, dtype=values.dtype, device=values.device)
+        m2 = torch.zeros_like(mean)
+        mean[touched], m2[touched] = mean_t, m2_t
         return Moments(W, mean, m2)
 
     def merge(self, other: "Moments") -> "Moments":
@@ -80,9 +87,19 @@ class Moments:
         delta = other.mean - self.mean
         return Moments(W, self.mean + delta * r, self.m2 + other.m2 + delta.square() * self.W * r)
 
+    def merge_(self, other: "Moments") -> "Moments":
+        """``merge`` computed in ``self``'s tensors (which must be owned by the caller)."""
+        W = self.W + other.W
+        r = other.W / W.clamp(min=torch.finfo(W.dtype).tiny)
+        delta = other.mean - self.mean
+        self.mean.addcmul_(delta, r)
+        self.m2.add_(other.m2).addcmul_(delta.square_(), self.W * r)
+        self.W = W
+        return self
+
     def second_moment(self) -> torch.Tensor:
         """Weighted mean of x²: ``M2 / W + mean²``."""
-        return self.m2 / self.W + self.mean.square()
+        return torch.addcmul(self.m2 / self.W, self.mean, self.mean)
 
     def variance(self) -> torch.Tensor:
         """Weighted population variance ``M2 / W``."""

@@ -59,25 +59,44 @@ class ShiftedSums:
     parameter per slice, unlike a Chan merge per slice), and the shift keeps
     ``M2 = S2 − S1² / W`` free of the cancellation of raw sums: |mean − K| is of the order
     of one standard deviation. M2 is clamped at 0 against rounding only.
+
+    A slice may cover only a block of the parameter's first axis (``part``): then K of that
+    block is the first unit's block, and W is counted with the block that starts at 0.
     """
 
-    def __init__(self, first: torch.Tensor):
-        self.K = first.clone()
-        self.W = torch.zeros((), dtype=first.dtype, device=first.device)
-        self.S1 = torch.zeros_like(first)
-        self.S2 = torch.zeros_like(first)
+    def __init__(self, shape, dtype, device):
+        self.K = torch.empty(shape, dtype=dtype, device=device)
+        self.W = torch.zeros((), dtype=dtype, device=device)
+        self.S1 = torch.empty(shape, dtype=dtype, device=device)  # written by the first
+        self.S2 = torch.empty(shape, dtype=dtype, device=device)  # rows (beta = 0)
+        self.started: set = set()  # blocks (or None: the whole) that have their K
 
-    def add(self, g: torch.Tensor, w: torch.Tensor) -> None:
-        d = (g - self.K).reshape(g.shape[0], -1)
-        self.W += w.sum()
-        self.S1.view(-1).addmv_(d.T, w)
+    def add(self, g: torch.Tensor, w: torch.Tensor, part: slice | None = None,
+            owned: bool = False) -> None:
+        """More rows of the chunk, ``g: [s, *shape]`` (or ``[s, *shape[part]]``), weights
+        ``w``. ``owned``: ``g`` may be overwritten (saves a copy)."""
+        whole = part is None
+        K, S1, S2 = (self.K, self.S1, self.S2) if whole else \
+            (self.K[part], self.S1[part], self.S2[part])
+        key = None if whole else (part.start, part.stop)
+        first = key not in self.started  # several backward passes (MC draws) may follow
+        if first:
+            K.copy_(g[0])
+            self.started.add(key)
+        if whole or not part.start:
+            self.W += w.sum()
+        beta = 0 if first else 1  # the first rows overwrite S1, S2 (NaN-safe in torch)
+        d = (g.sub_(K) if owned else g - K).reshape(g.shape[0], -1)
+        S1.view(-1).addmv_(d.T, w, beta=beta)
         d.square_()
-        self.S2.view(-1).addmv_(d.T, w)
+        S2.view(-1).addmv_(d.T, w, beta=beta)
 
     def moments(self) -> Moments:
+        """The chunk's Welford state; consumes the sums (computed in place)."""
         tiny = torch.finfo(self.W.dtype).tiny
         r = self.S1 / self.W.clamp(min=tiny)
-        return Moments(self.W, self.K + r, (self.S2 - self.S1 * r).clamp(min=0))
+        m2 = self.S2.addcmul_(self.S1, r, value=-1).clamp_(min=0)
+        return Moments(self.W, self.K.add_(r), m2)
 
 
 class MomentSink(_Sink):
@@ -101,6 +120,7 @@ class MomentSink(_Sink):
     def moments(self) -> dict[str, Moments]:
         """Per-element Welford states of the chunk (from the shifted sums and the pairs)."""
         out = {name: sums.moments() for name, sums in self.sums.items()}
+        self.sums = {}
         for name, m in self.pair_moments.items():
             out[name] = out[name].merge(m) if name in out else m
         return out
@@ -131,14 +151,30 @@ class MomentSink(_Sink):
         w = self.w[start:start + g.shape[0]].to(g.dtype)
         self.got.add(name)
         if name in self.full:
-            if name not in self.sums:
-                self.sums[name] = ShiftedSums(g[0])
-            self.sums[name].add(g, w)
+            self._sums(name, g.shape[1:], g).add(g, w)
         for states in self.micro.values():
             if name in states:
                 states[name] = states[name].add(g, w)
         if name in self.groups:
             self._merge_groups(name, reduce_squares(self.groups[name], g), w)
+
+    def takes_parts(self, name) -> bool:
+        """Blocks of a parameter's first axis (``add_part``) serve its per-element moments
+        only: not its groups, nor ``batch_squared_gradient``'s states."""
+        return (name in self.full and name not in self.groups
+                and not any(name in st for st in self.micro.values()))
+
+    def add_part(self, name, g, start, part: slice, shape):
+        """Rows ``start, ...`` of block ``part`` of the first axis of a parameter of
+        ``shape``; ``g`` (``[s, *shape[part]]``) is the caller's and is overwritten."""
+        w = self.w[start:start + g.shape[0]].to(g.dtype)
+        self.got.add(name)
+        self._sums(name, shape, g).add(g, w, part, owned=True)
+
+    def _sums(self, name, shape, like) -> ShiftedSums:
+        if name not in self.sums:
+            self.sums[name] = ShiftedSums(tuple(shape), like.dtype, like.device)
+        return self.sums[name]
 
     def add_groups(self, name, f, start):
         w = self.w[start:start + f.shape[0]].to(f.dtype)

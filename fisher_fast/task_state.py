@@ -21,12 +21,13 @@ class TaskState:
     group_moments: dict = field(default_factory=dict)  # name -> Moments (per group)
     micro: dict = field(default_factory=dict)  # b -> {name -> MicroBatchState}
 
-    def merged(self, other: "TaskState") -> "TaskState":
+    def merged(self, other: "TaskState", in_place: bool = False) -> "TaskState":
         """``self`` followed by ``other`` (micro-batch states: ``other``'s, which continue
-        ``self``'s)."""
+        ``self``'s). ``in_place``: merge into ``self``'s tensors (only for a state nobody
+        else holds, e.g. a batch's delta while it is being built)."""
         def merge(a: dict, b: dict) -> dict:
-            return {k: a[k].merge(b[k]) if k in a and k in b else a[k] if k in a else b[k]
-                    for k in {**a, **b}}
+            return {k: (a[k].merge_(b[k]) if in_place else a[k].merge(b[k]))
+                    if k in a and k in b else a[k] if k in a else b[k] for k in {**a, **b}}
         return TaskState(
             self.n_units + other.n_units, self.n_rows + other.n_rows,
             self.total_weight + other.total_weight, self.sum_w2 + other.sum_w2,

@@ -128,3 +128,28 @@ def test_mc_fisher_draw_layouts_equal_the_oracle(chunk):
     batch = random_batch(vocab_size=7, batch_size=2, seq_len=5, seed=4)
     got = ff.mc_fisher(model, batch, n_samples=3, seed=2, chunk_size=chunk, **F64)
     assert_dicts_close(got, fr.mc_fisher(model, batch, n_samples=3, seed=2), **TOL)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_weights_delivered_block_by_block_equal_the_oracle(monkeypatch, arch):
+    # PART_BYTES = 1: every Linear / Conv1D weight goes to the moments one row of its first
+    # axis at a time (the CPU path for a large vocabulary head), over two chunks, and with
+    # several backward passes per forward (mc_fisher's shared draws)
+    import fisher_fast.capture as capture
+    import fisher_ref as fr
+    from fisher_ref.testing.batches import random_batch
+    from fisher_ref.testing.models import TinyConfig, build_model
+
+    model = build_model(TinyConfig(arch=arch, num_layers=1, vocab_size=9,
+                                   tie_embeddings=False)).double()
+    batch = random_batch(vocab_size=9, batch_size=3, seq_len=5, seed=7)
+    blocks = []
+    original = capture.Capture._deliver_parts
+    monkeypatch.setattr(capture.Capture, "_deliver_parts",
+                        lambda self, *a: blocks.append(a[-1]) or original(self, *a))
+    monkeypatch.setattr(capture, "PART_BYTES", 1)
+    got = ff.empirical_fisher(model, batch, chunk_size=2, **F64)
+    assert blocks and set(blocks) == {1}
+    assert_dicts_close(got, fr.empirical_fisher(model, batch), **TOL)
+    got = ff.mc_fisher(model, batch, n_samples=3, seed=1, chunk_size=2, **F64)
+    assert_dicts_close(got, fr.mc_fisher(model, batch, n_samples=3, seed=1), **TOL)

@@ -49,13 +49,47 @@ def test_shifted_chunk_sums_equal_two_pass_moments():
     g = torch.Generator().manual_seed(3)
     x = torch.randn(7, 2, 3, generator=g, dtype=torch.float64) + 50.0
     w = torch.rand(7, generator=g, dtype=torch.float64) + 0.1
-    sums = ShiftedSums(x[0])
+    sums = ShiftedSums((2, 3), torch.float64, "cpu")
     for a, b in [(0, 3), (3, 4), (4, 7)]:
         sums.add(x[a:b], w[a:b])
     got = sums.moments()
     W, mean, m2 = _two_pass(x.reshape(7, -1), w)
+    torch.testing.assert_close(got.W, W, **REORDER)
     torch.testing.assert_close(got.mean.reshape(-1), mean, **REORDER)
     torch.testing.assert_close(got.m2.reshape(-1), m2, **M2)
+
+
+def test_shifted_sums_by_blocks_of_the_first_axis_and_several_passes():
+    # blocks of axis 0 in any order, row slices within each, and a second backward pass
+    # over the same rows (MC draws share a sink): the two-pass moments of all 14 values
+    from fisher_fast.sinks import ShiftedSums
+
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 7, 5, 3, generator=g, dtype=torch.float64) + 30.0  # [pass, row, ...]
+    w = torch.rand(2, 7, generator=g, dtype=torch.float64) + 0.1
+    sums = ShiftedSums((5, 3), torch.float64, "cpu")
+    for p in range(2):
+        for a, b in [(0, 4), (4, 7)]:
+            for part in (slice(3, 5), slice(0, 3)):
+                sums.add(x[p, a:b, part].clone(), w[p, a:b], part, owned=True)
+    got = sums.moments()
+    W, mean, m2 = _two_pass(x.reshape(14, -1), w.reshape(14))
+    torch.testing.assert_close(got.W, W, **REORDER)
+    torch.testing.assert_close(got.mean.reshape(-1), mean, **REORDER)
+    torch.testing.assert_close(got.m2.reshape(-1), m2, **M2)
+
+
+def test_in_place_merge_equals_merge_and_leaves_the_other_state_alone():
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(9, 4, generator=g, dtype=torch.float64) + 10.0
+    w = torch.rand(9, generator=g, dtype=torch.float64) + 0.1
+    a, b = Moments.of(x[:5], w[:5]), Moments.of(x[5:], w[5:])
+    b_mean, b_m2 = b.mean.clone(), b.m2.clone()
+    expected = a.merge(b)
+    got = Moments(a.W.clone(), a.mean.clone(), a.m2.clone()).merge_(b)
+    for t, e in ((got.W, expected.W), (got.mean, expected.mean), (got.m2, expected.m2)):
+        torch.testing.assert_close(t, e, **REORDER)
+    assert torch.equal(b.mean, b_mean) and torch.equal(b.m2, b_m2)
 
 
 def test_moments_of_pairs_equal_two_pass_of_the_dense_tensors():
