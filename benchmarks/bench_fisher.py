@@ -8,7 +8,9 @@ Measures, side by side in one run on one device, for one GPT-2-shaped model and 
   (``--groups heads``) group Fisher, with Gram products where cheaper;
 - ``loop``: the micro-batch-of-one loop (forward+backward per sample, square, add);
 - ``vmap``: ``torch.func.vmap(grad)`` of ``functional_call`` over samples (chunked);
-- ``mc`` (only with ``--methods``): ``fisher_fast.mc_fisher`` with ``--mc-samples`` draws.
+- ``mc`` (only with ``--methods``): ``fisher_fast.mc_fisher`` with ``--mc-samples`` draws;
+- ``fwd+bwd-bf16``, ``fisher-bf16`` (only with ``--methods``): the plain pass and
+  ``empirical_fisher`` under the bf16 fast path (``autocast=torch.bfloat16``).
 
 Reports samples/s, peak memory and ratios to ``fwd+bwd``. On CUDA, peak memory is
 ``torch.cuda.max_memory_allocated``. On CPU each method runs once in its own subprocess for
@@ -111,8 +113,21 @@ def run_vmap(model, batch, args):
             acc[n].add_(g[n].square().sum(0))
 
 
+def run_fwd_bwd_bf16(model, batch, args):
+    with torch.autocast(torch.device(args.device).type, dtype=torch.bfloat16):
+        loss = ff.causal_lm_loss(model, batch).sum()
+    loss.backward()
+    model.zero_grad(set_to_none=True)
+
+
+def run_fisher_bf16(model, batch, args):
+    ff.empirical_fisher(model, batch, chunk_size=args.chunk, autocast=torch.bfloat16)
+
+
+# mc and the bf16 fast path (autocast) rows: only when named in --methods
 RUNNERS = {"fwd+bwd": run_fwd_bwd, "fisher": run_fisher, "groups": run_groups,
-           "loop": run_loop, "vmap": run_vmap, "mc": run_mc}  # mc: only when asked for
+           "loop": run_loop, "vmap": run_vmap, "mc": run_mc,
+           "fwd+bwd-bf16": run_fwd_bwd_bf16, "fisher-bf16": run_fisher_bf16}
 
 
 def _rss_bytes() -> int:

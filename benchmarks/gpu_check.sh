@@ -4,7 +4,7 @@
 # pytest-xdist, statsmodels, safetensors and scipy (/work/.library/device/KINDS.md).
 #
 # Stages, each under its own `timeout`, the optional ones only while the elapsed time allows,
-# so that the script ends within ~7 minutes even when every stage hits its limit
+# so that the script ends within ~7.5 minutes even when every stage hits its limit
 # (expected: 3-4 minutes on an H100):
 #   1. pytest --run-gpu -m gpu on property_tests and tests/{fisher_fast,fisher_ref,fishercheck}
 #      (the estimators, group Fisher and attention properties against the float64 oracle on CUDA)
@@ -13,11 +13,13 @@
 #   3. (optional) the conformance properties on CUDA (tests/conformance, gpu-marked)
 #   4. (optional) fisher and groups with one chunk of 64 rows (the chunk heuristic out of play)
 #   5. (optional) per-head group Fisher (--groups heads)
+#   6. (optional) the bf16 fast path (autocast) beside float32: fwd+bwd and fisher, each way
 # TF32 is off everywhere: the tests' conftest turns it off, the benchmark does too, and
 # NVIDIA_TF32_OVERRIDE=0 forbids it at the cuBLAS/cuDNN level.
 #
 # Writes under $OUT (at most 8 files, one level): env.txt, pytest_gpu.log, bench.log,
-# bench_default.json, bench_chunk64.json, bench_heads.json, gpu_check.json (summary).
+# bench_default.json, bench_chunk64.json, bench_heads.json, bench_bf16.json,
+# gpu_check.json (summary).
 
 set -u -o pipefail
 OUT=${OUT:-/tmp/gpu_check_out}
@@ -60,6 +62,10 @@ if (( SECONDS < 370 )); then
   stage bench_heads 35 bench.log $PY benchmarks/bench_fisher.py --repeats 5 --groups heads "${EXTRA[@]}" \
     --methods fwd+bwd,groups --json-out "$OUT/bench_heads.json"
 fi
+if (( SECONDS < 390 )); then
+  stage bench_bf16 45 bench.log $PY benchmarks/bench_fisher.py --repeats 5 "${EXTRA[@]}" \
+    --methods fwd+bwd,fwd+bwd-bf16,fisher,fisher-bf16 --json-out "$OUT/bench_bf16.json"
+fi
 
 rcs=""
 for k in "${!RC[@]}"; do rcs+="\"$k\": ${RC[$k]}, "; done
@@ -71,7 +77,7 @@ log = os.path.join(out, "pytest_gpu.log")
 if os.path.exists(log):
     summary["pytest"] = re.findall(r"^=*\s*(\d+ (?:passed|failed|errors?|skipped).*?) in [\d.]+s",
                                    open(log).read(), re.M)
-for name in ("bench_default", "bench_chunk64", "bench_heads"):
+for name in ("bench_default", "bench_chunk64", "bench_heads", "bench_bf16"):
     path = os.path.join(out, f"{name}.json")
     if os.path.exists(path):
         d = json.load(open(path))

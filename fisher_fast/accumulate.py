@@ -30,6 +30,7 @@ class Config:
     groups: dict = field(default_factory=dict)  # name -> GroupSpec
     micro_batch_sizes: tuple = ()
     allow_tf32: bool = False
+    autocast: torch.dtype | None = None
 
 
 def _finite(states) -> bool:
@@ -48,7 +49,8 @@ def _first_bad_gradient(model, plan, loss, tensors, part, cfg, uniforms) -> str:
     sink = PerUnitSink(plan.params, len(part), cfg.dtype, model_device(model))
     for _ in run_chunks(model, plan, loss, tensors, part, dtype=cfg.dtype, chunk_size=len(part),
                         memory_budget=cfg.memory_budget, uniforms=uniforms,
-                        new_sink=lambda s, n: sink, allow_tf32=cfg.allow_tf32):
+                        new_sink=lambda s, n: sink, allow_tf32=cfg.allow_tf32,
+                        autocast=cfg.autocast):
         pass
     for name, g in sink.out.items():
         bad = ~torch.isfinite(g.reshape(g.shape[0], -1)).all(dim=1)
@@ -80,6 +82,7 @@ def accumulate_batch(model, plan, loss, tensors, ids, cfg: Config, prior: TaskSt
     for start, part, sink in run_chunks(
             model, plan, loss, tensors, run_units, dtype=cfg.dtype, chunk_size=cfg.chunk_size,
             memory_budget=cfg.memory_budget, uniforms=uniforms, allow_tf32=cfg.allow_tf32,
+            autocast=cfg.autocast,
             new_sink=lambda s, n: MomentSink(full, cfg.groups, micro)):
         chunk = TaskState(moments=sink.moments, group_moments=sink.group_moments)
         states = [t for m in list(chunk.moments.values()) + list(chunk.group_moments.values())

@@ -13,7 +13,7 @@ import torch
 from . import estimates
 from .accumulate import Config, accumulate_batch
 from .capture_plan import build_plan
-from .engine import check_dtype, model_device
+from .engine import check_autocast, check_dtype, model_device
 from .group_specs import resolve_groups
 from .label_draws import row_uniforms
 from .task_state import TaskState
@@ -50,6 +50,11 @@ class FisherAccumulator:
         elements: keep per-element moments (set False to keep only group statistics, which
             lets Linear/Conv1D weights use Gram products instead of per-row gradients).
         allow_tf32: allow TF32 CUDA matmuls (off by default).
+        autocast: ``None`` (default) or ``torch.bfloat16``: the bf16 fast path, each chunk's
+            forward under ``torch.autocast``. Per-row products and statistics stay in
+            ``dtype``, but the gradients themselves come from bf16 matmuls (8-bit mantissa):
+            expect ~1e-2 relative error in F (docs/fisher_fast.md), and MC labels drawn from
+            the bf16 logits. Never the default.
         labels: ``"true"`` (default: the batch's labels) or ``"mc"``: every unit's labels
             drawn ``n_samples`` times from the model's own predictive distribution, seeded
             per sample id exactly as ``mc_fisher`` (docs/architecture.md), so that
@@ -64,6 +69,7 @@ class FisherAccumulator:
     def __init__(self, model, loss_fn=None, *, device=None, dtype=torch.float32, unit="sample",
                  weighting="sample", chunk_size=None, memory_budget=None, groups=None,
                  layout=None, micro_batch_sizes=(), elements=True, allow_tf32=False,
+                 autocast=None,
                  labels="true", n_samples=1, seed=0):
         self.model = model
         check_choice("labels", labels, LABELS)
@@ -88,7 +94,8 @@ class FisherAccumulator:
         self.groups = groups
         specs = {} if groups is None else resolve_groups(model, groups, layout)
         self.config = Config(self.dtype, unit, weighting, chunk_size, memory_budget, elements,
-                             specs, tuple(sorted(set(micro_batch_sizes))), allow_tf32)
+                             specs, tuple(sorted(set(micro_batch_sizes))), allow_tf32,
+                             check_autocast(autocast))
         self.plan = build_plan(model)
         self._tasks: dict[str, TaskState] = {}
 

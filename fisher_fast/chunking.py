@@ -88,10 +88,14 @@ def row_activations(model, tensors: dict) -> int:
 
 
 def rows_per_chunk(model, tensors: dict, budget: int, n_units: int) -> int:
-    """How many forward rows fit half of ``budget``; at least 1, at most ``n_units``."""
+    """How many forward rows a chunk takes: at most what fits half of ``budget`` (at least
+    1), balanced over the chunks the units need (16 units of which 14 fit: two chunks of
+    8, not 14 + 2, whose small tail would run the model at a fraction of its speed)."""
     b = max(next(model.parameters()).element_size(), 4)
     per_row = 4 * b * row_activations(model, tensors) + b * _tied_numel(model)
-    return int(max(1, min(n_units, (budget // 2) // per_row)))
+    fit = int(max(1, min(n_units, (budget // 2) // per_row)))
+    n_chunks = -(-max(n_units, 1) // fit)
+    return -(-max(n_units, 1) // n_chunks)
 
 
 # A backward pass has a fixed cost (Python hooks, kernel launches) that rows amortise once

@@ -2,7 +2,9 @@
 
 ``run_chunks`` never loops over samples: each chunk of units is one batched forward and one
 backward of ``losses.sum()``. TF32 is switched off for the run (``allow_tf32=True`` keeps
-the global setting) and restored afterwards.
+the global setting) and restored afterwards. ``autocast=torch.bfloat16`` runs each chunk's
+forward under ``torch.autocast`` (the bf16 fast path; the backward follows the forward's
+dtypes, per-row products and statistics stay in the statistics dtype).
 """
 
 from __future__ import annotations
@@ -29,6 +31,16 @@ def check_dtype(dtype) -> torch.dtype:
     if dtype not in (torch.float32, torch.float64):
         raise ValueError(f"dtype: expected torch.float32 or torch.float64, got {dtype}.")
     return dtype
+
+
+AUTOCAST = (None, torch.bfloat16)
+
+
+def check_autocast(autocast) -> torch.dtype | None:
+    if autocast not in AUTOCAST:
+        raise ValueError(f"autocast: expected None or torch.bfloat16, got {autocast!r} "
+                         "(float16 would need loss scaling against underflow; not offered).")
+    return autocast
 
 
 @contextlib.contextmanager
@@ -62,7 +74,7 @@ def _check_finite(losses: torch.Tensor, bad: torch.Tensor, units, n: int) -> Non
 
 
 def run_chunks(model, plan, loss, tensors, units, *, dtype, chunk_size=None, memory_budget=None,
-               uniforms=None, new_sink, allow_tf32=False):
+               uniforms=None, new_sink, allow_tf32=False, autocast=None):
     """For each chunk of ``units``: ``sink = new_sink(start, n)``, forward, backward into the
     sink, then ``yield (start, chunk_units, sink)``.
 
@@ -72,6 +84,8 @@ def run_chunks(model, plan, loss, tensors, units, *, dtype, chunk_size=None, mem
     delivering the rows' gradients under that draw to the same sink.
     """
     device = model_device(model)
+    fast_forward = (lambda: torch.autocast(device.type, dtype=autocast)) if autocast else \
+        contextlib.nullcontext
     budget = default_budget(device) if memory_budget is None else int(memory_budget)
     U = len(units)
     if chunk_size is None:
@@ -91,7 +105,8 @@ def run_chunks(model, plan, loss, tensors, units, *, dtype, chunk_size=None, mem
             # copy waits for the stream, and would otherwise wait for the forward
             unit_weights = part.draw_weights().to(device=device, dtype=dtype)
             with Capture(plan, n, dtype, sink, slice_bytes(budget)) as cap:
-                losses, weights = chunk_losses(model, loss, sub, part, uniforms)
+                with fast_forward():
+                    losses, weights = chunk_losses(model, loss, sub, part, uniforms)
                 _check_shape(losses, part, n)
                 bad = ~torch.isfinite(losses.detach())
                 weights = unit_weights if weights is part.weights else \

@@ -10,7 +10,7 @@ Args:
     unit: ``"sample"`` or ``"token"``; weighting: ``"sample"`` or ``"token"`` (SPEC §1).
     sample_ids: one id per row (or ``batch["sample_ids"]``; not both).
     dtype: statistics dtype, float32 (default) or float64.
-    chunk_size, memory_budget, allow_tf32: see ``FisherAccumulator``.
+    chunk_size, memory_budget, allow_tf32, autocast: see ``FisherAccumulator``.
 
 Results are ``FisherResult`` dicts on the model's device, in ``dtype``.
 """
@@ -22,7 +22,7 @@ import torch
 from . import estimates
 from .accumulate import Config, accumulate_batch
 from .capture_plan import build_plan
-from .engine import check_dtype
+from .engine import check_autocast, check_dtype
 from .group_specs import resolve_groups
 from .label_draws import row_uniforms
 from .task_state import TaskState
@@ -32,14 +32,14 @@ from .validation import check_positive_int, resolve_loss, split_batch
 
 
 def _run(model, batch, *, loss_fn, unit, weighting, sample_ids, dtype, chunk_size,
-         memory_budget, allow_tf32, elements=True, groups=None, micro=(), needs=None,
+         memory_budget, allow_tf32, autocast=None, elements=True, groups=None, micro=(), needs=None,
          expand=None, uniforms=None) -> TaskState:
     loss = resolve_loss(loss_fn, unit=unit, weighting=weighting, needs_protocol=needs)
     if chunk_size is not None:
         check_positive_int("chunk_size", chunk_size)
     tensors, ids = split_batch(batch, sample_ids)
     cfg = Config(check_dtype(dtype), unit, weighting, chunk_size, memory_budget, elements,
-                 groups or {}, tuple(micro), allow_tf32)
+                 groups or {}, tuple(micro), allow_tf32, check_autocast(autocast))
     extra = {}
     if uniforms is not None:
         extra["uniforms"] = uniforms(model, loss, tensors, ids)
@@ -50,14 +50,14 @@ def _run(model, batch, *, loss_fn, unit, weighting, sample_ids, dtype, chunk_siz
 
 def mean_gradient(model, batch, *, loss_fn=None, unit="sample", weighting="sample",
                   sample_ids=None, dtype=None, chunk_size=None, memory_budget=None,
-                  allow_tf32=False):
+                  allow_tf32=False, autocast=None):
     """Mean gradient :math:`\\bar g = \\sum_u w_u g_u / W`."""
     return estimates.mean_gradient(_run(**locals()))
 
 
 def empirical_fisher(model, batch, *, loss_fn=None, unit="sample", weighting="sample",
                      sample_ids=None, dtype=None, chunk_size=None, memory_budget=None,
-                     allow_tf32=False):
+                     allow_tf32=False, autocast=None):
     """Empirical Fisher diagonal :math:`F = \\sum_u w_u g_u^2 / W` (E[g²]: square each unit's
     gradient, then average). Scaling every loss by c scales F by c²; ``reduction="sum"``
     makes a row's gradient K_i times its ``"mean"`` gradient. No epsilon is added."""
@@ -66,14 +66,14 @@ def empirical_fisher(model, batch, *, loss_fn=None, unit="sample", weighting="sa
 
 def squared_mean_gradient(model, batch, *, loss_fn=None, unit="sample", weighting="sample",
                           sample_ids=None, dtype=None, chunk_size=None, memory_budget=None,
-                          allow_tf32=False):
+                          allow_tf32=False, autocast=None):
     """Squared mean gradient :math:`S = \\bar g^2` ((E[g])²); S ≤ F."""
     return estimates.squared_mean_gradient(_run(**locals()))
 
 
 def gradient_variance(model, batch, *, loss_fn=None, unit="sample", weighting="sample",
                       sample_ids=None, dtype=None, chunk_size=None, memory_budget=None,
-                      allow_tf32=False, unbiased=False):
+                      allow_tf32=False, autocast=None, unbiased=False):
     """Gradient variance :math:`V = F - S = \\sum_u w_u (g_u - \\bar g)^2 / W`, from the
     Welford M2 (never negative, no clamp). ``unbiased=True`` multiplies by
     :math:`W^2 / (W^2 - \\sum_u w_u^2)` (U/(U−1) for unit weights); needs two units."""
@@ -84,7 +84,7 @@ def gradient_variance(model, batch, *, loss_fn=None, unit="sample", weighting="s
 
 def batch_squared_gradient(model, batch, *, loss_fn=None, unit="sample", weighting="sample",
                            sample_ids=None, dtype=None, chunk_size=None, memory_budget=None,
-                           allow_tf32=False, micro_batch_size=1):
+                           allow_tf32=False, autocast=None, micro_batch_size=1):
     """Legacy estimator :math:`\\sum_m W_m \\bar g_m^2 / W` over micro-batches of
     ``micro_batch_size`` consecutive units (the last may be shorter). Equals F at b = 1 and
     S at b ≥ U. For measuring the gap only.
@@ -100,7 +100,7 @@ def batch_squared_gradient(model, batch, *, loss_fn=None, unit="sample", weighti
 
 def mc_fisher(model, batch, *, loss_fn=None, unit="sample", weighting="sample",
               sample_ids=None, dtype=None, chunk_size=None, memory_budget=None,
-              allow_tf32=False, n_samples=1, seed=0):
+              allow_tf32=False, autocast=None, n_samples=1, seed=0):
     """Monte-Carlo Fisher: F with each unit's labels drawn from the model, averaged over
     ``n_samples`` draws.
 
@@ -128,7 +128,7 @@ def mc_fisher(model, batch, *, loss_fn=None, unit="sample", weighting="sample",
 
 def exact_fisher(model, batch, *, loss_fn=None, unit="token", weighting="sample",
                  sample_ids=None, dtype=None, chunk_size=None, memory_budget=None,
-                 allow_tf32=False):
+                 allow_tf32=False, autocast=None):
     """Exact Fisher diagonal for token units, enumerating the C classes:
 
     .. math:: F_{exact} = \\frac{1}{W}\\sum_u w_u \\sum_c p_{u,c}\\,
@@ -154,7 +154,7 @@ def exact_fisher(model, batch, *, loss_fn=None, unit="token", weighting="sample"
 
 def group_fisher(model, batch, *, loss_fn=None, unit="sample", weighting="sample",
                  sample_ids=None, dtype=None, chunk_size=None, memory_budget=None,
-                 allow_tf32=False, groups="generic", layout=None):
+                 allow_tf32=False, autocast=None, groups="generic", layout=None):
     """Per-group statistics of :math:`f_u[k] = \\sum_{p \\in k} g_{u,p}^2`: ``mean``
     (= R(F)), ``variance`` (weighted, population), ``stderr`` (sqrt(variance / U)), ``snr``
     (mean / stderr) and ``n`` (U), each a 1-D tensor over the parameter's groups.

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from .capture_plan import build_plan
-from .engine import check_dtype, model_device, run_chunks
+from .engine import check_autocast, check_dtype, model_device, run_chunks
 from .results import PerUnit
 from .sinks import PerUnitSink
 from .units import plan_units
@@ -21,7 +21,7 @@ from .validation import resolve_loss, split_batch
 
 def per_sample_gradients(model, batch, *, loss_fn=None, unit="sample", weighting="sample",
                          sample_ids=None, dtype=None, chunk_size=None, memory_budget=None,
-                         check=False, allow_tf32=False) -> PerUnit:
+                         check=False, allow_tf32=False, autocast=None) -> PerUnit:
     """Every unit's gradient ``g_u`` at full parameter shape.
 
     Args:
@@ -36,6 +36,7 @@ def per_sample_gradients(model, batch, *, loss_fn=None, unit="sample", weighting
         memory_budget: bytes; default a fraction of free device memory (``chunking.py``).
         check: also recompute the first and last units alone and compare (rows independent).
         allow_tf32: let CUDA matmuls use TF32 (off by default).
+        autocast: ``None`` or ``torch.bfloat16`` (see ``FisherAccumulator``).
 
     Returns:
         ``PerUnit(tensors={name: [U, *shape]}, ids, weights [U], empty_ids)`` on the
@@ -54,7 +55,8 @@ def per_sample_gradients(model, batch, *, loss_fn=None, unit="sample", weighting
         return sink
 
     for _ in run_chunks(model, plan, loss, tensors, units, dtype=dtype, chunk_size=chunk_size,
-                        memory_budget=memory_budget, new_sink=new_sink, allow_tf32=allow_tf32):
+                        memory_budget=memory_budget, new_sink=new_sink, allow_tf32=allow_tf32,
+                        autocast=check_autocast(autocast)):
         pass
     result = PerUnit(sink.out, list(units.ids), units.weights.to(device, dtype),
                      list(units.empty_ids))

@@ -28,6 +28,17 @@ def test_tied_parameters_count_their_per_row_buffer():
     assert rows_per_chunk(model, batch, budget=2 * 3 * 11552 - 2, n_units=100) == 2
 
 
+def test_chunks_are_balanced_within_the_budget():
+    # per row 11552 bytes (above): a budget for 14 rows splits 16 units 8 + 8, 29 units
+    # (three chunks) 10 + 10 + 9; never more rows than fit
+    model, batch = TinyLM(tied=True), tiny_batch(B=4)
+    budget = 2 * 14 * 11552
+    assert rows_per_chunk(model, batch, budget=budget, n_units=16) == 8
+    assert rows_per_chunk(model, batch, budget=budget, n_units=29) == 10
+    assert rows_per_chunk(model, batch, budget=budget, n_units=14) == 14
+    assert rows_per_chunk(model, batch, budget=budget, n_units=1) == 1
+
+
 def test_cuda_budget_counts_the_allocators_unused_cache(monkeypatch):
     from fisher_fast.chunking import available_bytes
 

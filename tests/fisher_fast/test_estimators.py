@@ -153,3 +153,33 @@ def test_weights_delivered_block_by_block_equal_the_oracle(monkeypatch, arch):
     assert_dicts_close(got, fr.empirical_fisher(model, batch), **TOL)
     got = ff.mc_fisher(model, batch, n_samples=3, seed=1, chunk_size=2, **F64)
     assert_dicts_close(got, fr.mc_fisher(model, batch, n_samples=3, seed=1), **TOL)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_bf16_autocast_fast_path_is_close_to_float32_and_opt_in(arch):
+    from fisher_ref.testing.batches import random_batch
+    from fisher_ref.testing.models import TinyConfig, build_model
+
+    model = build_model(TinyConfig(arch=arch, num_layers=2, head_dim=8, vocab_size=50, seed=1))
+    batch = random_batch(vocab_size=50, batch_size=6, seq_len=12, seed=1)
+    exact = ff.empirical_fisher(model, batch)
+    fast = ff.empirical_fisher(model, batch, autocast=torch.bfloat16)
+    acc = ff.FisherAccumulator(model, autocast=torch.bfloat16)
+    acc.update(batch)
+    assert_dicts_close(acc.empirical_fisher(), fast, **dict(zip(
+        ("rtol", "atol"), tolerance("float32-fisher", torch.float32))))
+    err = (sum(float((fast[k] - exact[k]).square().sum()) for k in exact)
+           / sum(float(exact[k].square().sum()) for k in exact)) ** 0.5
+    assert all(v.dtype == torch.float32 for v in fast.values())
+    # close to float32 within the stated bf16 accuracy, and not float32 itself (the
+    # forward really ran in bf16: float32 paths agree to ~1e-6)
+    assert 1e-4 < err < tolerance("bf16-autocast", torch.bfloat16)[0]
+
+
+@pytest.mark.parametrize("bad", [torch.float16, torch.float32, "bf16"])
+def test_autocast_takes_only_bfloat16(bad):
+    model, b = TinyLM(), tiny_batch(B=2)
+    with pytest.raises(ValueError, match="autocast: expected None or torch.bfloat16"):
+        ff.empirical_fisher(model, b, autocast=bad)
+    with pytest.raises(ValueError, match="autocast"):
+        ff.FisherAccumulator(model, autocast=bad)
