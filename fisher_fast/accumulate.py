@@ -84,7 +84,7 @@ def accumulate_batch(model, plan, loss, tensors, ids, cfg: Config, prior: TaskSt
             memory_budget=cfg.memory_budget, uniforms=uniforms, allow_tf32=cfg.allow_tf32,
             autocast=cfg.autocast,
             new_sink=lambda s, n: MomentSink(full, cfg.groups, micro)):
-        chunk = TaskState(moments=sink.moments, group_moments=sink.group_moments)
+        chunk = TaskState(moments=sink.take_moments(), group_moments=sink.group_moments)
         states = [t for m in list(chunk.moments.values()) + list(chunk.group_moments.values())
                   for t in (m.mean, m.m2)]
         states += [t for d in sink.micro.values() for s in d.values()

@@ -116,9 +116,9 @@ class MomentSink(_Sink):
         self.group_moments: dict[str, Moments] = {}
         self.micro = {b: dict(states) for b, states in (micro or {}).items()}
 
-    @property
-    def moments(self) -> dict[str, Moments]:
-        """Per-element Welford states of the chunk (from the shifted sums and the pairs)."""
+    def take_moments(self) -> dict[str, Moments]:
+        """Per-element Welford states of the chunk (from the shifted sums and the pairs),
+        computed in the sums' tensors: call once, at the end of the chunk."""
         out = {name: sums.moments() for name, sums in self.sums.items()}
         self.sums = {}
         for name, m in self.pair_moments.items():
