@@ -10,14 +10,14 @@ from .estimators import (batch_squared_gradient, empirical_fisher, exact_fisher,
                          squared_mean_gradient)
 from .losses import (CausalLMLoss, MaskedLMLoss, SequenceClassificationLoss, causal_lm_loss,
                      masked_lm_loss, sequence_classification_loss)
-from .per_sample import per_sample_gradients
+from .per_sample import iter_unit_gradients, per_sample_gradients
 from .results import FisherResult, PerUnit
 
 __all__ = [
     "CausalLMLoss", "FisherAccumulator", "FisherResult", "MaskedLMLoss", "PerUnit",
     "SequenceClassificationLoss", "batch_squared_gradient", "capture_plan", "causal_lm_loss",
     "empirical_fisher", "exact_fisher", "gradient_variance", "group_fisher", "masked_lm_loss",
-    "mc_fisher", "mean_gradient", "per_sample_gradients",
+    "iter_unit_gradients", "mc_fisher", "mean_gradient", "per_sample_gradients",
     "sequence_classification_loss", "squared_mean_gradient",
 ]
 

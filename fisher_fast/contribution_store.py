@@ -9,6 +9,7 @@ Tiers, fastest first: ``"device"`` (tensors on ``device``, a GPU when there is o
 ``directory``). Each tier has a byte budget (payload bytes of the records it holds; ``None``
 means unbounded). New records enter the fastest tier; when a tier is over budget its *oldest*
 records (insertion order across tasks) move down one tier or more. Records never move up.
+``transaction()`` groups several writes into one all-or-nothing step.
 
 Writes are all-or-nothing: ``add`` validates everything, then builds the new placement
 (copies and new shard files) beside the old one, and only swaps it in when every copy and
@@ -18,6 +19,7 @@ leaves the store exactly as it was, with no stray files.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import uuid
@@ -67,6 +69,8 @@ class ContributionStore:
         self._schemas: dict = {}      # task -> tuple of (name, shape, dtype)
         self._shard_refs: dict[str, int] = {}
         self._seq = itertools.count()
+        self._open = 0                # depth of open transactions
+        self._doomed: list[str] = []  # shard files to remove when the transaction commits
 
     # ---------------------------------------------------------------- queries
     def tasks(self) -> list:
@@ -128,6 +132,43 @@ class ContributionStore:
         return out
 
     # ---------------------------------------------------------------- writes
+    @contextlib.contextmanager
+    def transaction(self):
+        """Everything inside happens, or nothing: on an exception the store returns to its
+        state at entry (records, their tiers and contents, schemas), the shard files written
+        inside are removed, and the exception propagates. Shard files emptied by a
+        ``delete`` inside are removed only when the transaction commits. Nested
+        transactions join the outermost one.
+
+        ``per_sample_contributions(..., store=)`` files a batch chunk by chunk inside one,
+        so that a chunk that fails takes the chunks before it back out.
+        """
+        if self._open:
+            self._open += 1
+            try:
+                yield self
+            finally:
+                self._open -= 1
+            return
+        saved = (OrderedDict(self._records), dict(self._schemas), dict(self._shard_refs))
+        self._open, self._doomed = 1, []
+        try:
+            yield self
+        except BaseException:
+            written = set(self._shard_refs) - set(saved[2])
+            self._records, self._schemas, self._shard_refs = saved
+            for shard in written:
+                path = os.path.join(self.directory, shard)
+                if os.path.exists(path):
+                    os.remove(path)
+            raise
+        else:
+            for path in self._doomed:
+                if os.path.exists(path):
+                    os.remove(path)
+        finally:
+            self._open, self._doomed = 0, []
+
     def add(self, task, sample_ids, tensors: dict[str, torch.Tensor]) -> None:
         """Add one record per id: ``tensors[name][u]`` is C_u of parameter ``name``.
 
@@ -277,7 +318,9 @@ class ContributionStore:
         for shard, n in refs.items():
             if n == 0:
                 path = os.path.join(self.directory, shard)
-                if os.path.exists(path):
+                if self._open:  # a rollback may need the file again
+                    self._doomed.append(path)
+                elif os.path.exists(path):
                     os.remove(path)
         self._shard_refs = {s: n for s, n in refs.items() if n > 0}
 

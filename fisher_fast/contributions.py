@@ -1,12 +1,14 @@
 """Per-unit contributions C_u = g_u² at full parameter shape (SPEC §5), optionally stored.
 
-The gradients come from ``fisher_fast.per_sample_gradients`` (one batched forward and
-backward, no loop over units); this module squares them and, when given a
-``ContributionStore``, files them under (task, sample id, parameter). Group reductions are
-computed from C, never instead of it.
+The gradients come from ``fisher_fast.per_sample.iter_unit_gradients`` (one batched forward
+and backward per chunk, no loop over units); this module squares them and, when given a
+``ContributionStore``, files them chunk by chunk under (task, sample id, parameter), all or
+none. Group reductions are computed from C, never instead of it.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 
@@ -18,13 +20,14 @@ def unit_gradients(model, batch, *, loss_fn=None, unit="sample", weighting="samp
     """``fisher_fast.per_sample.per_sample_gradients`` (the core's batched capture)."""
     from fisher_fast.per_sample import per_sample_gradients
 
-    return per_sample_gradients(model, batch, loss_fn=loss_fn, unit=unit,
-                                            weighting=weighting, sample_ids=sample_ids, dtype=dtype)
+    return per_sample_gradients(model, batch, loss_fn=loss_fn, unit=unit, weighting=weighting,
+                                sample_ids=sample_ids, dtype=dtype)
 
 
 def per_sample_contributions(model: torch.nn.Module, batch: dict, *, loss_fn=None,
                              unit: str = "sample", weighting: str = "sample", sample_ids=None,
-                             dtype=None, store=None, task="default") -> PerUnit:
+                             dtype=None, store=None, task="default", chunk_size=None,
+                             memory_budget=None, return_tensors: bool = True) -> PerUnit:
     """Per-unit contributions :math:`C_u = g_u \\odot g_u`, full shape, keyed by unit id.
 
     .. math:: C_u[p] = \\big(\\partial \\ell_u / \\partial \\theta_p\\big)^2
@@ -33,19 +36,39 @@ def per_sample_contributions(model: torch.nn.Module, batch: dict, *, loss_fn=Non
     returned ``weights``.
 
     Args:
-        model, batch, loss_fn, unit, weighting, sample_ids, dtype: as for
-            ``per_sample_gradients``.
-        store: a ``ContributionStore`` to file every unit's contributions in (all of them or,
-            if the write fails, none).
+        model, batch, loss_fn, unit, weighting, sample_ids, dtype, chunk_size,
+            memory_budget: as for ``per_sample_gradients``.
+        store: a ``ContributionStore``. The batch is then computed and filed chunk by chunk
+            (``iter_unit_gradients``: at most one chunk's gradients exist at a time, the
+            store spilling to host memory and disk as its budgets say), inside one
+            ``store.transaction()``: every unit is filed, or, if anything fails, none.
         task: the task name under which ``store`` files them.
+        return_tensors: also return the contributions (``False`` with a store: only ids,
+            weights and empty ids come back, ``tensors`` is empty; read them with
+            ``store.get_stacked(task, ids)``). Without a store they are always returned.
 
     Returns:
         PerUnit with ``tensors[name]`` of shape ``[U, *param.shape]``, the unit ids, the
         weights and the empty rows' ids.
     """
-    g = unit_gradients(model, batch, loss_fn=loss_fn, unit=unit, weighting=weighting,
-                       sample_ids=sample_ids, dtype=dtype)
-    c = {n: t.square() for n, t in g.tensors.items()}
-    if store is not None:
-        store.add(task, g.ids, c)
-    return PerUnit(tensors=c, ids=list(g.ids), weights=g.weights, empty_ids=list(g.empty_ids))
+    from fisher_fast.per_sample import iter_unit_gradients
+
+    if store is None and not return_tensors:
+        raise ValueError("return_tensors=False: expected a store to file the contributions "
+                         "in, got store=None.")
+    kept, ids, weights, empty = [], [], [], []
+    chunks = iter_unit_gradients(model, batch, loss_fn=loss_fn, unit=unit, weighting=weighting,
+                                 sample_ids=sample_ids, dtype=dtype, chunk_size=chunk_size,
+                                 memory_budget=memory_budget)
+    with store.transaction() if store is not None else contextlib.nullcontext():
+        for g in chunks:
+            c = {n: t.square_() for n, t in g.tensors.items()}  # the chunk's own tensors
+            if store is not None and g.ids:
+                store.add(task, g.ids, c)
+            if return_tensors:
+                kept.append(c)
+            ids += g.ids
+            weights.append(g.weights)
+            empty += g.empty_ids
+    tensors = {n: torch.cat([c[n] for c in kept]) for n in kept[0]} if kept else {}
+    return PerUnit(tensors=tensors, ids=ids, weights=torch.cat(weights), empty_ids=empty)

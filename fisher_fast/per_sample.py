@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from .capture_plan import build_plan
+from .chunking import default_budget, rows_per_chunk
 from .engine import check_autocast, check_dtype, model_device, run_chunks
 from .results import PerUnit
 from .sinks import PerUnitSink
@@ -42,27 +43,64 @@ def per_sample_gradients(model, batch, *, loss_fn=None, unit="sample", weighting
         ``PerUnit(tensors={name: [U, *shape]}, ids, weights [U], empty_ids)`` on the
         model's device.
     """
-    dtype = check_dtype(dtype)
-    loss = resolve_loss(loss_fn, unit=unit, weighting=weighting)
-    tensors, ids = split_batch(batch, sample_ids)
-    units = plan_units(model, tensors, ids, loss, unit, weighting)
-    plan = build_plan(model)
-    device = model_device(model)
-    sink = PerUnitSink(plan.params, len(units), dtype, device)
+    run = _Run(model, batch, loss_fn, unit, weighting, sample_ids, dtype)
+    sink = PerUnitSink(run.plan.params, len(run.units), run.dtype, run.device)
 
     def new_sink(start, n):
         sink.offset = start
         return sink
 
-    for _ in run_chunks(model, plan, loss, tensors, units, dtype=dtype, chunk_size=chunk_size,
-                        memory_budget=memory_budget, new_sink=new_sink, allow_tf32=allow_tf32,
-                        autocast=check_autocast(autocast)):
+    for _ in run.chunks(chunk_size, memory_budget, new_sink, allow_tf32, autocast):
         pass
-    result = PerUnit(sink.out, list(units.ids), units.weights.to(device, dtype),
-                     list(units.empty_ids))
+    result = PerUnit(sink.out, list(run.units.ids), run.units.weights.to(run.device, run.dtype),
+                     list(run.units.empty_ids))
     if check:
-        check_rows_independent(model, loss, tensors, units, result)
+        check_rows_independent(model, run.loss, run.tensors, run.units, result)
     return result
+
+
+def iter_unit_gradients(model, batch, *, loss_fn=None, unit="sample", weighting="sample",
+                        sample_ids=None, dtype=None, chunk_size=None, memory_budget=None,
+                        allow_tf32=False, autocast=None):
+    """``per_sample_gradients`` one chunk at a time: yields a ``PerUnit`` per chunk (its units'
+    gradients ``[n, *shape]``, ids and weights; the empty rows' ids with the first; a batch
+    of empty rows only is a ``ValueError``, as for ``per_sample_gradients``), so that
+    only one chunk's gradients exist at once. The default chunk holds at most half of the
+    memory budget's worth of per-unit gradients (n · Σ numel · bytes), besides the
+    activation bound of ``per_sample_gradients``; the yielded tensors are the caller's."""
+    run = _Run(model, batch, loss_fn, unit, weighting, sample_ids, dtype)
+    if chunk_size is None:
+        budget = default_budget(run.device) if memory_budget is None else int(memory_budget)
+        per_unit = sum(p.numel() for p in run.plan.params.values()) * \
+            torch.finfo(run.dtype).bits // 8
+        fit = rows_per_chunk(model, run.tensors, budget, max(len(run.units), 1))
+        chunk_size = max(1, min(fit, (budget // 2) // max(per_unit, 1)))
+    empty = list(run.units.empty_ids)
+    for start, part, sink in run.chunks(
+            chunk_size, memory_budget,
+            lambda s, n: PerUnitSink(run.plan.params, n, run.dtype, run.device),
+            allow_tf32, autocast):
+        yield PerUnit(sink.out, list(part.ids), part.weights.to(run.device, run.dtype),
+                      empty or [])
+        empty = None
+
+
+class _Run:
+    """A batch planned into units, ready for ``run_chunks``."""
+
+    def __init__(self, model, batch, loss_fn, unit, weighting, sample_ids, dtype):
+        self.model, self.dtype = model, check_dtype(dtype)
+        self.loss = resolve_loss(loss_fn, unit=unit, weighting=weighting)
+        self.tensors, ids = split_batch(batch, sample_ids)
+        self.units = plan_units(model, self.tensors, ids, self.loss, unit, weighting)
+        self.plan = build_plan(model)
+        self.device = model_device(model)
+
+    def chunks(self, chunk_size, memory_budget, new_sink, allow_tf32, autocast):
+        return run_chunks(self.model, self.plan, self.loss, self.tensors, self.units,
+                          dtype=self.dtype, chunk_size=chunk_size, memory_budget=memory_budget,
+                          new_sink=new_sink, allow_tf32=allow_tf32,
+                          autocast=check_autocast(autocast))
 
 
 def check_rows_independent(model, loss, tensors, units, result: PerUnit) -> None:

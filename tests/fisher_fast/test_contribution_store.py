@@ -184,3 +184,109 @@ def test_failed_contributions_write_changes_nothing(tmp_path):
     with pytest.raises(ValueError, match="already holds 's_2'"):
         per_sample_contributions(model, batch, dtype=torch.float64, store=store, task="t")
     assert _snapshot(store, tmp_path) == before
+
+
+def _contents(store):
+    return {(t, i): (store.tier_of(t, i), {n: v.clone() for n, v in store.get(t, i).items()})
+            for t in store.tasks() for i in store.ids(t)}
+
+
+def _same_contents(a, b):
+    return a.keys() == b.keys() and all(
+        a[k][0] == b[k][0] and all(torch.equal(a[k][1][n], b[k][1][n]) for n in a[k][1])
+        for k in a)
+
+
+def test_transaction_rolls_back_adds_spills_and_deletes(tmp_path):
+    # one record per tier before; inside: two adds that push every old record down a tier
+    # (the oldest to disk) and a delete that empties the old disk shard, then an error
+    store = ContributionStore(tmp_path, device="cpu", device_bytes=REC, host_bytes=REC)
+    for i in range(3):
+        store.add("a", [i], _tensors(1, offset=10.0 * i))
+    before, contents = _snapshot(store, tmp_path), _contents(store)
+    with pytest.raises(RuntimeError, match="boom"):
+        with store.transaction():
+            store.add("b", ["x"], _tensors(1, offset=99.0))
+            store.delete("a", [0])
+            store.add("b", ["y"], _tensors(1, offset=98.0))
+            assert len(os.listdir(tmp_path)) >= 2  # new shards were written meanwhile
+            raise RuntimeError("boom")
+    assert _snapshot(store, tmp_path) == before
+    assert _same_contents(_contents(store), contents)
+
+
+def test_transaction_commits_and_then_removes_emptied_shards(tmp_path):
+    store = ContributionStore(tmp_path, device="cpu", device_bytes=0, host_bytes=0)
+    store.add("a", ["x"], _tensors(1))
+    with store.transaction():
+        store.delete("a", ["x"])
+        assert len(os.listdir(tmp_path)) == 1  # kept until the commit, for a rollback
+        with store.transaction():  # nested: joins the outer one
+            store.add("a", ["y"], _tensors(1, offset=5.0))
+    assert store.ids("a") == ["y"] and len(os.listdir(tmp_path)) == 1
+    assert torch.equal(store.get("a", "y")["w"], _tensors(1, offset=5.0)["w"][0])
+
+
+def test_contributions_stream_into_the_store_one_chunk_at_a_time(tmp_path, monkeypatch):
+    from fisher_fast.contributions import per_sample_contributions
+    from fisher_fast.per_sample import per_sample_gradients
+
+    model, batch = _model_case()
+    store = ContributionStore(tmp_path, device="cpu", host_bytes=4_000)
+    calls = []
+    add = store.add
+    monkeypatch.setattr(store, "add", lambda task, ids, t: calls.append(list(ids)) or add(task, ids, t))
+    c = per_sample_contributions(model, batch, dtype=torch.float64, store=store, task="t",
+                                 chunk_size=1, return_tensors=False)
+    assert calls == [["s_1"], ["s_2"], ["s_3"]]
+    assert c.ids == ["s_1", "s_2", "s_3"] and c.tensors == {} and c.weights.shape == (3,)
+    g = per_sample_gradients(model, batch, dtype=torch.float64)
+    got = store.get_stacked("t", c.ids)
+    for n, t in g.tensors.items():
+        torch.testing.assert_close(got[n], t.square(), rtol=1e-12, atol=0)
+
+
+def test_a_failing_later_chunk_takes_the_earlier_chunks_back_out(tmp_path):
+    from fisher_fast.contributions import per_sample_contributions
+
+    model, batch = _model_case()
+    store = ContributionStore(tmp_path, device="cpu", host_bytes=0)
+    whole = per_sample_contributions(model, batch, dtype=torch.float64)
+    store.add("t", ["s_3"], {n: v[2:] for n, v in whole.tensors.items()})
+    before = _snapshot(store, tmp_path)
+    # chunks s_1, s_2 go in (to disk), then s_3 is a duplicate: all of this call's records go
+    with pytest.raises(ValueError, match="already holds 's_3'"):
+        per_sample_contributions(model, batch, dtype=torch.float64, store=store, task="t",
+                                 chunk_size=1)
+    assert _snapshot(store, tmp_path) == before
+
+
+def test_return_tensors_false_needs_a_store():
+    from fisher_fast.contributions import per_sample_contributions
+
+    model, batch = _model_case()
+    with pytest.raises(ValueError, match="return_tensors=False: expected a store"):
+        per_sample_contributions(model, batch, return_tensors=False)
+
+
+def test_unit_gradient_chunks_fit_the_budget_and_carry_the_empty_rows():
+    from fisher_fast.per_sample import iter_unit_gradients, per_sample_gradients
+
+    from fisher_ref.testing.batches import random_batch
+
+    model, _ = _model_case()
+    batch = random_batch(vocab_size=11, batch_size=3, seq_len=4, seed=0, empty_rows=(1,),
+                         sample_ids=["s_1", "s_2", "s_3"])
+    numel = sum(p.numel() for p in model.parameters())
+    # a budget whose half holds the per-unit gradients of one unit only
+    chunks = list(iter_unit_gradients(model, batch, dtype=torch.float64,
+                                      memory_budget=2 * 8 * numel + 1))
+    assert [c.ids for c in chunks] == [["s_1"], ["s_3"]]
+    assert [c.empty_ids for c in chunks] == [["s_2"], []]
+    whole = per_sample_gradients(model, batch, dtype=torch.float64)
+    for n, t in whole.tensors.items():
+        torch.testing.assert_close(torch.cat([c.tensors[n] for c in chunks]), t, rtol=1e-12, atol=0)
+    everything_empty = random_batch(vocab_size=11, batch_size=3, seq_len=4, seed=0,
+                                    empty_rows=(0, 1, 2), sample_ids=["s_1", "s_2", "s_3"])
+    with pytest.raises(ValueError, match="expected at least one non-empty row"):
+        next(iter_unit_gradients(model, everything_empty, dtype=torch.float64))
