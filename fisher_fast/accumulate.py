@@ -31,6 +31,7 @@ class Config:
     micro_batch_sizes: tuple = ()
     allow_tf32: bool = False
     autocast: torch.dtype | None = None
+    second_only: bool = False  # per-element E[g²] only (SecondMoment), not mean and M2
 
 
 def _finite(states) -> bool:
@@ -83,10 +84,10 @@ def accumulate_batch(model, plan, loss, tensors, ids, cfg: Config, prior: TaskSt
             model, plan, loss, tensors, run_units, dtype=cfg.dtype, chunk_size=cfg.chunk_size,
             memory_budget=cfg.memory_budget, uniforms=uniforms, allow_tf32=cfg.allow_tf32,
             autocast=cfg.autocast,
-            new_sink=lambda s, n: MomentSink(full, cfg.groups, micro)):
+            new_sink=lambda s, n: MomentSink(full, cfg.groups, micro, cfg.second_only)):
         chunk = TaskState(moments=sink.take_moments(), group_moments=sink.group_moments)
         states = [t for m in list(chunk.moments.values()) + list(chunk.group_moments.values())
-                  for t in (m.mean, m.m2)]
+                  for t in m.arrays()]
         states += [t for d in sink.micro.values() for s in d.values()
                    for t in (s.closed, s.open_sum)]
         if not _finite(states):

@@ -111,10 +111,16 @@ class Capture:
         step = max(1, min(self.n, self.slice_bytes // max(per_row, 1)))
         return [slice(s, min(s + step, self.n)) for s in range(0, self.n, step)]
 
+    def _wanted(self, name) -> bool:
+        full, spec = self.sink.wants(name)
+        return bool(full) or spec is not None
+
     def _on_grad(self, entry, rule, saved, dy):
         module = entry.module
-        attrs = tuple(entry.names)
-        if self._sparse(entry, rule):
+        attrs = tuple(a for a in entry.names if self._wanted(entry.names[a]))
+        if not attrs:  # nothing the sink wants: no per-row work for this module
+            return None
+        if "weight" in attrs and self._sparse(entry, rule):
             rows, tokens, values = rule.pairs(module, saved, dy, self.dtype)
             self.sink.add_pairs(entry.names["weight"], rows, tokens, values,
                                 tuple(module.weight.shape))
@@ -226,5 +232,5 @@ class Capture:
             self.sink.add(name, buf, 0)
         self.buffers.clear()
         for name, p in self.plan.params.items():
-            if not self.sink.received(name):
+            if not self.sink.received(name) and self._wanted(name):
                 self.sink.add_zero(name, p, self.n)

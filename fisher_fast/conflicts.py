@@ -89,7 +89,8 @@ def conflicts(model: torch.nn.Module, batch_a: dict, batch_b: dict, *, groups: s
 
     _check_options(groups, n_permutations, seed, n_bootstrap, fdr)
     lay = attention_layout(model, layout) if groups == "heads" else None
-    kw = dict(loss_fn=loss_fn, unit=unit, weighting=weighting, dtype=dtype)
+    kw = dict(loss_fn=loss_fn, unit=unit, weighting=weighting, dtype=dtype,
+              params=_slice_names(lay, include_bias) if groups == "heads" else None)
     ga = unit_gradients(model, batch_a, sample_ids=sample_ids_a, **kw)
     gb = unit_gradients(model, batch_b, sample_ids=sample_ids_b, **kw)
     return conflicts_from_units(ga, gb, groups=groups, layout=lay, n_permutations=n_permutations,

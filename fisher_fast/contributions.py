@@ -16,12 +16,13 @@ from fisher_fast.results import PerUnit
 
 
 def unit_gradients(model, batch, *, loss_fn=None, unit="sample", weighting="sample",
-                   sample_ids=None, dtype=None) -> PerUnit:
-    """``fisher_fast.per_sample.per_sample_gradients`` (the core's batched capture)."""
+                   sample_ids=None, dtype=None, params=None) -> PerUnit:
+    """``fisher_fast.per_sample.per_sample_gradients`` (the core's batched capture), of
+    ``params`` only when given."""
     from fisher_fast.per_sample import per_sample_gradients
 
     return per_sample_gradients(model, batch, loss_fn=loss_fn, unit=unit, weighting=weighting,
-                                sample_ids=sample_ids, dtype=dtype)
+                                sample_ids=sample_ids, dtype=dtype, params=params)
 
 
 def per_sample_contributions(model: torch.nn.Module, batch: dict, *, loss_fn=None,

@@ -33,13 +33,14 @@ from .validation import check_positive_int, resolve_loss, split_batch
 
 def _run(model, batch, *, loss_fn, unit, weighting, sample_ids, dtype, chunk_size,
          memory_budget, allow_tf32, autocast=None, elements=True, groups=None, micro=(), needs=None,
-         expand=None, uniforms=None) -> TaskState:
+         expand=None, uniforms=None, second_only=False) -> TaskState:
     loss = resolve_loss(loss_fn, unit=unit, weighting=weighting, needs_protocol=needs)
     if chunk_size is not None:
         check_positive_int("chunk_size", chunk_size)
     tensors, ids = split_batch(batch, sample_ids)
     cfg = Config(check_dtype(dtype), unit, weighting, chunk_size, memory_budget, elements,
-                 groups or {}, tuple(micro), allow_tf32, check_autocast(autocast))
+                 groups or {}, tuple(micro), allow_tf32, check_autocast(autocast),
+                 second_only=second_only)
     extra = {}
     if uniforms is not None:
         extra["uniforms"] = uniforms(model, loss, tensors, ids)
@@ -60,8 +61,10 @@ def empirical_fisher(model, batch, *, loss_fn=None, unit="sample", weighting="sa
                      allow_tf32=False, autocast=None):
     """Empirical Fisher diagonal :math:`F = \\sum_u w_u g_u^2 / W` (E[g²]: square each unit's
     gradient, then average). Scaling every loss by c scales F by c²; ``reduction="sum"``
-    makes a row's gradient K_i times its ``"mean"`` gradient. No epsilon is added."""
-    return estimates.empirical_fisher(_run(**locals()))
+    makes a row's gradient K_i times its ``"mean"`` gradient. No epsilon is added.
+    Keeps E[g²] alone per element (``moments.SecondMoment``), not the mean and M2 that
+    ``FisherAccumulator`` keeps for every estimator."""
+    return estimates.empirical_fisher(_run(**locals(), second_only=True))
 
 
 def squared_mean_gradient(model, batch, *, loss_fn=None, unit="sample", weighting="sample",
@@ -121,7 +124,7 @@ def mc_fisher(model, batch, *, loss_fn=None, unit="sample", weighting="sample",
     kw = dict(locals())
     for k in ("n_samples", "seed", "uniforms"):
         kw.pop(k)
-    state = _run(**kw, needs="mc_fisher", uniforms=uniforms,
+    state = _run(**kw, needs="mc_fisher", uniforms=uniforms, second_only=True,
                  expand=lambda *_: (lambda units: with_shared_draws(units, n_samples)))
     return estimates.empirical_fisher(state)
 
@@ -148,7 +151,7 @@ def exact_fisher(model, batch, *, loss_fn=None, unit="token", weighting="sample"
 
     kw = dict(locals())
     kw.pop("expand")
-    state = _run(**kw, needs="exact_fisher", expand=expand)
+    state = _run(**kw, needs="exact_fisher", expand=expand, second_only=True)
     return estimates.empirical_fisher(state)
 
 

@@ -93,7 +93,7 @@ def interference(model: torch.nn.Module, batch_a: dict, batch_b: dict, *, fisher
     lay = attention_layout(model, layout)
     _check_options(fisher, signed, eps, ridge_rel, top_k)
     names = _layout_names(lay, include_bias)
-    kw = dict(loss_fn=loss_fn, unit=unit, weighting=weighting, dtype=dtype)
+    kw = dict(loss_fn=loss_fn, unit=unit, weighting=weighting, dtype=dtype, params=names)
     ga = unit_gradients(model, batch_a, sample_ids=sample_ids_a, **kw)
     gb = unit_gradients(model, batch_b, sample_ids=sample_ids_b, **kw)
     return interference_from_units(lay, ga, gb, fisher=fisher, signed=signed, eps=eps,

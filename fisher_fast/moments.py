@@ -97,6 +97,10 @@ class Moments:
         self.W = W
         return self
 
+    def arrays(self) -> tuple:
+        """The per-element arrays of the state (for checks)."""
+        return (self.mean, self.m2)
+
     def second_moment(self) -> torch.Tensor:
         """Weighted mean of x²: ``M2 / W + mean²``."""
         return torch.addcmul(self.m2 / self.W, self.mean, self.mean)
@@ -111,3 +115,47 @@ class Moments:
     @staticmethod
     def from_tensors(d: dict, prefix: str) -> "Moments":
         return Moments(d[f"{prefix}.W"], d[f"{prefix}.mean"], d[f"{prefix}.m2"])
+
+
+@dataclass
+class SecondMoment:
+    """The weighted mean of x² alone, ``f = Σ_u w_u x_u² / W``: the state of an estimator that
+    wants E[g²] only (``empirical_fisher``, ``mc_fisher``, ``exact_fisher``). A sum of
+    non-negative terms, so it needs no shift and cancels nothing; it costs one array per
+    parameter instead of ``Moments``' two (and the shifted sums' three), and a chunk adds
+    its slices with one square and one sum each instead of a shift, a square and two sums.
+    Merging: ``f = (W_a f_a + W_b f_b) / W``.
+    """
+
+    W: torch.Tensor  # 0-d
+    f: torch.Tensor
+
+    @staticmethod
+    def of_pairs(w: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, values: torch.Tensor,
+                 shape) -> "SecondMoment":
+        """As ``Moments.of_pairs``: ``f_v = Σ_{p: c_p = v} w_{r_p} x_p² / W`` (units that
+        miss v add 0)."""
+        W = w.sum()
+        wp = w[rows].reshape(-1, *([1] * (values.dim() - 1)))
+        f = torch.zeros(shape, dtype=values.dtype, device=values.device)
+        f.index_add_(0, cols, values.square().mul_(wp))
+        return SecondMoment(W, f.div_(W.clamp(min=torch.finfo(W.dtype).tiny)))
+
+    def merge(self, other: "SecondMoment") -> "SecondMoment":
+        W = self.W + other.W
+        tiny = torch.finfo(W.dtype).tiny
+        return SecondMoment(W, (self.f * self.W + other.f * other.W) / W.clamp(min=tiny))
+
+    def merge_(self, other: "SecondMoment") -> "SecondMoment":
+        """``merge`` computed in ``self.f`` (which must be owned by the caller)."""
+        W = self.W + other.W
+        r = other.W / W.clamp(min=torch.finfo(W.dtype).tiny)
+        self.f.add_((other.f - self.f).mul_(r))
+        self.W = W
+        return self
+
+    def second_moment(self) -> torch.Tensor:
+        return self.f.clone()
+
+    def arrays(self) -> tuple:
+        return (self.f,)

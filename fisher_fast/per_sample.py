@@ -22,7 +22,7 @@ from .validation import resolve_loss, split_batch
 
 def per_sample_gradients(model, batch, *, loss_fn=None, unit="sample", weighting="sample",
                          sample_ids=None, dtype=None, chunk_size=None, memory_budget=None,
-                         check=False, allow_tf32=False, autocast=None) -> PerUnit:
+                         check=False, allow_tf32=False, autocast=None, params=None) -> PerUnit:
     """Every unit's gradient ``g_u`` at full parameter shape.
 
     Args:
@@ -38,13 +38,16 @@ def per_sample_gradients(model, batch, *, loss_fn=None, unit="sample", weighting
         check: also recompute the first and last units alone and compare (rows independent).
         allow_tf32: let CUDA matmuls use TF32 (off by default).
         autocast: ``None`` or ``torch.bfloat16`` (see ``FisherAccumulator``).
+        params: names of the parameters wanted (default: every trainable one); the others'
+            per-row gradients are not computed (e.g. only the attention weights, for
+            interference).
 
     Returns:
         ``PerUnit(tensors={name: [U, *shape]}, ids, weights [U], empty_ids)`` on the
         model's device.
     """
-    run = _Run(model, batch, loss_fn, unit, weighting, sample_ids, dtype)
-    sink = PerUnitSink(run.plan.params, len(run.units), run.dtype, run.device)
+    run = _Run(model, batch, loss_fn, unit, weighting, sample_ids, dtype, params)
+    sink = PerUnitSink(run.params, len(run.units), run.dtype, run.device)
 
     def new_sink(start, n):
         sink.offset = start
@@ -61,24 +64,24 @@ def per_sample_gradients(model, batch, *, loss_fn=None, unit="sample", weighting
 
 def iter_unit_gradients(model, batch, *, loss_fn=None, unit="sample", weighting="sample",
                         sample_ids=None, dtype=None, chunk_size=None, memory_budget=None,
-                        allow_tf32=False, autocast=None):
+                        allow_tf32=False, autocast=None, params=None):
     """``per_sample_gradients`` one chunk at a time: yields a ``PerUnit`` per chunk (its units'
     gradients ``[n, *shape]``, ids and weights; the empty rows' ids with the first; a batch
     of empty rows only is a ``ValueError``, as for ``per_sample_gradients``), so that
     only one chunk's gradients exist at once. The default chunk holds at most half of the
     memory budget's worth of per-unit gradients (n · Σ numel · bytes), besides the
     activation bound of ``per_sample_gradients``; the yielded tensors are the caller's."""
-    run = _Run(model, batch, loss_fn, unit, weighting, sample_ids, dtype)
+    run = _Run(model, batch, loss_fn, unit, weighting, sample_ids, dtype, params)
     if chunk_size is None:
         budget = default_budget(run.device) if memory_budget is None else int(memory_budget)
-        per_unit = sum(p.numel() for p in run.plan.params.values()) * \
+        per_unit = sum(p.numel() for p in run.params.values()) * \
             torch.finfo(run.dtype).bits // 8
         fit = rows_per_chunk(model, run.tensors, budget, max(len(run.units), 1))
         chunk_size = max(1, min(fit, (budget // 2) // max(per_unit, 1)))
     empty = list(run.units.empty_ids)
     for start, part, sink in run.chunks(
             chunk_size, memory_budget,
-            lambda s, n: PerUnitSink(run.plan.params, n, run.dtype, run.device),
+            lambda s, n: PerUnitSink(run.params, n, run.dtype, run.device),
             allow_tf32, autocast):
         yield PerUnit(sink.out, list(part.ids), part.weights.to(run.device, run.dtype),
                       empty or [])
@@ -88,19 +91,30 @@ def iter_unit_gradients(model, batch, *, loss_fn=None, unit="sample", weighting=
 class _Run:
     """A batch planned into units, ready for ``run_chunks``."""
 
-    def __init__(self, model, batch, loss_fn, unit, weighting, sample_ids, dtype):
+    def __init__(self, model, batch, loss_fn, unit, weighting, sample_ids, dtype, params=None):
         self.model, self.dtype = model, check_dtype(dtype)
         self.loss = resolve_loss(loss_fn, unit=unit, weighting=weighting)
         self.tensors, ids = split_batch(batch, sample_ids)
         self.units = plan_units(model, self.tensors, ids, self.loss, unit, weighting)
         self.plan = build_plan(model)
         self.device = model_device(model)
+        self.params = self.plan.params if params is None else _select(self.plan.params, params)
 
     def chunks(self, chunk_size, memory_budget, new_sink, allow_tf32, autocast):
         return run_chunks(self.model, self.plan, self.loss, self.tensors, self.units,
                           dtype=self.dtype, chunk_size=chunk_size, memory_budget=memory_budget,
                           new_sink=new_sink, allow_tf32=allow_tf32,
                           autocast=check_autocast(autocast))
+
+
+def _select(params: dict, names) -> dict:
+    if isinstance(names, str) or not all(isinstance(n, str) for n in names):
+        raise ValueError(f"params: expected a list of parameter names, got {names!r}.")
+    unknown = [n for n in names if n not in params]
+    if unknown or not names:
+        raise ValueError(f"params: expected names of trainable parameters (e.g. "
+                         f"{list(params)[:3]}), got {unknown[:5] or 'none'}.")
+    return {n: params[n] for n in params if n in set(names)}
 
 
 def check_rows_independent(model, loss, tensors, units, result: PerUnit) -> None:

@@ -12,7 +12,7 @@ import torch
 
 from .group_specs import reduce_squares, reduce_squares_pairs
 from .micro_batches import MicroBatchState
-from .moments import Moments
+from .moments import Moments, SecondMoment
 
 
 class _Sink:
@@ -34,7 +34,7 @@ class _Sink:
 
 
 class PerUnitSink(_Sink):
-    """Stores ``[n, *shape]`` per parameter."""
+    """Stores ``[n, *shape]`` per parameter of ``params`` (the others are not computed)."""
 
     def __init__(self, params: dict, n: int, dtype, device):
         super().__init__()
@@ -43,7 +43,7 @@ class PerUnitSink(_Sink):
                     for name, p in params.items()}
 
     def wants(self, name):
-        return True, None
+        return name in self.out, None
 
     def add(self, name, g, start):
         at = self.offset + start
@@ -99,6 +99,33 @@ class ShiftedSums:
         return Moments(self.W, self.K.add_(r), m2)
 
 
+class SquareSums:
+    """Per-element ``W = Σ w`` and ``S = Σ w g²`` of a chunk (``SecondMoment`` states), added
+    slice by slice or block by block like ``ShiftedSums``; no shift is needed (the terms are
+    non-negative)."""
+
+    def __init__(self, shape, dtype, device):
+        self.W = torch.zeros((), dtype=dtype, device=device)
+        self.S = torch.empty(shape, dtype=dtype, device=device)  # written by the first rows
+        self.started: set = set()
+
+    def add(self, g: torch.Tensor, w: torch.Tensor, part: slice | None = None,
+            owned: bool = False) -> None:
+        whole = part is None
+        S = self.S if whole else self.S[part]
+        key = None if whole else (part.start, part.stop)
+        first = key not in self.started
+        self.started.add(key)
+        if whole or not part.start:
+            self.W += w.sum()
+        sq = (g.square_() if owned else g.square()).reshape(g.shape[0], -1)
+        S.view(-1).addmv_(sq.T, w, beta=0 if first else 1)
+
+    def moments(self) -> SecondMoment:
+        """The chunk's state; consumes the sums (computed in place)."""
+        return SecondMoment(self.W, self.S.div_(self.W.clamp(min=torch.finfo(self.W.dtype).tiny)))
+
+
 class MomentSink(_Sink):
     """Chunk moment states.
 
@@ -108,11 +135,13 @@ class MomentSink(_Sink):
         micro: ``{b: {name: MicroBatchState}}`` to continue (states of the units before).
     """
 
-    def __init__(self, full: set, groups: dict, micro: dict | None = None):
+    def __init__(self, full: set, groups: dict, micro: dict | None = None,
+                 second_only: bool = False):
         super().__init__()
         self.full, self.groups = set(full), dict(groups)
-        self.sums: dict[str, ShiftedSums] = {}
-        self.pair_moments: dict[str, Moments] = {}
+        self.second_only = second_only  # per-element SecondMoment states instead of Moments
+        self.sums: dict = {}  # name -> ShiftedSums (or SquareSums)
+        self.pair_moments: dict = {}  # name -> Moments (or SecondMoment)
         self.group_moments: dict[str, Moments] = {}
         self.micro = {b: dict(states) for b, states in (micro or {}).items()}
 
@@ -136,7 +165,8 @@ class MomentSink(_Sink):
         w = self.w.to(values.dtype)
         self.got.add(name)
         if name in self.full:
-            m = Moments.of_pairs(w, rows, cols, values, shape)
+            m = (SecondMoment if self.second_only else Moments).of_pairs(w, rows, cols, values,
+                                                                         shape)
             store = self.pair_moments
             store[name] = store[name].merge(m) if name in store else m
         if name in self.groups:
@@ -171,9 +201,10 @@ class MomentSink(_Sink):
         self.got.add(name)
         self._sums(name, shape, g).add(g, w, part, owned=True)
 
-    def _sums(self, name, shape, like) -> ShiftedSums:
+    def _sums(self, name, shape, like) -> ShiftedSums | SquareSums:
         if name not in self.sums:
-            self.sums[name] = ShiftedSums(tuple(shape), like.dtype, like.device)
+            kind = SquareSums if self.second_only else ShiftedSums
+            self.sums[name] = kind(tuple(shape), like.dtype, like.device)
         return self.sums[name]
 
     def add_groups(self, name, f, start):

@@ -81,6 +81,44 @@ def test_float32_estimators_match_oracle(case):
            names=("F", "S", "V", "BSG"))
 
 
+def _functional(model, case, dtype):
+    return ff.empirical_fisher(model, case["batch"], dtype=dtype,
+                               loss_fn=loss_for(ff, case["cfg"], case["reduction"]),
+                               unit=case["unit"], weighting=case["weighting"],
+                               chunk_size=case["chunk_size"])
+
+
+@settings(max_examples=10)
+@given(case=fisher_cases())
+def test_functional_empirical_fisher_matches_oracle(case):
+    # the functional path keeps E[g²] alone (SecondMoment states, no shift, no mean)
+    model = build_model(case["cfg"]).double()
+    got = _functional(model, case, torch.float64)
+    rtol, atol = tolerance(float64_tolerance_kind(case["cfg"]))
+    assert_dicts_close(got, fr.empirical_fisher_of(_oracle(case)), rtol=rtol, atol=atol,
+                       what=f"F [{case['cfg'].make_id()}]")
+
+
+@settings(max_examples=6)
+@given(case=fisher_cases(archs=("gpt2", "llama")))
+def test_functional_float32_empirical_fisher_matches_oracle(case):
+    got = _functional(build_model(case["cfg"]), case, torch.float32)
+    rtol, atol = tolerance("float32-fisher", torch.float32)
+    assert_dicts_close(got, fr.empirical_fisher_of(_oracle(case)), rtol=rtol, atol=atol,
+                       what=f"F [{case['cfg'].make_id()}]")
+
+
+@pytest.mark.gpu
+@settings(max_examples=6)
+@given(case=fisher_cases())
+def test_functional_empirical_fisher_matches_oracle_on_cuda(case, device):
+    model = build_model(case["cfg"]).double().to(device)
+    got = _functional(model, case, torch.float64)
+    assert next(iter(got.values())).device.type == "cuda"
+    rtol, atol = tolerance(float64_tolerance_kind(case["cfg"]))
+    assert_dicts_close(got, fr.empirical_fisher_of(_oracle(case)), rtol=rtol, atol=atol)
+
+
 @pytest.mark.gpu
 @settings(max_examples=10)
 @given(case=fisher_cases())

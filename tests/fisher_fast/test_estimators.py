@@ -183,3 +183,22 @@ def test_autocast_takes_only_bfloat16(bad):
         ff.empirical_fisher(model, b, autocast=bad)
     with pytest.raises(ValueError, match="autocast"):
         ff.FisherAccumulator(model, autocast=bad)
+
+
+def test_functional_fisher_keeps_second_moments_only(monkeypatch):
+    # empirical_fisher / mc_fisher go through SquareSums (not the shifted sums) and equal the
+    # accumulator, which keeps mean and M2 for every estimator
+    from fisher_fast import sinks
+
+    made = {"square": 0, "shifted": 0}
+    for cls, key in ((sinks.SquareSums, "square"), (sinks.ShiftedSums, "shifted")):
+        init = cls.__init__
+        monkeypatch.setattr(cls, "__init__", lambda self, *a, _i=init, _k=key, **k:
+                            made.__setitem__(_k, made[_k] + 1) or _i(self, *a, **k))
+    model, b = TinyLM(), tiny_batch(B=4)
+    f = ff.empirical_fisher(model, b, chunk_size=3, **F64)
+    assert made["square"] > 0 and made["shifted"] == 0
+    acc = ff.FisherAccumulator(model, dtype=torch.float64, chunk_size=3)
+    acc.update(b)
+    assert made["shifted"] > 0
+    assert_dicts_close(f, acc.empirical_fisher(), **TOL)

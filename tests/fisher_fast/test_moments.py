@@ -116,3 +116,40 @@ def test_moments_of_pairs_by_hand():
     m = Moments.of_pairs(torch.ones(2, dtype=torch.float64), torch.tensor([0]), torch.tensor([0]),
                          torch.tensor([[2.0]], dtype=torch.float64), (1, 1))
     assert float(m.mean) == 1.0 and float(m.m2) == 2.0
+
+
+def test_second_moment_states_by_hand_and_by_blocks_and_pairs():
+    from fisher_fast.moments import SecondMoment
+    from fisher_fast.sinks import SquareSums
+
+    # by hand: values 1 and 3 with weights 1 and 3 -> (1 + 27) / 4 = 7
+    sums = SquareSums((1,), torch.float64, "cpu")
+    sums.add(torch.tensor([[1.0], [3.0]], dtype=torch.float64),
+             torch.tensor([1.0, 3.0], dtype=torch.float64))
+    assert float(sums.moments().second_moment()) == 7.0
+    # blocks of axis 0, row slices, two passes, then merges (copying and in place): the
+    # weighted mean of all the squares
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(2, 7, 5, 3, generator=g, dtype=torch.float64)
+    w = torch.rand(2, 7, generator=g, dtype=torch.float64) + 0.1
+    sums = SquareSums((5, 3), torch.float64, "cpu")
+    for p in range(2):
+        for a, b in [(0, 4), (4, 7)]:
+            for part in (slice(2, 5), slice(0, 2)):
+                sums.add(x[p, a:b, part].clone(), w[p, a:b], part, owned=True)
+    got = sums.moments()
+    want = (w.reshape(14, 1, 1) * x.reshape(14, 5, 3).square()).sum(0) / w.sum()
+    torch.testing.assert_close(got.second_moment(), want, **REORDER)
+    half = SecondMoment(torch.tensor(2.0, dtype=torch.float64), torch.full((5, 3), 4.0,
+                                                                          dtype=torch.float64))
+    for merged in (got.merge(half), SecondMoment(got.W.clone(), got.f.clone()).merge_(half)):
+        torch.testing.assert_close(merged.f, (want * w.sum() + 8.0) / (w.sum() + 2.0), **REORDER)
+    # pairs: 3 units over a [4, 2] table, zero outside the pairs
+    rows, cols = torch.tensor([0, 0, 1, 2]), torch.tensor([0, 3, 0, 1])
+    values = torch.randn(4, 2, generator=g, dtype=torch.float64)
+    wu = torch.tensor([0.5, 2.0, 1.5], dtype=torch.float64)
+    dense = torch.zeros(3, 4, 2, dtype=torch.float64)
+    dense[rows, cols] = values
+    got = SecondMoment.of_pairs(wu, rows, cols, values, (4, 2))
+    torch.testing.assert_close(got.f, (wu[:, None, None] * dense.square()).sum(0) / wu.sum(),
+                               **REORDER)

@@ -53,3 +53,33 @@ def test_check_passes_on_independent_rows():
     pu = ff.per_sample_gradients(TinyLM(tied=True), tiny_batch(B=3), dtype=torch.float64,
                                  check=True)
     assert len(pu.ids) == 3
+
+
+def test_params_restricts_what_is_computed(monkeypatch):
+    from fisher_fast import capture_rules
+    from fisher_ref.testing.batches import random_batch
+    from fisher_ref.testing.models import TinyConfig, build_model
+
+    model = build_model(TinyConfig(arch="gpt2", num_layers=2), dtype=torch.float64)
+    batch = random_batch(vocab_size=11, batch_size=3, seq_len=5, seed=2)
+    wanted = ["transformer.h.0.attn.c_attn.weight", "transformer.h.1.attn.c_proj.bias"]
+    whole = ff.per_sample_gradients(model, batch, dtype=torch.float64)
+
+    def untouchable(*_a, **_k):
+        raise AssertionError("an unwanted module's per-row gradients were computed")
+    # the embeddings and the norms are not wanted: their rules must never run
+    for rule in (capture_rules.EmbeddingRule, capture_rules.LayerNormRule):
+        for method in ("grads", "pairs"):
+            if hasattr(rule, method):
+                monkeypatch.setattr(rule, method, untouchable)
+    part = ff.per_sample_gradients(model, batch, dtype=torch.float64, params=wanted)
+    assert list(part.tensors) == wanted and part.ids == whole.ids
+    for n in wanted:
+        torch.testing.assert_close(part.tensors[n], whole.tensors[n], **TOL)
+
+
+@pytest.mark.parametrize("bad", [["nope"], [], "transformer.wte.weight"])
+def test_params_must_name_trainable_parameters(bad):
+    model, batch = TinyLM(), tiny_batch(B=2)
+    with pytest.raises(ValueError, match="params: expected"):
+        ff.per_sample_gradients(model, batch, params=bad)
