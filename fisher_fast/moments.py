@@ -150,12 +150,13 @@ class SecondMoment:
         """``merge`` computed in ``self.f`` (which must be owned by the caller)."""
         W = self.W + other.W
         r = other.W / W.clamp(min=torch.finfo(W.dtype).tiny)
-        self.f.add_((other.f - self.f).mul_(r))
+        self.f.lerp_(other.f, r)  # f + r (f_b - f), no temporary
         self.W = W
         return self
 
     def second_moment(self) -> torch.Tensor:
-        return self.f.clone()
+        """``f`` itself, not a copy: these states belong to one functional call."""
+        return self.f
 
     def arrays(self) -> tuple:
         return (self.f,)
