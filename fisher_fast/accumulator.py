@@ -21,6 +21,7 @@ from .units import aligned_targets, with_shared_draws
 from .validation import check_choice, check_positive_int, resolve_loss, split_batch
 
 LABELS = ("true", "mc")
+STATISTICS = ("all", "fisher")
 
 
 class FisherAccumulator:
@@ -64,16 +65,23 @@ class FisherAccumulator:
             Only ``empirical_fisher`` and ``group_fisher`` are offered then (the other
             estimators are defined for the true labels), and no ``micro_batch_sizes``.
         n_samples, seed: label draws per unit and their seed (``labels="mc"`` only).
+        statistics: ``"all"`` (default): per-element Welford states (W, mean, M2), from which
+            every estimator follows; ``"fisher"``: E[g²] alone (``moments.SecondMoment``: one
+            array per parameter instead of two, cheaper updates), for streaming F over many
+            batches (EWC, pruning, merging); then only ``empirical_fisher`` (and
+            ``group_fisher``, ``batch_squared_gradient``) are offered.
     """
 
     def __init__(self, model, loss_fn=None, *, device=None, dtype=torch.float32, unit="sample",
                  weighting="sample", chunk_size=None, memory_budget=None, groups=None,
                  layout=None, micro_batch_sizes=(), elements=True, allow_tf32=False,
                  autocast=None,
-                 labels="true", n_samples=1, seed=0):
+                 labels="true", n_samples=1, seed=0, statistics="all"):
         self.model = model
         check_choice("labels", labels, LABELS)
         self.labels = labels
+        check_choice("statistics", statistics, STATISTICS)
+        self.statistics = statistics
         self.loss = resolve_loss(loss_fn, unit=unit, weighting=weighting,
                                  needs_protocol="labels='mc'" if labels == "mc" else None)
         check_positive_int("n_samples", n_samples)
@@ -95,7 +103,7 @@ class FisherAccumulator:
         specs = {} if groups is None else resolve_groups(model, groups, layout)
         self.config = Config(self.dtype, unit, weighting, chunk_size, memory_budget, elements,
                              specs, tuple(sorted(set(micro_batch_sizes))), allow_tf32,
-                             check_autocast(autocast))
+                             check_autocast(autocast), second_only=statistics == "fisher")
         self.plan = build_plan(model)
         self._tasks: dict[str, TaskState] = {}
 
@@ -124,6 +132,11 @@ class FisherAccumulator:
     def tasks(self) -> list[str]:
         return list(self._tasks)
 
+    def _all_statistics(self, what: str) -> None:
+        if self.statistics != "all":
+            raise ValueError(f"{what}: expected an accumulator with statistics='all', got "
+                             f"statistics={self.statistics!r} (it keeps E[g²] only).")
+
     def _true_labels(self, what: str) -> None:
         if self.labels != "true":
             raise ValueError(f"{what}: expected an accumulator with labels='true', got "
@@ -143,6 +156,7 @@ class FisherAccumulator:
     def mean_gradient(self, task="default"):
         """ḡ = Σ w_u g_u / W."""
         self._true_labels("mean_gradient")
+        self._all_statistics("mean_gradient")
         return estimates.mean_gradient(self._state(task))
 
     def empirical_fisher(self, task="default"):
@@ -153,11 +167,13 @@ class FisherAccumulator:
     def squared_mean_gradient(self, task="default"):
         """S = ḡ² ((E[g])²)."""
         self._true_labels("squared_mean_gradient")
+        self._all_statistics("squared_mean_gradient")
         return estimates.squared_mean_gradient(self._state(task))
 
     def gradient_variance(self, task="default", unbiased=False):
         """V = F − S (population, weighted); ``unbiased`` multiplies by W²/(W² − Σw²)."""
         self._true_labels("gradient_variance")
+        self._all_statistics("gradient_variance")
         return estimates.gradient_variance(self._state(task), unbiased)
 
     def batch_squared_gradient(self, micro_batch_size, task="default"):
@@ -197,7 +213,8 @@ class FisherAccumulator:
         c = self.config
         mc = {"labels": "mc", "n_samples": self.n_samples, "seed": self.seed} \
             if self.labels == "mc" else {}
-        return {**mc, "dtype": str(c.dtype).replace("torch.", ""), "unit": c.unit,
+        stats = {"statistics": self.statistics} if self.statistics != "all" else {}
+        return {**mc, **stats, "dtype": str(c.dtype).replace("torch.", ""), "unit": c.unit,
                 "weighting": c.weighting, "elements": c.elements,
                 "groups": sorted(c.groups), "micro_batch_sizes": list(c.micro_batch_sizes),
                 "params": list(self.plan.params)}

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 
+from .moments import SecondMoment
 from .results import FisherResult
 from .task_state import TaskState
 
@@ -35,8 +36,13 @@ def mean_gradient(state: TaskState) -> FisherResult:
     return _result(state, {k: m.mean.clone() for k, m in _moments(state, "mean_gradient").items()})
 
 
-def empirical_fisher(state: TaskState) -> FisherResult:
-    return _result(state, {k: m.second_moment() for k, m in _moments(state, "empirical_fisher").items()})
+def empirical_fisher(state: TaskState, discard: bool = False) -> FisherResult:
+    """``discard``: the state is thrown away after this call (the functional API), so a
+    ``SecondMoment``'s array may be handed out instead of copied."""
+    def f(m):
+        return m.second_moment(copy=False) if isinstance(m, SecondMoment) and discard \
+            else m.second_moment()
+    return _result(state, {k: f(m) for k, m in _moments(state, "empirical_fisher").items()})
 
 
 def squared_mean_gradient(state: TaskState) -> FisherResult:

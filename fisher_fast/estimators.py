@@ -64,7 +64,7 @@ def empirical_fisher(model, batch, *, loss_fn=None, unit="sample", weighting="sa
     makes a row's gradient K_i times its ``"mean"`` gradient. No epsilon is added.
     Keeps E[g²] alone per element (``moments.SecondMoment``), not the mean and M2 that
     ``FisherAccumulator`` keeps for every estimator."""
-    return estimates.empirical_fisher(_run(**locals(), second_only=True))
+    return estimates.empirical_fisher(_run(**locals(), second_only=True), discard=True)
 
 
 def squared_mean_gradient(model, batch, *, loss_fn=None, unit="sample", weighting="sample",
@@ -126,7 +126,7 @@ def mc_fisher(model, batch, *, loss_fn=None, unit="sample", weighting="sample",
         kw.pop(k)
     state = _run(**kw, needs="mc_fisher", uniforms=uniforms, second_only=True,
                  expand=lambda *_: (lambda units: with_shared_draws(units, n_samples)))
-    return estimates.empirical_fisher(state)
+    return estimates.empirical_fisher(state, discard=True)
 
 
 def exact_fisher(model, batch, *, loss_fn=None, unit="token", weighting="sample",
@@ -152,7 +152,7 @@ def exact_fisher(model, batch, *, loss_fn=None, unit="token", weighting="sample"
     kw = dict(locals())
     kw.pop("expand")
     state = _run(**kw, needs="exact_fisher", expand=expand, second_only=True)
-    return estimates.empirical_fisher(state)
+    return estimates.empirical_fisher(state, discard=True)
 
 
 def group_fisher(model, batch, *, loss_fn=None, unit="sample", weighting="sample",

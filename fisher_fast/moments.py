@@ -101,6 +101,9 @@ class Moments:
         """The per-element arrays of the state (for checks)."""
         return (self.mean, self.m2)
 
+    def to(self, device) -> "Moments":
+        return Moments(self.W.to(device), self.mean.to(device), self.m2.to(device))
+
     def second_moment(self) -> torch.Tensor:
         """Weighted mean of x²: ``M2 / W + mean²``."""
         return torch.addcmul(self.m2 / self.W, self.mean, self.mean)
@@ -154,9 +157,12 @@ class SecondMoment:
         self.W = W
         return self
 
-    def second_moment(self) -> torch.Tensor:
-        """``f`` itself, not a copy: these states belong to one functional call."""
-        return self.f
+    def second_moment(self, copy: bool = True) -> torch.Tensor:
+        """``f`` (``copy=False``: ``f`` itself, for a state that is being discarded)."""
+        return self.f.clone() if copy else self.f
 
     def arrays(self) -> tuple:
         return (self.f,)
+
+    def to(self, device) -> "SecondMoment":
+        return SecondMoment(self.W.to(device), self.f.to(device))

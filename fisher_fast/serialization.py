@@ -1,7 +1,8 @@
 """State dicts and safetensors files of ``FisherAccumulator``.
 
 A state dict is ``{"format", "config", "tasks": {task: {scalars..., "tensors": {key: T}}}}``
-with tensor keys ``moments/<param>/<W|mean|m2>``, ``groups/<param>/<W|mean|m2>`` and
+with tensor keys ``moments/<param>/<W|mean|m2>`` (``<W|f>`` for ``statistics="fisher"``),
+``groups/<param>/<W|mean|m2>`` and
 ``micro/<b>/<param>/<closed|open_sum|open_w>``. On disk, tensors are stored flat as
 ``<task index>/<key>`` in one safetensors file whose metadata header ``fisher_fast`` holds
 the rest as JSON (task names, counts, weights, empty ids, configuration).
@@ -14,7 +15,7 @@ import json
 import torch
 
 from .micro_batches import MicroBatchState
-from .moments import Moments
+from .moments import Moments, SecondMoment
 from .task_state import TaskState
 
 FORMAT = "fisher_fast.accumulator/1"
@@ -25,7 +26,7 @@ def _task_to_dict(st: TaskState) -> dict:
     t = {}
     for kind, store in (("moments", st.moments), ("groups", st.group_moments)):
         for name, m in store.items():
-            for f in _FIELDS:
+            for f in (_FIELDS if isinstance(m, Moments) else ("W", "f")):
                 t[f"{kind}/{name}/{f}"] = getattr(m, f).detach().clone()
     seen = {}
     for b, states in st.micro.items():
@@ -57,7 +58,8 @@ def _task_from_dict(d: dict, device) -> TaskState:
                 b, fields["closed"], fields["open_sum"], fields["open_w"], d["micro_seen"][str(b)])
         else:
             store = st.moments if key[0] == "moments" else st.group_moments
-            store[key[1]] = Moments(fields["W"], fields["mean"], fields["m2"])
+            store[key[1]] = SecondMoment(fields["W"], fields["f"]) if "f" in fields else \
+                Moments(fields["W"], fields["mean"], fields["m2"])
     return st
 
 

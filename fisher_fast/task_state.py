@@ -36,7 +36,7 @@ class TaskState:
             other.micro if other.micro else self.micro)
 
     def to(self, device) -> "TaskState":
-        mv = (lambda m: Moments(m.W.to(device), m.mean.to(device), m.m2.to(device)))
+        mv = (lambda m: m.to(device))
         mb = (lambda s: MicroBatchState(s.b, s.closed.to(device), s.open_sum.to(device),
                                         s.open_w.to(device), s.seen))
         return TaskState(self.n_units, self.n_rows, self.total_weight, self.sum_w2,

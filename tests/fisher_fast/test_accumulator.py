@@ -165,3 +165,48 @@ def test_mc_non_finite_gradient_names_the_unit():
     with pytest.raises(ValueError, match=r"non-finite gradient.*'emb.weight', unit 1\."):
         acc.update(batch)
     assert acc.tasks() == []
+
+
+def test_fisher_only_statistics_stream_resume_and_refuse_the_rest(tmp_path):
+    # statistics="fisher": E[g²] over updates equals the full-state accumulator and the
+    # functional estimator; resuming from a file continues identically; estimators that
+    # need the mean are refused; a failed update leaves it untouched
+    model, b1, b2 = TinyLM(), tiny_batch(B=3, seed=1), tiny_batch(B=4, seed=2, empty_rows=(1,))
+    lean = _acc(model, chunk_size=2, statistics="fisher")
+    full = _acc(model, chunk_size=3)
+    for acc in (lean, full):
+        acc.update(b1)
+        acc.update(b2)
+    assert_dicts_close(lean.empirical_fisher(), full.empirical_fisher(), **TOL)
+    assert_dicts_close(lean.empirical_fisher(), ff.empirical_fisher(
+        model, concat_batches([b1, b2]), dtype=torch.float64), **TOL)
+    assert_dicts_close(lean.batch_squared_gradient(2), full.batch_squared_gradient(2), **TOL)
+    assert lean.empirical_fisher().empty_ids == [4]
+    assert {k.rsplit("/", 1)[1] for k in _tensors(lean) if "/moments/" in k} == {"W", "f"}
+    for what in ("mean_gradient", "squared_mean_gradient", "gradient_variance"):
+        with pytest.raises(ValueError, match=f"{what}: expected an accumulator with statistics='all'"):
+            getattr(lean, what)()
+    first = _acc(model, chunk_size=2, statistics="fisher")
+    first.update(b1)
+    first.save(tmp_path / "lean.safetensors")
+    resumed = _acc(model, chunk_size=2, statistics="fisher").load(tmp_path / "lean.safetensors")
+    resumed.update(b2)
+    a, b = _tensors(lean), _tensors(resumed)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(ValueError, match="different one"):
+        _acc(model).load(tmp_path / "lean.safetensors")
+    bad = tiny_batch(B=2, seed=3)
+    bad["input_ids"] = bad["input_ids"].clone()
+    bad["input_ids"][1, 0] = 99
+    with pytest.raises(IndexError):
+        resumed.update(bad)
+    assert all(torch.equal(v, _tensors(resumed)[k]) for k, v in b.items())
+    # the result is a copy: changing it does not change the accumulator
+    f = resumed.empirical_fisher()
+    next(iter(f.values())).zero_()
+    assert_dicts_close(resumed.empirical_fisher(), lean.empirical_fisher(), rtol=0, atol=0)
+
+
+def test_statistics_must_be_all_or_fisher():
+    with pytest.raises(ValueError, match="statistics"):
+        ff.FisherAccumulator(TinyLM(), statistics="mean")
