@@ -90,7 +90,9 @@ class FisherFastAdapter:
         return acc
 
     def empirical_fisher(self, model, batches, *, loss_fn, unit="sample", weighting="sample"):
-        return self._accumulate(model, batches, loss_fn, unit=unit, weighting=weighting).empirical_fisher()
+        # the lean E[g²]-only states, what a researcher streaming F uses
+        return self._accumulate(model, batches, loss_fn, unit=unit, weighting=weighting,
+                                statistics="fisher").empirical_fisher()
 
     def squared_mean_gradient(self, model, batches, *, loss_fn, unit="sample", weighting="sample"):
         acc = self._accumulate(model, batches, loss_fn, unit=unit, weighting=weighting)
