@@ -7,6 +7,7 @@ import torch
 
 from fisher_ref.testing.batches import random_batch
 from fisher_ref.testing.models import build_model
+from fisher_ref.testing.tolerances import tolerance
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -28,3 +29,6 @@ def test_readme_python_example_runs(tmp_path, monkeypatch):
     assert namespace["F"].empty_ids == [1]
     reloaded = namespace["acc"].empirical_fisher("a")
     assert all(torch.equal(reloaded[k], namespace["Fa"][k]) for k in namespace["Fa"])
+    rtol, atol = tolerance("float32-fisher", torch.float32)  # two float32 paths, same units
+    for k, v in namespace["F_ewc"].items():
+        torch.testing.assert_close(v, namespace["Fa"][k], rtol=rtol, atol=atol)
