@@ -51,40 +51,54 @@ class PerUnitSink(_Sink):
         self.got.add(name)
 
 
-class ShiftedSums:
+class _BlockSums:
+    """Bookkeeping shared by the chunk sums: slices of rows arrive whole or as blocks of the
+    parameter's first axis (``part``), possibly over several backward passes (MC draws);
+    W counts each slice once (with its block that starts at 0), and the first slice of a
+    block is told so (it overwrites the block's sums, which therefore need no zeroing)."""
+
+    def __init__(self, dtype, device):
+        self.W = torch.zeros((), dtype=dtype, device=device)
+        self.started: set = set()  # blocks (None: the whole) already written
+
+    def _begin(self, w: torch.Tensor, part: slice | None) -> bool:
+        key = None if part is None else (part.start, part.stop)
+        first = key not in self.started
+        self.started.add(key)
+        if part is None or not part.start:
+            self.W += w.sum()
+        return first
+
+
+def _block(t: torch.Tensor, part: slice | None) -> torch.Tensor:
+    return t if part is None else t[part]
+
+
+class ShiftedSums(_BlockSums):
     """Per-element weighted sums of a chunk, shifted by the chunk's first unit K:
     W = Σ w, S1 = Σ w (g − K), S2 = Σ w (g − K)².
 
     Adding a slice costs two fused accumulations over the slice (no pass over the whole
     parameter per slice, unlike a Chan merge per slice), and the shift keeps
     ``M2 = S2 − S1² / W`` free of the cancellation of raw sums: |mean − K| is of the order
-    of one standard deviation. M2 is clamped at 0 against rounding only.
-
-    A slice may cover only a block of the parameter's first axis (``part``): then K of that
-    block is the first unit's block, and W is counted with the block that starts at 0.
+    of one standard deviation. M2 is clamped at 0 against rounding only. For a block, K is
+    the first unit's block.
     """
 
     def __init__(self, shape, dtype, device):
+        super().__init__(dtype, device)
         self.K = torch.empty(shape, dtype=dtype, device=device)
-        self.W = torch.zeros((), dtype=dtype, device=device)
         self.S1 = torch.empty(shape, dtype=dtype, device=device)  # written by the first
         self.S2 = torch.empty(shape, dtype=dtype, device=device)  # rows (beta = 0)
-        self.started: set = set()  # blocks (or None: the whole) that have their K
 
     def add(self, g: torch.Tensor, w: torch.Tensor, part: slice | None = None,
             owned: bool = False) -> None:
         """More rows of the chunk, ``g: [s, *shape]`` (or ``[s, *shape[part]]``), weights
         ``w``. ``owned``: ``g`` may be overwritten (saves a copy)."""
-        whole = part is None
-        K, S1, S2 = (self.K, self.S1, self.S2) if whole else \
-            (self.K[part], self.S1[part], self.S2[part])
-        key = None if whole else (part.start, part.stop)
-        first = key not in self.started  # several backward passes (MC draws) may follow
+        K, S1, S2 = _block(self.K, part), _block(self.S1, part), _block(self.S2, part)
+        first = self._begin(w, part)
         if first:
             K.copy_(g[0])
-            self.started.add(key)
-        if whole or not part.start:
-            self.W += w.sum()
         beta = 0 if first else 1  # the first rows overwrite S1, S2 (NaN-safe in torch)
         d = (g.sub_(K) if owned else g - K).reshape(g.shape[0], -1)
         S1.view(-1).addmv_(d.T, w, beta=beta)
@@ -99,27 +113,20 @@ class ShiftedSums:
         return Moments(self.W, self.K.add_(r), m2)
 
 
-class SquareSums:
+class SquareSums(_BlockSums):
     """Per-element ``W = Σ w`` and ``S = Σ w g²`` of a chunk (``SecondMoment`` states), added
-    slice by slice or block by block like ``ShiftedSums``; no shift is needed (the terms are
-    non-negative)."""
+    like ``ShiftedSums``; no shift is needed (the terms are non-negative)."""
 
     def __init__(self, shape, dtype, device):
-        self.W = torch.zeros((), dtype=dtype, device=device)
+        super().__init__(dtype, device)
         self.S = torch.empty(shape, dtype=dtype, device=device)  # written by the first rows
-        self.started: set = set()
 
     def add(self, g: torch.Tensor, w: torch.Tensor, part: slice | None = None,
             owned: bool = False) -> None:
-        whole = part is None
-        S = self.S if whole else self.S[part]
-        key = None if whole else (part.start, part.stop)
-        first = key not in self.started
-        self.started.add(key)
-        if whole or not part.start:
-            self.W += w.sum()
+        S = _block(self.S, part)
+        beta = 0 if self._begin(w, part) else 1
         sq = (g.square_() if owned else g.square()).reshape(g.shape[0], -1)
-        S.view(-1).addmv_(sq.T, w, beta=0 if first else 1)
+        S.view(-1).addmv_(sq.T, w, beta=beta)
 
     def moments(self) -> SecondMoment:
         """The chunk's state; consumes the sums (computed in place)."""
