@@ -106,7 +106,8 @@ def test_loading_into_a_different_configuration_fails():
         other.load_state_dict(acc.state_dict())
 
 
-def test_mc_labels_equal_the_oracle_mc_fisher_over_updates():
+@pytest.mark.parametrize("statistics", ["all", "fisher"])
+def test_mc_labels_equal_the_oracle_mc_fisher_over_updates(statistics):
     import fisher_ref as fr
     from fisher_ref.testing.batches import random_batch
     from fisher_ref.testing.models import TinyConfig, build_model
@@ -115,7 +116,7 @@ def test_mc_labels_equal_the_oracle_mc_fisher_over_updates():
     b1 = random_batch(vocab_size=7, batch_size=3, seq_len=5, seed=1)
     b2 = random_batch(vocab_size=7, batch_size=2, seq_len=5, seed=2, empty_rows=(0,))
     acc = ff.FisherAccumulator(model, dtype=torch.float64, chunk_size=2,
-                               labels="mc", n_samples=3, seed=11)
+                               labels="mc", n_samples=3, seed=11, statistics=statistics)
     acc.update(b1)
     acc.update(b2)
     want = fr.mc_fisher(model, concat_batches([b1, b2]), n_samples=3, seed=11)

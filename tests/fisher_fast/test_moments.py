@@ -59,20 +59,26 @@ def test_shifted_chunk_sums_equal_two_pass_moments():
     torch.testing.assert_close(got.m2.reshape(-1), m2, **M2)
 
 
+def _fed_by_blocks(kind, seed, offset, split):
+    """Chunk sums of ``kind`` fed x [2 passes, 7 rows, 5, 3] by row slices (0-4, 4-7) and
+    blocks of axis 0 (the later block first), as the capture does for MC draws."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, 7, 5, 3, generator=g, dtype=torch.float64) + offset
+    w = torch.rand(2, 7, generator=g, dtype=torch.float64) + 0.1
+    sums = kind((5, 3), torch.float64, "cpu")
+    for p in range(2):
+        for a, b in [(0, 4), (4, 7)]:
+            for part in (slice(split, 5), slice(0, split)):
+                sums.add(x[p, a:b, part].clone(), w[p, a:b], part, owned=True)
+    return x, w, sums.moments()
+
+
 def test_shifted_sums_by_blocks_of_the_first_axis_and_several_passes():
     # blocks of axis 0 in any order, row slices within each, and a second backward pass
     # over the same rows (MC draws share a sink): the two-pass moments of all 14 values
     from fisher_fast.sinks import ShiftedSums
 
-    g = torch.Generator().manual_seed(5)
-    x = torch.randn(2, 7, 5, 3, generator=g, dtype=torch.float64) + 30.0  # [pass, row, ...]
-    w = torch.rand(2, 7, generator=g, dtype=torch.float64) + 0.1
-    sums = ShiftedSums((5, 3), torch.float64, "cpu")
-    for p in range(2):
-        for a, b in [(0, 4), (4, 7)]:
-            for part in (slice(3, 5), slice(0, 3)):
-                sums.add(x[p, a:b, part].clone(), w[p, a:b], part, owned=True)
-    got = sums.moments()
+    x, w, got = _fed_by_blocks(ShiftedSums, seed=5, offset=30.0, split=3)
     W, mean, m2 = _two_pass(x.reshape(14, -1), w.reshape(14))
     torch.testing.assert_close(got.W, W, **REORDER)
     torch.testing.assert_close(got.mean.reshape(-1), mean, **REORDER)
@@ -129,15 +135,7 @@ def test_second_moment_states_by_hand_and_by_blocks_and_pairs():
     assert float(sums.moments().second_moment()) == 7.0
     # blocks of axis 0, row slices, two passes, then merges (copying and in place): the
     # weighted mean of all the squares
-    g = torch.Generator().manual_seed(8)
-    x = torch.randn(2, 7, 5, 3, generator=g, dtype=torch.float64)
-    w = torch.rand(2, 7, generator=g, dtype=torch.float64) + 0.1
-    sums = SquareSums((5, 3), torch.float64, "cpu")
-    for p in range(2):
-        for a, b in [(0, 4), (4, 7)]:
-            for part in (slice(2, 5), slice(0, 2)):
-                sums.add(x[p, a:b, part].clone(), w[p, a:b], part, owned=True)
-    got = sums.moments()
+    x, w, got = _fed_by_blocks(SquareSums, seed=8, offset=0.0, split=2)
     want = (w.reshape(14, 1, 1) * x.reshape(14, 5, 3).square()).sum(0) / w.sum()
     torch.testing.assert_close(got.second_moment(), want, **REORDER)
     half = SecondMoment(torch.tensor(2.0, dtype=torch.float64), torch.full((5, 3), 4.0,
@@ -146,7 +144,7 @@ def test_second_moment_states_by_hand_and_by_blocks_and_pairs():
         torch.testing.assert_close(merged.f, (want * w.sum() + 8.0) / (w.sum() + 2.0), **REORDER)
     # pairs: 3 units over a [4, 2] table, zero outside the pairs
     rows, cols = torch.tensor([0, 0, 1, 2]), torch.tensor([0, 3, 0, 1])
-    values = torch.randn(4, 2, generator=g, dtype=torch.float64)
+    values = torch.randn(4, 2, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
     wu = torch.tensor([0.5, 2.0, 1.5], dtype=torch.float64)
     dense = torch.zeros(3, 4, 2, dtype=torch.float64)
     dense[rows, cols] = values
