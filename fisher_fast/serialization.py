@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 
-import torch
 
 from .micro_batches import MicroBatchState
 from .moments import Moments, SecondMoment

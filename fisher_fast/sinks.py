@@ -11,7 +11,6 @@ from __future__ import annotations
 import torch
 
 from .group_specs import reduce_squares, reduce_squares_pairs
-from .micro_batches import MicroBatchState
 from .moments import Moments, SecondMoment
 
 

@@ -4,10 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import torch
-
 from .micro_batches import MicroBatchState
-from .moments import Moments
 
 
 @dataclass
