@@ -65,6 +65,9 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--seed", type=int, default=0, help="seed of the permutations (default: 0)")
     r.add_argument("--dtype", choices=("float32", "float64"), default="float32",
                    help="fisher_fast accumulation dtype (default: float32)")
+    r.add_argument("--device", default="cpu", metavar="DEV",
+                   help="where fisher_fast runs: cpu, cuda, cuda:N or auto (cuda when "
+                        "available); --check's oracle always runs on the CPU (default: cpu)")
     r.add_argument("--check", action="store_true",
                    help="recompute a subset with fisher_ref (float64) and report the largest "
                         "differences")
@@ -96,6 +99,24 @@ def _positive(name: str, value: int) -> None:
         raise ValueError(f"{name}: expected a positive integer, got {value}.")
 
 
+def _device(name: str) -> torch.device:
+    """``--device``: cpu, cuda, cuda:N or auto; a CUDA device must exist."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device: expected cpu, cuda, cuda:N or auto, got {name!r}.") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device: expected cpu, cuda, cuda:N or auto, got {name!r}.")
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (device.index or 0) >= count:
+            raise ValueError(f"--device: expected an available CUDA device, got {name!r} "
+                             f"({count} CUDA devices here).")
+    return device
+
+
 def run_command(args) -> int:
     from fishercheck import inputs, mainjob, plots, reports
 
@@ -104,6 +125,7 @@ def run_command(args) -> int:
     if args.model is not None and (args.task_a is None or args.task_b is None):
         raise ValueError("--model: expected --task-a and --task-b with it, got "
                          f"task-a={args.task_a!r}, task-b={args.task_b!r}.")
+    device = _device(args.device)
     start = time.perf_counter()
     if args.tokenizer is not None and args.model is None:
         raise ValueError(f"--tokenizer: expected it with --model, got --tokenizer "
@@ -118,11 +140,14 @@ def run_command(args) -> int:
         inputs.check_batch(batch, inp.model, path)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    results = mainjob.run(inp.model, *batches, n_pairs=args.pairs, n_permutations=args.permutations,
+    model = inp.model.to(device)
+    batches = [{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in b.items()}
+               for b in batches]
+    results = mainjob.run(model, *batches, n_pairs=args.pairs, n_permutations=args.permutations,
                           seed=args.seed, check=args.check, check_rows=args.check_rows,
                           dtype=getattr(torch, args.dtype))
     results["meta"] = {"model": inp.source, "trained": inp.trained, "task_a": str(path_a),
-                       "task_b": str(path_b), "plots": []}
+                       "task_b": str(path_b), "device": str(device), "plots": []}
     if not args.no_plots:
         results["meta"]["plots"] = plots.write_plots(results, out)
     results["timings"]["total_s"] = time.perf_counter() - start

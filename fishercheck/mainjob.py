@@ -112,21 +112,30 @@ def relative_difference(fast_values: dict, ref_values: dict) -> float:
 def oracle_check(model, batch_a: dict, batch_b: dict, *, n: int, n_permutations: int, seed: int,
                  dtype) -> dict:
     """Recompute F, S, interference and conflict p-values on n rows per task with fisher_ref."""
+    import copy
+
     import fisher_ref
     from fisher_ref.conflicts import conflicts as ref_conflicts
     from fisher_ref.interference import interference as ref_interference
 
     a, b = rows(batch_a, n), rows(batch_b, n)
+    # the oracle runs on a CPU copy (float64, one unit at a time); fisher_fast where it ran
+    cpu = next(model.parameters()).device.type == "cpu"
+    ref_model = model if cpu else copy.deepcopy(model).cpu()
+    ra, rb = ({k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in x.items()}
+              for x in (a, b))
     out = {"rows_per_task": n}
     fa, sa, _ = moments(model, a, chunk_rows=n, dtype=dtype)
-    out["empirical_fisher"] = relative_difference(fa, fisher_ref.empirical_fisher(model, a))
-    out["squared_mean_gradient"] = relative_difference(sa, fisher_ref.squared_mean_gradient(model, a))
+    out["empirical_fisher"] = relative_difference(fa, fisher_ref.empirical_fisher(ref_model, ra))
+    out["squared_mean_gradient"] = relative_difference(
+        sa, fisher_ref.squared_mean_gradient(ref_model, ra))
     fi = fast("interference")(model, a, b, dtype=dtype)
-    ri = ref_interference(model, a, b)
+    ri = ref_interference(ref_model, ra, rb)
     out["interference"] = relative_difference(dict(fi), dict(ri))
     fc = fast("conflicts")(model, a, b, n_permutations=n_permutations, seed=seed,
                            n_bootstrap=100, dtype=dtype)
-    rc = ref_conflicts(model, a, b, n_permutations=n_permutations, seed=seed, n_bootstrap=100)
+    rc = ref_conflicts(ref_model, ra, rb, n_permutations=n_permutations, seed=seed,
+                       n_bootstrap=100)
     shared = [g for g in rc if g in fc]
     out["conflict_p_max_abs_difference"] = max(
         (abs(float(fc[g]["p"]) - float(rc[g]["p"])) for g in shared), default=float("nan"))

@@ -30,7 +30,7 @@ def test_run_writes_every_report_file(run_dir):
 def test_run_report_json_is_consistent(run_dir):
     _, out = run_dir
     report = json.loads((out / "report.json").read_text())
-    assert report["meta"]["trained"] is True
+    assert report["meta"]["trained"] is True and report["meta"]["device"] == "cpu"
     for task in ("A", "B"):
         rec = report["tasks"][task]
         assert rec["n_units"] == 12
@@ -48,6 +48,31 @@ def test_run_report_markdown_names_the_model_and_tasks(run_dir):
     text = (out / "report.md").read_text()
     assert "trained by fishercheck/data/train_default.py" in text
     assert "task_a.txt" in text and "task_b.txt" in text
+
+
+@pytest.mark.parametrize("device,message", [
+    ("tpu", "--device: expected cpu, cuda, cuda:N or auto, got 'tpu'"),
+    ("nonsense", "--device: expected cpu, cuda, cuda:N or auto, got 'nonsense'"),
+    ("cuda", "--device: expected an available CUDA device, got 'cuda' (0 CUDA devices here)"),
+])
+def test_run_rejects_an_unavailable_device(tmp_path, capsys, monkeypatch, device, message):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # as on CI, on any machine
+    assert main(["run", "--out", str(tmp_path), "--device", device]) == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.gpu
+def test_run_on_cuda_checks_against_the_cpu_oracle(tmp_path, device):
+    out = tmp_path / "cuda-run"
+    code = main(["run", "--out", str(out), "--device", device, "--max-samples", "8",
+                 "--pairs", "4", "--permutations", "19", "--check", "--check-rows", "3",
+                 "--no-plots"])
+    assert code == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["meta"]["device"] == "cuda"
+    assert report["check"]["empirical_fisher"] < 1e-4 and report["check"]["interference"] < 1e-4
 
 
 def test_run_rejects_model_without_tasks(tmp_path, capsys):
