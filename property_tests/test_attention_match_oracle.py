@@ -94,12 +94,22 @@ def test_layouts_masks_and_group_ids_match(cfg):
         assert got[n][1] == want[n][1] and torch.equal(got[n][0], want[n][0]), n
 
 
-@given(tiny_configs(), st.sampled_from(("sample", "token")), st.integers(0, 50))
-def test_per_sample_contributions_match(cfg, unit, seed):
+@given(tiny_configs(), st.sampled_from(("sample", "token")), st.integers(0, 50),
+       st.sampled_from((None, 1, 2)))
+def test_per_sample_contributions_match(cfg, unit, seed, chunk):
+    # chunk: None computes them at once; 1 or 2 streams them into a store chunk by chunk
+    from fisher_fast.contribution_store import ContributionStore
+
     model = build_model(cfg, dtype=torch.float64)
     a, _, fast_loss, ref_loss = _batches(cfg, 3, 1, seed)
-    got = fast_contributions(model, a, loss_fn=fast_loss, unit=unit, dtype=torch.float64)
+    store = None if chunk is None else ContributionStore(device="cpu")
+    got = fast_contributions(model, a, loss_fn=fast_loss, unit=unit, dtype=torch.float64,
+                             store=store, chunk_size=chunk)
     want = ref_contributions(model, a, loss_fn=ref_loss, unit=unit)
+    if store is not None:
+        assert store.ids("default") == want.ids
+        assert_dicts_close(store.get_stacked("default", want.ids), want.tensors, rtol=RTOL,
+                           atol=ATOL, what="stored contributions")
     assert got.ids == want.ids and got.empty_ids == want.empty_ids
     torch.testing.assert_close(got.weights.double().cpu(), want.weights, rtol=0, atol=0)
     assert_dicts_close(got.tensors, want.tensors, rtol=RTOL, atol=ATOL, what="contributions")
