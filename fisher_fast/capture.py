@@ -120,6 +120,12 @@ class Capture:
         attrs = tuple(a for a in entry.names if self._wanted(entry.names[a]))
         if not attrs:  # nothing the sink wants: no per-row work for this module
             return None
+        name = entry.names.get("weight")
+        if "weight" in attrs and hasattr(rule, "add_into") and self.uses.get(name, 0) > 1:
+            # a tied embedding: scatter each row's share straight into the per-row buffer
+            rule.add_into(self._buffer(name, tuple(module.weight.shape), self.dtype, dy.device),
+                          module, saved, dy)
+            return None
         if "weight" in attrs and self._sparse(entry, rule):
             rows, tokens, values = rule.pairs(module, saved, dy, self.dtype)
             self.sink.add_pairs(entry.names["weight"], rows, tokens, values,
@@ -150,19 +156,25 @@ class Capture:
         return None
 
     def _parts(self, entry, rule, dy) -> int | None:
-        """Rows of the weight's first axis per block when its per-row gradient can go to the
-        sink block by block (a weight used once whose sink wants only its per-element
-        moments); ``None`` otherwise. On the CPU a block of a slice holds about
-        ``PART_BYTES``, so that forming it, shifting, squaring and summing it stay in cache
-        (the head of a 50257-token vocabulary: 2.5x faster than whole slices); elsewhere
-        one block is the whole weight."""
+        """Rows of the weight's first axis per block when its per-row gradient is formed
+        block by block; ``None`` otherwise. A weight used once goes to the sink block by
+        block when the sink wants only its per-element moments; on the CPU a reused (tied)
+        weight is also formed block by block, into its per-row buffer. On the CPU a block of
+        a slice holds about ``PART_BYTES``, so that forming it, shifting, squaring and
+        summing it stay in cache (the head of a 50257-token vocabulary: 2.5x faster than
+        whole slices); elsewhere one block is the whole weight."""
         name = entry.names.get("weight")
-        takes = getattr(self.sink, "takes_parts", None)
-        if (name is None or not hasattr(rule, "weight_part") or takes is None
-                or self.uses.get(name, 0) != 1 or not takes(name)):
+        if name is None or not hasattr(rule, "weight_part"):
+            return None
+        cpu = dy.device.type == "cpu"
+        if self.uses.get(name, 0) == 1:
+            takes = getattr(self.sink, "takes_parts", None)
+            if takes is None or not takes(name):
+                return None
+        elif not cpu:
             return None
         weight = entry.module.weight
-        if dy.device.type != "cpu":
+        if not cpu:
             return weight.shape[0]
         rows = self._slices(entry)[0]
         per_block_row = (rows.stop - rows.start) * weight[0].numel() * \
@@ -175,7 +187,10 @@ class Capture:
         for a in range(0, shape[0], rows_per_part):
             part = slice(a, min(a + rows_per_part, shape[0]))
             g = rule.weight_part(module, saved, dy, sl, self.dtype, part)
-            self.sink.add_part(name, g, sl.start, part, shape)
+            if self.uses.get(name, 0) == 1:
+                self.sink.add_part(name, g, sl.start, part, shape)
+            else:
+                self._buffer(name, shape, g.dtype, g.device)[sl, part] += g
 
     def _sparse(self, entry, rule) -> bool:
         """Embedding statistics from (row, token) pairs when the weight has this one use (a
@@ -213,11 +228,29 @@ class Capture:
         if self.uses.get(name, 0) == 1:
             self.sink.add(name, g, sl.start)
             return
+        self._buffer(name, g.shape[1:], g.dtype, g.device)[sl] += g
+
+    def _buffer(self, name, shape, dtype, device) -> torch.Tensor:
+        """The per-row buffer ``[n, *shape]`` of a reused parameter (zeros at first)."""
         buf = self.buffers.get(name)
         if buf is None:
-            buf = self.buffers[name] = torch.zeros((self.n, *g.shape[1:]), dtype=g.dtype,
-                                                   device=g.device)
-        buf[sl] += g
+            buf = self.buffers[name] = torch.zeros((self.n, *shape), dtype=dtype, device=device)
+        return buf
+
+    def _flush(self, name, buf):
+        """A reused parameter's per-row gradients, summed over its uses, to the sink: on the
+        CPU block by block of its first axis when the sink takes blocks (a tied
+        ``[n, V, d]`` head at once would run every pass from main memory)."""
+        takes = getattr(self.sink, "takes_parts", None)
+        if buf.device.type != "cpu" or buf.dim() < 2 or takes is None or not takes(name):
+            self.sink.add(name, buf, 0)
+            return
+        per_block_row = buf.shape[0] * buf[0, 0].numel() * buf.element_size()
+        step = max(1, PART_BYTES // max(per_block_row, 1))
+        shape = tuple(buf.shape[1:])
+        for a in range(0, shape[0], step):
+            part = slice(a, min(a + step, shape[0]))
+            self.sink.add_part(name, buf[:, part], 0, part, shape)  # the buffer is ours
 
     def backward(self, losses: torch.Tensor, retain_graph: bool = False) -> None:
         """Back-propagate ``losses.sum()`` to the roots, then flush tied parameters and give
@@ -229,7 +262,7 @@ class Capture:
                              "module's output, got no trainable module in the graph.")
         torch.autograd.grad(losses.sum(), roots, allow_unused=True, retain_graph=retain_graph)
         for name, buf in self.buffers.items():
-            self.sink.add(name, buf, 0)
+            self._flush(name, buf)
         self.buffers.clear()
         for name, p in self.plan.params.items():
             if not self.sink.received(name) and self._wanted(name):

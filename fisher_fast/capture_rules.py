@@ -120,16 +120,22 @@ class EmbeddingRule:
         return _first_tensor(args, kwargs).detach()
 
     def grads(self, module, ids, dy, sl, dtype, attrs):
-        idx = ids[sl].reshape(ids[sl].shape[0], -1)
-        d = dy.shape[-1]
-        ds = dy[sl].reshape(idx.shape[0], -1, d).to(dtype)
+        s, V, d = ids[sl].shape[0], module.num_embeddings, dy.shape[-1]
+        g = torch.zeros((s, V, d), dtype=dtype, device=dy.device)
+        return {"weight": self.add_into(g, module, ids[sl], dy[sl])}
+
+    def add_into(self, out: torch.Tensor, module, ids, dy) -> torch.Tensor:
+        """Add each row's gradient into ``out`` (``[n, V, d]``, e.g. the per-row buffer of a
+        tied weight, which already holds the head's share): a scatter of δ, no dense
+        per-row tensor of its own."""
+        n, d, V = dy.shape[0], dy.shape[-1], module.num_embeddings
+        idx = ids.reshape(n, -1)
+        ds = dy.reshape(n, -1, d).to(out.dtype)
         if module.padding_idx is not None:
-            ds = ds * (idx != module.padding_idx).unsqueeze(-1).to(dtype)
-        s, V = idx.shape[0], module.num_embeddings
-        flat = (torch.arange(s, device=idx.device)[:, None] * V + idx).reshape(-1)
-        g = torch.zeros(s * V, d, dtype=dtype, device=dy.device)
-        g.index_add_(0, flat, ds.reshape(-1, d))
-        return {"weight": g.reshape(s, V, d)}
+            ds = ds * (idx != module.padding_idx).unsqueeze(-1).to(out.dtype)
+        flat = (torch.arange(n, device=idx.device)[:, None] * V + idx).reshape(-1)
+        out.view(n * V, d).index_add_(0, flat.to(dy.device), ds.reshape(-1, d))
+        return out
 
     def pairs(self, module, ids, dy, dtype):
         r"""Per-row gradients of the embedding rows each row touches, without the dense

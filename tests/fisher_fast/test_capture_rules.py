@@ -132,8 +132,22 @@ def test_sparse_embedding_path_equals_oracle(monkeypatch):
                            ref(model, batch), **tol)
 
 
-def test_tied_embedding_keeps_the_dense_path(monkeypatch):
-    model, batch = TinyLM(tied=True), tiny_batch(B=2)
-    _sparse_only(monkeypatch)
-    with pytest.raises(AssertionError, match="dense"):
-        ff.empirical_fisher(model, batch)
+def test_tied_embedding_scatters_into_the_shared_buffer(monkeypatch):
+    # GPT-2's wte is also its head: each row's embedding share is scattered into the
+    # per-row buffer that holds the head's share (repeated tokens summed, before squaring),
+    # never formed densely on its own; per-row gradients and F equal the oracle's
+    import fisher_ref as fr
+    from fisher_ref.testing.batches import random_batch
+    from fisher_ref.testing.models import TinyConfig, build_model
+
+    model = build_model(TinyConfig(arch="gpt2", num_layers=1, vocab_size=5)).double()
+    assert model.lm_head.weight is model.transformer.wte.weight
+    batch = random_batch(vocab_size=5, batch_size=4, seq_len=6, seed=2, empty_rows=(1,))
+    tol = dict(zip(("rtol", "atol"), tolerance("float64-paths")))
+    got = ff.per_sample_gradients(model, batch, dtype=torch.float64, chunk_size=2)
+    want = fr.per_sample_gradients(model, batch)
+    torch.testing.assert_close(got.tensors["transformer.wte.weight"],
+                               want.tensors["transformer.wte.weight"], **tol)
+    _sparse_only(monkeypatch)  # from here a dense embedding gradient would fail the test
+    assert_dicts_close(ff.empirical_fisher(model, batch, dtype=torch.float64, chunk_size=3),
+                       fr.empirical_fisher(model, batch), **tol)
