@@ -39,6 +39,13 @@ def _expand(values, n):
 PART_BYTES = 4 << 20
 
 
+def cache_blocks(device: torch.device) -> bool:
+    """Whether weights are formed in cache-sized blocks on ``device`` (the CPU); elsewhere a
+    weight is one block and a tied weight keeps the whole-slice path (the GPU's choice,
+    made without measurement; tests switch this off to run those paths on the CPU)."""
+    return device.type == "cpu"
+
+
 class Capture:
     """Context manager: hooks installed on enter, removed on exit.
 
@@ -166,7 +173,7 @@ class Capture:
         name = entry.names.get("weight")
         if name is None or not hasattr(rule, "weight_part"):
             return None
-        cpu = dy.device.type == "cpu"
+        cpu = cache_blocks(dy.device)
         if self.uses.get(name, 0) == 1:
             takes = getattr(self.sink, "takes_parts", None)
             if takes is None or not takes(name):
@@ -242,7 +249,7 @@ class Capture:
         CPU block by block of its first axis when the sink takes blocks (a tied
         ``[n, V, d]`` head at once would run every pass from main memory)."""
         takes = getattr(self.sink, "takes_parts", None)
-        if buf.device.type != "cpu" or buf.dim() < 2 or takes is None or not takes(name):
+        if not cache_blocks(buf.device) or buf.dim() < 2 or takes is None or not takes(name):
             self.sink.add(name, buf, 0)
             return
         per_block_row = buf.shape[0] * buf[0, 0].numel() * buf.element_size()

@@ -202,3 +202,24 @@ def test_functional_fisher_keeps_second_moments_only(monkeypatch):
     acc.update(b)
     assert made["shifted"] > 0
     assert_dicts_close(f, acc.empirical_fisher(), **TOL)
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_the_device_paths_without_cache_blocks_equal_the_oracle(monkeypatch, tied):
+    # what runs on a GPU: every weight one block, a tied weight's slices whole; here on the
+    # CPU, so that CI checks those branches against the oracle too
+    import fisher_fast.capture as capture
+    import fisher_ref as fr
+    from fisher_ref.testing.batches import random_batch
+    from fisher_ref.testing.models import TinyConfig, build_model
+
+    monkeypatch.setattr(capture, "cache_blocks", lambda device: False)
+    model = build_model(TinyConfig(arch="gpt2", num_layers=1, vocab_size=9,
+                                   tie_embeddings=tied)).double()
+    batch = random_batch(vocab_size=9, batch_size=3, seq_len=5, seed=4, empty_rows=(2,))
+    acc = ff.FisherAccumulator(model, dtype=torch.float64, chunk_size=2)
+    acc.update(batch)
+    want = fr.empirical_fisher(model, batch)
+    assert_dicts_close(ff.empirical_fisher(model, batch, chunk_size=2, **F64), want, **TOL)
+    assert_dicts_close(acc.empirical_fisher(), want, **TOL)
+    assert_dicts_close(acc.gradient_variance(), fr.gradient_variance(model, batch), **TOL)
