@@ -171,7 +171,7 @@ class Capture:
         summing it stay in cache (the head of a 50257-token vocabulary: 2.5x faster than
         whole slices); elsewhere one block is the whole weight."""
         name = entry.names.get("weight")
-        if name is None or not hasattr(rule, "weight_part"):
+        if name is None or not hasattr(rule, "weight_part") or not self._wanted(name):
             return None
         cpu = cache_blocks(dy.device)
         if self.uses.get(name, 0) == 1:

@@ -83,3 +83,15 @@ def test_params_must_name_trainable_parameters(bad):
     model, batch = TinyLM(), tiny_batch(B=2)
     with pytest.raises(ValueError, match="params: expected"):
         ff.per_sample_gradients(model, batch, params=bad)
+
+
+def test_params_of_a_tied_model_leave_the_tied_weight_out_when_not_named():
+    # a tied output Linear with its own bias: asking for the bias only must not form (or
+    # hand over) the tied weight's per-row buffer
+    model, batch = TinyLM(tied=True), tiny_batch(B=3)
+    model.out.bias = torch.nn.Parameter(torch.linspace(-0.1, 0.1, 7, dtype=torch.float64))
+    assert model.out.weight is model.emb.weight
+    part = ff.per_sample_gradients(model, batch, dtype=torch.float64, params=["out.bias"])
+    whole = ff.per_sample_gradients(model, batch, dtype=torch.float64)
+    assert list(part.tensors) == ["out.bias"]
+    torch.testing.assert_close(part.tensors["out.bias"], whole.tensors["out.bias"], **TOL)
