@@ -8,7 +8,8 @@ Tiers, fastest first: ``"device"`` (tensors on ``device``, a GPU when there is o
 ``"host"`` (CPU memory, pinned when CUDA is available), ``"disk"`` (safetensors shards in
 ``directory``). Each tier has a byte budget (payload bytes of the records it holds; ``None``
 means unbounded). New records enter the fastest tier; when a tier is over budget its *oldest*
-records (insertion order across tasks) move down one tier or more. Records never move up.
+records (insertion order across tasks) move down one tier or more. Records never move up on
+their own; ``promote()`` moves the newest ones up into room that deletions freed.
 ``transaction()`` groups several writes into one all-or-nothing step.
 
 Writes are all-or-nothing: ``add`` validates everything, then builds the new placement
@@ -204,6 +205,47 @@ class ContributionStore:
         if not self.ids(task):
             self._schemas.pop(task, None)
         self._recount_shards()
+
+    def promote(self) -> int:
+        """Move records up into room that deletions freed: newest first, each to the fastest
+        tier above its own that has room (never down, never over a budget). Records do not
+        move up on their own; this is the one way up. All or nothing (a failed read leaves
+        the store as it was); a shard emptied by the moves is removed. Returns how many
+        records moved."""
+        from safetensors import safe_open
+
+        usage, moves = self.usage(), {}
+        for key in reversed(self._records):
+            r = self._records[key]
+            for tier in TIERS[:TIERS.index(r.tier)]:
+                budget = self.budgets[tier]
+                if budget is None or usage[tier] + r.nbytes <= budget:
+                    usage[tier] += r.nbytes
+                    usage[r.tier] -= r.nbytes
+                    moves[key] = tier
+                    break
+        if not moves:
+            return 0
+        with self.transaction():
+            new = OrderedDict(self._records)
+            by_shard: dict[str, list] = {}
+            for key, tier in moves.items():
+                r = new[key]
+                if r.tier == "disk":
+                    by_shard.setdefault(r.shard, []).append(key)
+                else:
+                    new[key] = replace(r, tier=tier,
+                                       tensors=tuple(self._to_tier(t, tier) for t in r.tensors))
+            for shard, keys in by_shard.items():
+                with safe_open(os.path.join(self.directory, shard), framework="pt") as f:
+                    for key in keys:
+                        r, n = new[key], len(self._schemas[key[0]])
+                        src = tuple(f.get_tensor(_key(r.seq, j)) for j in range(n))
+                        new[key] = replace(r, tier=moves[key], shard=None,
+                                           tensors=tuple(self._to_tier(t, moves[key]) for t in src))
+            self._records = new
+            self._recount_shards()
+        return len(moves)
 
     # ---------------------------------------------------------------- internals
     def _schema(self, task):

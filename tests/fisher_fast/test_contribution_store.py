@@ -290,3 +290,36 @@ def test_unit_gradient_chunks_fit_the_budget_and_carry_the_empty_rows():
                                     empty_rows=(0, 1, 2), sample_ids=["s_1", "s_2", "s_3"])
     with pytest.raises(ValueError, match="expected at least one non-empty row"):
         next(iter_unit_gradients(model, everything_empty, dtype=torch.float64))
+
+
+def test_promote_moves_the_newest_records_up_into_freed_room(tmp_path):
+    store = ContributionStore(tmp_path, device="cpu", device_bytes=REC, host_bytes=REC)
+    for i in range(4):  # 0, 1 on disk (one shard each), 2 on host, 3 on device
+        store.add("a", [i], _tensors(1, offset=10.0 * i))
+    contents = _contents(store)
+    assert store.promote() == 0  # no room anywhere above: nothing moves
+    store.delete("a", [3, 2])  # frees the device and the host tier
+    assert len(os.listdir(tmp_path)) == 2
+    assert store.promote() == 2
+    assert [store.tier_of("a", i) for i in (0, 1)] == ["host", "device"]  # newest fastest
+    assert store.usage() == {"device": REC, "host": REC, "disk": 0}
+    assert os.listdir(tmp_path) == []  # the emptied shards are gone
+    for i in (0, 1):
+        assert torch.equal(store.get("a", i)["w"], contents[("a", i)][1]["w"])
+
+
+def test_a_failed_promote_leaves_the_store_as_it_was(tmp_path, monkeypatch):
+    store = ContributionStore(tmp_path, device="cpu", device_bytes=REC, host_bytes=REC)
+    for i in range(3):
+        store.add("a", [i], _tensors(1, offset=float(i)))
+    store.delete("a", [2, 1])
+    before, contents = _snapshot(store, tmp_path), _contents(store)
+
+    def broken(self, t, tier):
+        raise OSError("no memory")
+    monkeypatch.setattr(ContributionStore, "_to_tier", broken)
+    with pytest.raises(OSError, match="no memory"):
+        store.promote()
+    assert _snapshot(store, tmp_path) == before
+    monkeypatch.undo()
+    assert _same_contents(_contents(store), contents)
