@@ -28,7 +28,8 @@ def unit_gradients(model, batch, *, loss_fn=None, unit="sample", weighting="samp
 def per_sample_contributions(model: torch.nn.Module, batch: dict, *, loss_fn=None,
                              unit: str = "sample", weighting: str = "sample", sample_ids=None,
                              dtype=None, store=None, task="default", chunk_size=None,
-                             memory_budget=None, return_tensors: bool = True) -> PerUnit:
+                             memory_budget=None, return_tensors: bool = True,
+                             params=None) -> PerUnit:
     """Per-unit contributions :math:`C_u = g_u \\odot g_u`, full shape, keyed by unit id.
 
     .. math:: C_u[p] = \\big(\\partial \\ell_u / \\partial \\theta_p\\big)^2
@@ -38,7 +39,8 @@ def per_sample_contributions(model: torch.nn.Module, batch: dict, *, loss_fn=Non
 
     Args:
         model, batch, loss_fn, unit, weighting, sample_ids, dtype, chunk_size,
-            memory_budget: as for ``per_sample_gradients``.
+            memory_budget, params: as for ``per_sample_gradients`` (``params``: only these
+            parameters' contributions, e.g. the attention weights).
         store: a ``ContributionStore``. The batch is then computed and filed chunk by chunk
             (``iter_unit_gradients``: at most one chunk's gradients exist at a time, the
             store spilling to host memory and disk as its budgets say), inside one
@@ -60,7 +62,7 @@ def per_sample_contributions(model: torch.nn.Module, batch: dict, *, loss_fn=Non
     kept, ids, weights, empty = [], [], [], []
     chunks = iter_unit_gradients(model, batch, loss_fn=loss_fn, unit=unit, weighting=weighting,
                                  sample_ids=sample_ids, dtype=dtype, chunk_size=chunk_size,
-                                 memory_budget=memory_budget)
+                                 memory_budget=memory_budget, params=params)
     with store.transaction() if store is not None else contextlib.nullcontext():
         for g in chunks:
             c = {n: t.square_() for n, t in g.tensors.items()}  # the chunk's own tensors

@@ -323,3 +323,17 @@ def test_a_failed_promote_leaves_the_store_as_it_was(tmp_path, monkeypatch):
     assert _snapshot(store, tmp_path) == before
     monkeypatch.undo()
     assert _same_contents(_contents(store), contents)
+
+
+def test_contributions_of_named_parameters_only(tmp_path):
+    from fisher_fast.contributions import per_sample_contributions
+
+    model, batch = _model_case()
+    names = ["transformer.h.0.attn.c_attn.weight", "transformer.h.0.attn.c_proj.weight"]
+    store = ContributionStore(tmp_path, device="cpu")
+    part = per_sample_contributions(model, batch, dtype=torch.float64, store=store,
+                                    chunk_size=2, params=names)
+    whole = per_sample_contributions(model, batch, dtype=torch.float64)
+    assert list(part.tensors) == names and store.parameter_names("default") == names
+    for n in names:
+        torch.testing.assert_close(part.tensors[n], whole.tensors[n], rtol=1e-12, atol=0)
