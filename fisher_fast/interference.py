@@ -94,32 +94,89 @@ def interference(model: torch.nn.Module, batch_a: dict, batch_b: dict, *, fisher
     _check_options(fisher, signed, eps, ridge_rel, top_k)
     names = _layout_names(lay, include_bias)
     kw = dict(loss_fn=loss_fn, unit=unit, weighting=weighting, dtype=dtype, params=names)
-    ga = unit_gradients(model, batch_a, sample_ids=sample_ids_a, **kw)
+    opts = dict(fisher=fisher, signed=signed, eps=eps, ridge_rel=ridge_rel, top_k=top_k,
+                include_bias=include_bias, names=names, chunk_size=chunk_size)
     gb = unit_gradients(model, batch_b, sample_ids=sample_ids_b, **kw)
-    return interference_from_units(lay, ga, gb, fisher=fisher, signed=signed, eps=eps,
-                                   ridge_rel=ridge_rel, top_k=top_k, include_bias=include_bias,
-                                   names=names, store=store, task_a=task_a, chunk_size=chunk_size)
+    if store is None:
+        ga = unit_gradients(model, batch_a, sample_ids=sample_ids_a, **kw)
+        return interference_from_units(lay, ga, gb, **opts)
+    with store.transaction():  # A's records stay only if the whole computation succeeds
+        a = _file_task_a(model, batch_a, store, task_a, names, chunk_size,
+                         dict(kw, sample_ids=sample_ids_a))
+        return _scores(lay, a, gb, **opts)
+
+
+class _TaskA:
+    """What the scores need of task A: ids, W = Σ w, Σ_u w_u C_u per parameter (for F̂) and
+    ``read(ids) -> {name: C[ids]}``."""
+
+    def __init__(self, ids, W, sum_wc, read):
+        self.ids, self.W, self.sum_wc, self.read = list(ids), W, sum_wc, read
+
+
+def _weighted_sums(c: dict, w: torch.Tensor, names) -> dict:
+    return {n: torch.tensordot(w.to(c[n].dtype).to(c[n].device), c[n], dims=1) for n in names}
+
+
+def _file_task_a(model, batch_a, store, task_a, names, chunk_size, kw) -> _TaskA:
+    """A's contributions computed a chunk at a time (``iter_unit_gradients``), filed in the
+    store and summed into Σ w C as they go: only one chunk of A's gradients is in memory."""
+    from fisher_fast.per_sample import iter_unit_gradients
+
+    ids, W, sums = [], None, {}
+    for g in iter_unit_gradients(model, batch_a, chunk_size=chunk_size, **kw):
+        c = {n: g.tensors[n].square_() for n in names}  # the chunk's own tensors
+        for n, t in _weighted_sums(c, g.weights, names).items():
+            sums[n] = t if n not in sums else sums[n] + t
+        w = g.weights.sum()
+        W = w if W is None else W + w
+        store.add(task_a, g.ids, c)
+        ids += g.ids
+    return _TaskA(ids, W, sums,
+                  lambda rows, dev: store.get_stacked(task_a, ids[rows], device=dev))
 
 
 def interference_from_units(lay: AttentionLayout, ga, gb, *, fisher="a", signed=False, eps=1e-12,
                             ridge_rel=0.0, top_k=100, include_bias=False, names=None,
                             store=None, task_a="a", chunk_size=None) -> InterferenceResult:
-    """Interference from per-unit gradients (``PerUnit``-like: ``tensors``, ``ids``, ``weights``)."""
+    """Interference from per-unit gradients (``PerUnit``-like: ``tensors``, ``ids``, ``weights``).
+    With ``store``, A's contributions are filed there and read back ``chunk_size`` at a time."""
     _check_options(fisher, signed, eps, ridge_rel, top_k)
     check_same_parameters(ga.tensors, gb.tensors)
     names = names or _layout_names(lay, include_bias)
     missing = [n for n in names if n not in ga.tensors]
     if missing:
         raise ValueError(f"gradients: expected every attention tensor of the layout, got none for {missing[:5]}.")
+    ca = {n: ga.tensors[n].square() for n in names}
+    w = ga.weights
+    W = w.to(ca[names[0]].dtype).to(ca[names[0]].device).sum()
+    opts = dict(fisher=fisher, signed=signed, eps=eps, ridge_rel=ridge_rel, top_k=top_k,
+                include_bias=include_bias, names=names, chunk_size=chunk_size)
+    if store is None:
+        a = _TaskA(ga.ids, W, _weighted_sums(ca, w, names),
+                   lambda rows, dev: {n: t[rows] for n, t in ca.items()})
+        return _scores(lay, a, gb, **opts)
+    a = _TaskA(ga.ids, W, _weighted_sums(ca, w, names),
+               lambda rows, dev: store.get_stacked(task_a, ga.ids[rows], device=dev))
+
+    def file_them():  # after the checks, before the first read; then C_A lives in the store
+        store.add(task_a, ga.ids, ca)
+        ca.clear()
+
+    with store.transaction():
+        return _scores(lay, a, gb, **opts, before_reads=file_them)
+
+
+def _scores(lay: AttentionLayout, a: _TaskA, gb, *, fisher, signed, eps, ridge_rel, top_k,
+            include_bias, names, chunk_size, before_reads=None) -> InterferenceResult:
     heads = {la.num_heads for la in lay.layers}
     if len(heads) != 1:
         raise ValueError(f"interference: expected the same number of heads in every layer, got {sorted(heads)}.")
     H, L = heads.pop(), lay.num_layers
-    n_a, n_b = len(ga.ids), len(gb.ids)
-    ca = {n: ga.tensors[n].square() for n in names}
-    fhat = _fisher_hat(fisher, ca, ga.weights, gb, names)
+    n_a, n_b = len(a.ids), len(gb.ids)
+    fhat = _fisher_hat(fisher, a, gb, names)
     phi_b = {n: gb.tensors[n] if signed else gb.tensors[n].abs() for n in names}
-    ref = ca[names[0]]
+    ref = phi_b[names[0]]
     inv, eps_out = {}, {}
     for B in BLOCKS:
         eps_out[B] = torch.empty(L, H, dtype=ref.dtype, device=ref.device)
@@ -129,20 +186,18 @@ def interference_from_units(lay: AttentionLayout, ga, gb, *, fisher="a", signed=
                 (f.shape[0],), float(eps), dtype=f.dtype, device=f.device)
             inv[(la.index, B)] = 1.0 / (f + e[:, None])     # inf where F̂ + ε = 0
             eps_out[B][la.index] = e[kv_index(la, e.device)] if B in ("K", "V") else e
-    if store is not None:
-        store.add(task_a, ga.ids, ca)
-        del ca
-    phi = {(la.index, B): slice_matrix(phi_b, la, B, include_bias).permute(1, 2, 0)   # [heads, m, N_B]
-           for la in lay.layers for B in BLOCKS}
-    del phi_b
     chunk = n_a if chunk_size is None else int(chunk_size)
     if chunk < 1:
         raise ValueError(f"chunk_size: expected a positive int, got {chunk_size!r}.")
+    if before_reads is not None:
+        before_reads()
+    phi = {(la.index, B): slice_matrix(phi_b, la, B, include_bias).permute(1, 2, 0)   # [heads, m, N_B]
+           for la in lay.layers for B in BLOCKS}
+    del phi_b
     blocks = {B: torch.empty(n_a, n_b, L, H, dtype=ref.dtype, device=ref.device) for B in BLOCKS}
     for start in range(0, n_a, chunk):
         rows = slice(start, min(start + chunk, n_a))
-        part = (store.get_stacked(task_a, ga.ids[rows], device=ref.device) if store is not None
-                else {n: t[rows] for n, t in ca.items()})
+        part = a.read(rows, ref.device)                                     # C_A of the chunk
         for la in lay.layers:
             for B in BLOCKS:
                 c = slice_matrix(part, la, B, include_bias)                        # [n, heads, m]
@@ -151,7 +206,7 @@ def interference_from_units(lay: AttentionLayout, ga, gb, *, fisher="a", signed=
                 if B in ("K", "V"):
                     m = m.index_select(0, kv_index(la, m.device))
                 blocks[B][rows, :, la.index, :] = m.permute(1, 2, 0)
-    return InterferenceResult(blocks, ids_a=ga.ids, ids_b=gb.ids, signed=signed, top_k=top_k,
+    return InterferenceResult(blocks, ids_a=a.ids, ids_b=gb.ids, signed=signed, top_k=top_k,
                               eps=eps_out)
 
 
@@ -187,34 +242,28 @@ def _check_options(fisher, signed, eps, ridge_rel, top_k) -> None:
         raise ValueError(f"top_k: expected an int >= 0, got {top_k!r}.")
 
 
-def _weighted_mean_sq(c: dict, w: torch.Tensor, names) -> dict:
-    """Σ_u w_u C_u / W per parameter (the empirical Fisher of those units)."""
-    out = {}
-    for n in names:
-        ww = w.to(c[n].dtype).to(c[n].device)
-        out[n] = torch.tensordot(ww, c[n], dims=1) / ww.sum()
-    return out
-
-
-def _fisher_hat(fisher, ca, wa, gb, names) -> dict:
+def _fisher_hat(fisher, a: _TaskA, gb, names) -> dict:
+    """F̂ per parameter: a given dict, or Σ w C / Σ w over A's units, B's, or both."""
     if isinstance(fisher, dict):
         out = {}
         for n in names:
             if n not in fisher:
                 raise ValueError(f"fisher: expected a tensor for every slice parameter, got none for {n!r}.")
             t = torch.as_tensor(fisher[n])
-            if tuple(t.shape) != tuple(ca[n].shape[1:]):
-                raise ValueError(f"fisher[{n!r}]: shape mismatch: expected {tuple(ca[n].shape[1:])}, "
+            want = gb.tensors[n]
+            if tuple(t.shape) != tuple(want.shape[1:]):
+                raise ValueError(f"fisher[{n!r}]: shape mismatch: expected {tuple(want.shape[1:])}, "
                                  f"got {tuple(t.shape)}.")
-            out[n] = t.to(ca[n].dtype).to(ca[n].device)
+            out[n] = t.to(want.dtype).to(want.device)
         return out
     if fisher == "a":
-        return _weighted_mean_sq(ca, wa, names)
+        return {n: a.sum_wc[n] / a.W for n in names}
     cb = {n: gb.tensors[n].square() for n in names}
+    wb = gb.weights.to(cb[names[0]].dtype).to(cb[names[0]].device)
+    sum_b = _weighted_sums(cb, wb, names)
     if fisher == "b":
-        return _weighted_mean_sq(cb, gb.weights, names)
-    w = torch.cat([wa.to(cb[names[0]].device), gb.weights.to(cb[names[0]].device)])
-    return _weighted_mean_sq({n: torch.cat([ca[n], cb[n]]) for n in names}, w, names)
+        return {n: sum_b[n] / wb.sum() for n in names}
+    return {n: (a.sum_wc[n] + sum_b[n]) / (a.W + wb.sum()) for n in names}   # pooled
 
 
 def _median_rows(x: torch.Tensor) -> torch.Tensor:

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -208,3 +210,42 @@ def test_model_interference_on_cuda_with_gpu_store(device, tmp_path):
     for blk in "QKVO":
         torch.testing.assert_close(gpu[blk].cpu(), cpu[blk], rtol=RTOL, atol=ATOL)
     assert {store.tier_of("a", i) for i in store.ids("a")} <= {"device", "host", "disk"}
+
+
+@pytest.mark.parametrize("fisher", ["a", "b", "pooled"])
+def test_model_interference_streams_task_a_through_the_store(tmp_path, monkeypatch, fisher):
+    # with a store, A's gradients are computed a chunk (here one unit) at a time, filed,
+    # and summed into F̂ as they go: the scores equal the in-memory path's
+    from fisher_fast.interference import interference
+    from fisher_fast.per_sample import per_sample_gradients
+
+    model, a, b = _llama_case()
+    plain = interference(model, a, b, dtype=torch.float64, fisher=fisher)
+    store = ContributionStore(tmp_path, device="cpu", device_bytes=0, host_bytes=2_000)
+    calls = []
+    add = store.add
+    monkeypatch.setattr(store, "add", lambda task, ids, t: calls.append(list(ids)) or add(task, ids, t))
+    streamed = interference(model, a, b, dtype=torch.float64, fisher=fisher, store=store,
+                            chunk_size=1, task_a="A")
+    assert calls == [[i] for i in plain.ids_a]  # one chunk at a time
+    assert streamed.ids_a == plain.ids_a and store.ids("A") == plain.ids_a
+    rtol, atol = tolerance("float64-reorder-signed")
+    for blk in "QKVO":
+        torch.testing.assert_close(streamed[blk], plain[blk], rtol=rtol, atol=atol)
+    name = store.parameter_names("A")[0]
+    g = per_sample_gradients(model, a, dtype=torch.float64).tensors[name]
+    torch.testing.assert_close(store.get("A", plain.ids_a[0])[name], g[0].square(),
+                               rtol=RTOL, atol=ATOL)
+
+
+def test_a_failed_streamed_interference_leaves_the_store_unchanged(tmp_path):
+    from fisher_fast.interference import interference
+
+    model, a, b = _llama_case()
+    store = ContributionStore(tmp_path, device="cpu", device_bytes=0, host_bytes=0)
+    store.add("other", ["x"], {"w": torch.ones(1, 3)})
+    before = sorted(os.listdir(tmp_path)), store.tasks(), store.usage()
+    with pytest.raises(ValueError, match="fisher: expected a tensor for every slice parameter"):
+        interference(model, a, b, dtype=torch.float64, fisher={"nope": torch.zeros(1)},
+                     store=store, chunk_size=1)  # fails after A's chunks were filed
+    assert (sorted(os.listdir(tmp_path)), store.tasks(), store.usage()) == before
