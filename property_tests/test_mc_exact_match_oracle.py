@@ -3,6 +3,7 @@ MC estimates agree to float64 rounding, for any chunk size and row order."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -44,3 +45,23 @@ def test_exact_fisher_matches_oracle(data, chunk):
     want = fr.exact_fisher(model, batch, loss_fn=loss_for(fr, cfg))
     rtol, atol = tolerance(float64_tolerance_kind(cfg))
     assert_dicts_close(got, want, rtol=rtol, atol=atol, what=f"exact [{cfg.make_id()}]")
+
+
+@pytest.mark.gpu
+@settings(max_examples=8)
+@given(data=st.data(), unit=st.sampled_from(("sample", "token")),
+       n_samples=st.integers(1, 3), seed=st.integers(0, 2**31), chunk=chunk_sizes())
+def test_mc_fisher_on_cuda_draws_the_oracles_labels(data, unit, n_samples, seed, chunk, device):
+    # the draws happen on the device (float64 softmax and cumsum there); with these small
+    # vocabularies a class boundary within a few ulps of u is vanishingly rare, so any
+    # mismatch here is a real difference in the draws, not rounding
+    cfg = data.draw(tiny_configs(max_layers=1))
+    batch = data.draw(batches(cfg, max_batch=4, max_len=5))
+    model = build_model(cfg).double()
+    want = fr.mc_fisher(model, batch, loss_fn=loss_for(fr, cfg, "mean"), unit=unit,
+                        n_samples=n_samples, seed=seed)
+    got = ff.mc_fisher(model.to(device), batch, loss_fn=loss_for(ff, cfg, "mean"), unit=unit,
+                       n_samples=n_samples, seed=seed, chunk_size=chunk, dtype=torch.float64)
+    assert next(iter(got.values())).device.type == "cuda"
+    rtol, atol = tolerance(float64_tolerance_kind(cfg))
+    assert_dicts_close(got, want, rtol=rtol, atol=atol, what=f"mc on cuda [{cfg.make_id()}]")
