@@ -26,7 +26,7 @@ from .engine import check_autocast, check_dtype
 from .group_specs import resolve_groups
 from .label_draws import row_uniforms
 from .task_state import TaskState
-from .units import aligned_targets, with_classes, with_shared_draws
+from .units import aligned_targets, with_shared_classes, with_shared_draws
 from .unit_losses import chunk_rows
 from .validation import check_positive_int, resolve_loss, split_batch
 
@@ -137,8 +137,10 @@ def exact_fisher(model, batch, *, loss_fn=None, unit="token", weighting="sample"
     .. math:: F_{exact} = \\frac{1}{W}\\sum_u w_u \\sum_c p_{u,c}\\,
               \\big(\\nabla_\\theta(-\\log p_{u,c})\\big)^2
 
-    (p_{u,c} a weight, not differentiated). Each (token, class) pair is a forward row:
-    for small vocabularies, to check ``mc_fisher``.
+    (p_{u,c} a weight, not differentiated). Each token's forward row carries its classes
+    like ``mc_fisher``'s label draws (one forward, one backward per class; tiny models:
+    one forward row per (token, class)). C backward passes per token: for small
+    vocabularies, to check ``mc_fisher``.
     """
     if unit != "token":
         raise ValueError(f"exact_fisher: expected unit='token', got unit={unit!r}.")
@@ -147,7 +149,7 @@ def exact_fisher(model, batch, *, loss_fn=None, unit="token", weighting="sample"
         with torch.no_grad():
             first = chunk_rows(tensors, torch.tensor([0]), next(model.parameters()).device)
             C = loss.logits_and_targets(model, first)[0].shape[-1]
-        return lambda units: with_classes(units, C)
+        return lambda units: with_shared_classes(units, C)
 
     kw = dict(locals())
     kw.pop("expand")

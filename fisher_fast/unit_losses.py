@@ -4,7 +4,8 @@
   loss's reduction applied to the NLL of the drawn labels at the active positions (one
   column per draw when a row carries several, ``shared_draw_losses``);
 - token units: the NLL of the one target at the unit's position (its true label, its drawn
-  label, or the enumerated class of exact_fisher, whose weight is multiplied by p_c).
+  label, or the enumerated class of exact_fisher, whose weight is multiplied by p_c); a
+  token row that carries q classes (``shared_class_losses``) has one loss column per class.
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ def chunk_losses(model, loss, sub: dict, units, uniforms: torch.Tensor | None):
     if units.unit == "sample" and units.draw is None and not units.n_draws:
         return loss(model, sub), weights
     logits, targets = loss.logits_and_targets(model, sub)
+    if units.n_draws and units.classes:
+        return shared_class_losses(logits, units)
     if units.n_draws:
         return shared_draw_losses(logits, targets, units, uniforms, loss.reduction), weights
     n = logits.shape[0]
@@ -51,6 +54,19 @@ def chunk_losses(model, loss, sub: dict, units, uniforms: torch.Tensor | None):
     else:
         label = targets[ar, pos]
     return F.cross_entropy(z, label, reduction="none"), weights
+
+
+def shared_class_losses(logits, units):
+    """``([n, q], [n, q])``: each token row's NLL of the q classes it carries (classes
+    ``units.draw + j``; an index past C repeats class C − 1, whose weight is then 0) and
+    their weights ``w p_c`` (float64, on the logits' device), from one forward."""
+    q, C = units.n_draws, units.total_draws
+    ar = torch.arange(logits.shape[0], device=logits.device)
+    z = logits[ar, units.pos.to(logits.device)]  # [n, C]
+    c = (units.draw[:, None] + torch.arange(q)).clamp(max=C - 1).to(z.device)  # [n, q]
+    p = torch.softmax(z.detach().double(), dim=-1).gather(-1, c)
+    weights = units.draw_weights().to(device=z.device, dtype=torch.float64) * p
+    return -torch.log_softmax(z, dim=-1).gather(-1, c), weights
 
 
 def shared_draw_losses(logits, targets, units, uniforms, reduction: str) -> torch.Tensor:

@@ -8,9 +8,11 @@ batch, repeated), whose loss is that token's NLL, so token units need no other m
 
 ``with_shared_draws`` and ``draw_layout`` let each forward row of ``mc_fisher`` carry a
 block of its unit's label draws (one forward, one backward per draw in the block);
-``with_draws`` and ``with_classes`` expand units instead: one forward row per label draw
-(tiny models; locating a non-finite gradient) and one per vocabulary class for
-``exact_fisher`` (weighted by its probability at run time).
+``with_shared_classes`` does the same for the C classes that ``exact_fisher`` enumerates
+(draw k is class k, weighted by its probability at run time). ``with_draws`` and
+``with_classes`` expand units instead: one forward row per label draw or class (tiny
+models, where a backward pass is cheap only when it holds many rows; locating a non-finite
+gradient).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ class Units:
     cls: torch.Tensor | None = None  # [U] enumerated class (exact_fisher)
     total_draws: int = 0  # K label draws per unit (mc_fisher)
     n_draws: int = 0  # > 0: each row carries draws draw .. draw + n_draws - 1 (those < K)
+    classes: bool = False  # the K "draws" are the K classes, enumerated (exact_fisher)
 
     def draw_weights(self) -> torch.Tensor:
         """Each row's weight ``[U]``, or ``[U, n_draws]`` per carried draw (0 for a draw
@@ -102,6 +105,12 @@ def with_shared_draws(units: Units, n_samples: int) -> Units:
     return replace(units, total_draws=n_samples)
 
 
+def with_shared_classes(units: Units, n_classes: int) -> Units:
+    """Ask for each token unit's ``n_classes`` classes as draws 0 .. C − 1 (exact_fisher),
+    laid out on forward rows like label draws (``draw_layout``)."""
+    return replace(units, total_draws=n_classes, classes=True)
+
+
 def draw_layout(units: Units, rows_per_chunk: int, rows_per_pass: int = 1) -> Units:
     r"""Forward rows for the K draws of U units, given that a chunk holds at most c rows and
     that a backward pass should hold at least m rows to amortise its fixed cost.
@@ -116,7 +125,8 @@ def draw_layout(units: Units, rows_per_chunk: int, rows_per_pass: int = 1) -> Un
     r = max(1, min(K, -(-rows_per_pass // max(U, 1)), rows_per_chunk // max(U, 1)))
     q = -(-K // r)
     if q == 1:
-        return with_draws(replace(units, total_draws=0), K)
+        flat = replace(units, total_draws=0, classes=False)
+        return with_classes(flat, K) if units.classes else with_draws(flat, K)
     r = -(-K // q)
     rep = lambda t: None if t is None else t.repeat_interleave(r)  # noqa: E731
     return replace(units, rows=rep(units.rows), weights=rep(units.weights),
@@ -133,9 +143,10 @@ def unshared(units: Units) -> Units:
     keep = d < units.total_draws
     idx = torch.arange(n).repeat_interleave(q)[keep]
     take = lambda t: None if t is None else t[idx]  # noqa: E731
+    draw, cls = (None, d[keep]) if units.classes else (d[keep], take(units.cls))
     return replace(units, rows=take(units.rows), weights=take(units.weights),
                    ids=[units.ids[i] for i in idx.tolist()], pos=take(units.pos),
-                   draw=d[keep], cls=take(units.cls), n_draws=0, total_draws=0)
+                   draw=draw, cls=cls, n_draws=0, total_draws=0, classes=False)
 
 
 def with_classes(units: Units, n_classes: int) -> Units:

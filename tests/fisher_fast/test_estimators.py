@@ -130,6 +130,26 @@ def test_mc_fisher_draw_layouts_equal_the_oracle(chunk):
     assert_dicts_close(got, fr.mc_fisher(model, batch, n_samples=3, seed=2), **TOL)
 
 
+@pytest.mark.parametrize("chunk", [1, 3, None], ids=["all-classes-per-row", "blocks", "row-per-class"])
+def test_exact_fisher_class_layouts_equal_the_oracle(chunk):
+    import fisher_ref as fr
+    from fisher_ref.testing.batches import random_batch
+    from fisher_ref.testing.models import TinyConfig, build_model
+
+    # C = 5 classes per token: chunk 1 -> each token's row carries its 5 classes (one
+    # forward, 5 backward passes); chunk 3 -> blocks of classes with an empty slot at the
+    # end; None on this tiny model -> one forward row per (token, class)
+    model = build_model(TinyConfig(arch="gpt2", num_layers=1, vocab_size=5)).double()
+    batch = random_batch(vocab_size=5, batch_size=2, seq_len=4, seed=7)
+    calls = []
+    model.register_forward_hook(lambda *_: calls.append(1))
+    got = ff.exact_fisher(model, batch, chunk_size=chunk, **F64)
+    if chunk == 1:
+        n_tokens = int((batch["labels"][:, 1:] != -100).sum())
+        assert len(calls) <= n_tokens + 2  # no forward per class (+ the class-count probe)
+    assert_dicts_close(got, fr.exact_fisher(model, batch), **TOL)
+
+
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 def test_weights_delivered_block_by_block_equal_the_oracle(monkeypatch, arch):
     # PART_BYTES = 1: every Linear / Conv1D weight goes to the moments one row of its first
