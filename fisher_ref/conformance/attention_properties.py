@@ -117,7 +117,7 @@ def _check_semantic(adapter, model, layout, ctx, config):
     from fisher_ref.semantic_check import check_masks
 
     report = check_masks(model, lambda l, h, b: _mask(adapter, model, l, h, b), layout)
-    if not report.passed:
+    if report.failures():  # inconclusive checks (a head these inputs cannot move) decide nothing
         raise AssertionError(str(report))
 
 

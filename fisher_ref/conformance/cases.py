@@ -106,7 +106,7 @@ def tiny_configs(draw, archs: tuple[str, ...], max_layers: int = 2) -> TinyConfi
     if arch == "gpt2":
         # d >= 4: a LayerNorm over d = 2 maps every token to +-(1, -1) (times its weight), so
         # a later layer's values can coincide at every position and no head reacts to its
-        # query or key (the semantic check then rightly fails, even for the oracle).
+        # query or key (the semantic check can then only say "inconclusive" for that head).
         heads = draw(st.sampled_from([1, 2, 4]))
         head_dim = {1: 4, 2: draw(st.sampled_from([4, 2])), 4: 2}[heads]
         return TinyConfig(arch="gpt2", num_layers=layers, num_heads=heads, head_dim=head_dim,

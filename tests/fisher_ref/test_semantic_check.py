@@ -203,3 +203,46 @@ def test_checks_an_eager_float64_copy_and_leaves_the_model_alone():
     assert check_layout(model).passed
     assert model.config._attn_implementation == "sdpa"
     assert all(torch.equal(p, before[n]) and p.dtype == torch.float32 for n, p in model.named_parameters())
+
+
+# ------------------------------------------------- inputs that cannot move a head: inconclusive
+
+
+def _blind_gpt2():
+    """GPT-2 without position embeddings, fed one token repeated: every position of every
+    layer holds the same hidden state, so keys and values coincide over positions. Causal
+    patterns then stay uniform over each prefix whatever Q and K are, and the O-projection
+    input is the (common) value whatever the pattern: Q and K cannot be tested, V and O can."""
+    model = build_model(TinyConfig(arch="gpt2", num_layers=1))
+    with torch.no_grad():
+        model.transformer.wpe.weight.zero_()
+    batch = {"input_ids": torch.full((2, 5), 3), "attention_mask": torch.ones(2, 5, dtype=torch.long)}
+    return model, batch
+
+
+def test_heads_the_inputs_cannot_move_are_inconclusive_not_failed():
+    model, batch = _blind_gpt2()
+    report = check_layout(model, batch=batch)
+    status = {(c.head, c.block): c.status for c in report.checks}
+    for h in (0, 1):
+        assert status[(h, "Q")] == status[(h, "K")] == "inconclusive"
+        assert status[(h, "Q+K")] == status[(h, "Q+K+V")] == "inconclusive"
+        assert status[(h, "V")] == "passed" and status[(h, "O")] == "passed"
+    assert not report.failures() and not report.passed
+    assert "cannot move on these inputs" in str(report) and "inconclusive" in str(report)
+    with pytest.raises(ValueError, match="cannot decide"):
+        validate_layout(model, batch=batch)
+    # the same model on ordinary inputs decides everything
+    assert check_layout(model).passed
+
+
+def test_a_head_moving_wrongly_fails_even_where_others_are_inconclusive():
+    model, batch = _blind_gpt2()
+
+    def v_of_next_head(layer, head, block):
+        return qkov_mask(model, layer, (head + 1) % 2 if block == "V" else head, block)
+
+    report = check_masks(model, v_of_next_head, batch=batch)
+    failed = {(c.head, c.block) for c in report.failures()}
+    assert {(0, "V"), (1, "V")} <= failed
+    assert all(c.block in ("Q", "K", "Q+K", "Q+K+V") for c in report.inconclusive())
