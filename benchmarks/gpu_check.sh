@@ -5,10 +5,10 @@
 #
 # Stages, each under its own `timeout`, the optional ones only while the elapsed time allows,
 # so that the script ends within ~7.5 minutes even when every stage hits its limit
-# (expected: 3-4 minutes on an H100):
+# (expected: 3-4 minutes on an H100 or H200):
 #   1. pytest --run-gpu -m gpu on property_tests and tests/{fisher_fast,fisher_ref,fishercheck}
 #      (the estimators, group Fisher and attention properties against the float64 oracle on CUDA)
-#   2. the H100 benchmark: GPT-2-small shape, untied 50257 head, float32, 64 x 256, with all
+#   2. the benchmark: GPT-2-small shape, untied 50257 head, float32, 64 x 256, with all
 #      baselines (fwd+bwd, fisher, groups, loop, vmap) in the same process
 #   3. (optional) the conformance properties on CUDA (tests/conformance, gpu-marked)
 #   4. (optional) fisher and groups with one chunk of 64 rows (the chunk heuristic out of play)

@@ -65,3 +65,18 @@ def test_mc_fisher_on_cuda_draws_the_oracles_labels(data, unit, n_samples, seed,
     assert next(iter(got.values())).device.type == "cuda"
     rtol, atol = tolerance(float64_tolerance_kind(cfg))
     assert_dicts_close(got, want, rtol=rtol, atol=atol, what=f"mc on cuda [{cfg.make_id()}]")
+
+
+@pytest.mark.gpu
+@settings(max_examples=4)
+@given(data=st.data(), chunk=chunk_sizes(max_size=40))
+def test_exact_fisher_on_cuda_matches_oracle(data, chunk, device):
+    cfg = data.draw(tiny_configs(archs=("gpt2", "llama"), max_layers=1, max_vocab=7))
+    batch = data.draw(batches(cfg, max_batch=2, max_len=4))
+    model = build_model(cfg).double()
+    want = fr.exact_fisher(model, batch, loss_fn=loss_for(fr, cfg))
+    got = ff.exact_fisher(model.to(device), batch, loss_fn=loss_for(ff, cfg), chunk_size=chunk,
+                          dtype=torch.float64)
+    assert next(iter(got.values())).device.type == "cuda"
+    rtol, atol = tolerance(float64_tolerance_kind(cfg))
+    assert_dicts_close(got, want, rtol=rtol, atol=atol, what=f"exact on cuda [{cfg.make_id()}]")
