@@ -57,8 +57,14 @@ def _first_bad_gradient(model, plan, loss, tensors, part, cfg, uniforms) -> str:
         bad = ~torch.isfinite(g.reshape(g.shape[0], -1)).all(dim=1)
         if bool(bad.any()):
             j = int(torch.nonzero(bad)[0])
-            return f"parameter {name!r}, unit {part.ids[j]!r}"
-    return "an unidentified parameter"
+            return f"a non-finite value at parameter {name!r}, unit {part.ids[j]!r}"
+    for name, g in sink.out.items():  # finite gradients: their squares overflow
+        bad = ~torch.isfinite(g.reshape(g.shape[0], -1).square()).all(dim=1)
+        if bool(bad.any()):
+            j = int(torch.nonzero(bad)[0])
+            return (f"finite gradients whose squares overflow {cfg.dtype} at parameter "
+                    f"{name!r}, unit {part.ids[j]!r} (dtype=torch.float64 holds them)")
+    return "a statistic that overflowed (a sum of squares, e.g. over a group) at an unidentified parameter"
 
 
 def accumulate_batch(model, plan, loss, tensors, ids, cfg: Config, prior: TaskState,
@@ -92,8 +98,8 @@ def accumulate_batch(model, plan, loss, tensors, ids, cfg: Config, prior: TaskSt
                    for t in (s.closed, s.open_sum)]
         if not _finite(states):
             where = _first_bad_gradient(model, plan, loss, tensors, part, cfg, uniforms)
-            raise ValueError(f"non-finite gradient: expected finite per-unit gradients, got a "
-                             f"non-finite value at {where}.")
+            raise ValueError(f"non-finite gradient: expected finite per-unit gradients and "
+                             f"statistics, got {where}.")
         merged = delta.merged(chunk, in_place=True)  # the delta's tensors are its own
         delta = replace(delta, moments=merged.moments, group_moments=merged.group_moments,
                         micro=sink.micro)

@@ -8,6 +8,8 @@ rounding.
 
 from __future__ import annotations
 
+import hashlib
+
 import torch
 
 from . import estimates
@@ -16,6 +18,7 @@ from .capture_plan import build_plan
 from .engine import check_autocast, check_dtype, model_device
 from .group_specs import resolve_groups
 from .label_draws import row_uniforms
+from .losses import has_token_protocol
 from .task_state import TaskState
 from .units import aligned_targets, with_shared_draws
 from .validation import check_choice, check_positive_int, resolve_loss, split_batch
@@ -118,7 +121,8 @@ class FisherAccumulator:
         if not isinstance(task, str):
             raise ValueError(f"task: expected a str, got {type(task).__name__}.")
         prior = self._tasks.get(task, TaskState())
-        tensors, ids = split_batch(batch, sample_ids, id_offset=prior.n_rows)
+        tensors, ids = split_batch(batch, sample_ids, id_offset=prior.n_rows,
+                                   model=self.model)
         extra = {}
         if self.labels == "mc":
             T = aligned_targets(self.loss, self.model, tensors).shape[1]
@@ -216,5 +220,26 @@ class FisherAccumulator:
         stats = {"statistics": self.statistics} if self.statistics != "all" else {}
         return {**mc, **stats, "dtype": str(c.dtype).replace("torch.", ""), "unit": c.unit,
                 "weighting": c.weighting, "elements": c.elements,
-                "groups": sorted(c.groups), "micro_batch_sizes": list(c.micro_batch_sizes),
-                "params": list(self.plan.params)}
+                "groups": {n: _describe_group(g) for n, g in sorted(c.groups.items())},
+                "micro_batch_sizes": list(c.micro_batch_sizes),
+                "loss": _describe_loss(self.loss),
+                "autocast": None if c.autocast is None else str(c.autocast).replace("torch.", ""),
+                "params": {n: list(p.shape) for n, p in self.plan.params.items()}}
+
+
+def _describe_group(spec) -> list:
+    """``[kind, n_groups, digest of the ids]``: equal for the same grouping of a parameter."""
+    digest = None
+    if spec.ids is not None:
+        ids = spec.ids.detach().to("cpu", torch.int64).contiguous()
+        digest = hashlib.sha256(ids.numpy().tobytes()).hexdigest()[:16]
+    return [spec.kind, int(spec.n_groups), digest]
+
+
+def _describe_loss(loss) -> str:
+    """The loss as far as it can be named: a built-in's repr (class and reduction), else
+    the qualified name of its function or class (two lambdas of one module look alike)."""
+    if has_token_protocol(loss) and type(loss).__module__.startswith("fisher_fast."):
+        return repr(loss)
+    named = loss if hasattr(loss, "__qualname__") else type(loss)
+    return f"{getattr(named, '__module__', '?')}.{getattr(named, '__qualname__', '?')}"

@@ -156,7 +156,9 @@ class ContributionStore:
         try:
             yield self
         except BaseException:
-            written = set(self._shard_refs) - set(saved[2])
+            # shards written inside: still referenced, or already emptied again (doomed)
+            current = set(self._shard_refs) | {os.path.basename(p) for p in self._doomed}
+            written = current - set(saved[2])
             self._records, self._schemas, self._shard_refs = saved
             for shard in written:
                 path = os.path.join(self.directory, shard)
@@ -198,6 +200,10 @@ class ContributionStore:
     def delete(self, task, sample_ids=None) -> None:
         """Delete the given ids of ``task`` (all of the task's records when ``None``)."""
         ids = self.ids(task) if sample_ids is None else list(sample_ids)
+        if len(set(ids)) != len(ids):
+            twice = sorted({str(s) for s in ids if ids.count(s) > 1})
+            raise ValueError(f"sample_ids: expected distinct ids to delete, got {twice} more "
+                             f"than once.")
         for s in ids:
             self._get_record(task, s)
         for s in ids:

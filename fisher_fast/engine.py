@@ -17,6 +17,7 @@ from .capture import Capture
 from .chunking import default_budget, rows_per_chunk, rows_per_pass, slice_bytes
 from .unit_losses import chunk_losses, chunk_rows
 from .units import draw_layout
+from .validation import check_memory_budget
 
 
 def model_device(model) -> torch.device:
@@ -56,6 +57,13 @@ def tf32(allow: bool):
 
 
 def _check_shape(losses: torch.Tensor, units, n: int) -> None:
+    if not isinstance(losses, torch.Tensor):
+        raise ValueError(f"loss_fn: expected a tensor of one loss per row, got "
+                         f"{type(losses).__name__}.")
+    if not losses.requires_grad:
+        raise ValueError("loss_fn: expected losses that depend on the trainable parameters, "
+                         "got a tensor without a graph (detached, computed under no_grad, or "
+                         "no parameter requires grad).")
     shape = (n, units.n_draws) if units.n_draws else (n,)
     if tuple(losses.shape) != shape:
         raise ValueError(f"loss_fn: expected one loss per row, shape {shape}, got "
@@ -86,6 +94,7 @@ def run_chunks(model, plan, loss, tensors, units, *, dtype, chunk_size=None, mem
     device = model_device(model)
     fast_forward = (lambda: torch.autocast(device.type, dtype=autocast)) if autocast else \
         contextlib.nullcontext
+    check_memory_budget(memory_budget)
     budget = default_budget(device) if memory_budget is None else int(memory_budget)
     U = len(units)
     if chunk_size is None:

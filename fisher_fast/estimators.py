@@ -37,7 +37,7 @@ def _run(model, batch, *, loss_fn, unit, weighting, sample_ids, dtype, chunk_siz
     loss = resolve_loss(loss_fn, unit=unit, weighting=weighting, needs_protocol=needs)
     if chunk_size is not None:
         check_positive_int("chunk_size", chunk_size)
-    tensors, ids = split_batch(batch, sample_ids)
+    tensors, ids = split_batch(batch, sample_ids, model=model)
     cfg = Config(check_dtype(dtype), unit, weighting, chunk_size, memory_budget, elements,
                  groups or {}, tuple(micro), allow_tf32, check_autocast(autocast),
                  second_only=second_only)

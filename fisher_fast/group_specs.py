@@ -128,7 +128,8 @@ def resolve_groups(model: torch.nn.Module, groups="generic", layout=None) -> dic
     elif groups == "heads":
         from . import slicing  # the attention half; imported only when asked for
 
-        override = slicing.head_group_ids(model, layout)
+        # heads of frozen attention tensors are not estimated (as for any frozen parameter)
+        override = {n: v for n, v in slicing.head_group_ids(model, layout).items() if n in specs}
     elif groups == "generic":
         if layout is not None:
             raise ValueError("layout: expected None with groups='generic', got a layout.")

@@ -77,14 +77,28 @@ class _TokenLoss:
             raise ValueError(f"{type(self).__name__}: expected a 'labels' entry in the batch, "
                              f"got keys {sorted(batch)}.")
         labels = batch["labels"]
+        if not isinstance(labels, torch.Tensor) or labels.dtype.is_floating_point \
+                or labels.dtype.is_complex or labels.dtype == torch.bool:
+            got = labels.dtype if isinstance(labels, torch.Tensor) else type(labels).__name__
+            raise ValueError(f"{type(self).__name__}: expected integer class labels (or -100), "
+                             f"got {got}.")
         return self.align(None, labels)[1]
 
     def token_counts(self, batch: dict) -> torch.Tensor:
         return (self.targets(batch) != IGNORE_INDEX).sum(dim=1)
 
     def logits_and_targets(self, model: torch.nn.Module, batch: dict):
+        """Checks the targets against the number of classes C before any loss is formed: an
+        out-of-range class would be an IndexError on the CPU and a device-side assert (a
+        lost CUDA context) on a GPU. (One host sync per call on a GPU.)"""
         targets = self.targets(batch)
         logits, _ = self.align(model_logits(model, batch), batch["labels"])
+        C = logits.shape[-1]
+        bad = (targets >= C) | ((targets < 0) & (targets != IGNORE_INDEX))
+        if bool(bad.any()):
+            value = int(targets[bad][0])
+            raise ValueError(f"labels: expected class indices in [0, {C}) or {IGNORE_INDEX}, "
+                             f"got {value}.")
         return logits, targets
 
     def __call__(self, model: torch.nn.Module, batch: dict) -> torch.Tensor:

@@ -58,7 +58,8 @@ def per_sample_gradients(model, batch, *, loss_fn=None, unit="sample", weighting
     result = PerUnit(sink.out, list(run.units.ids), run.units.weights.to(run.device, run.dtype),
                      list(run.units.empty_ids))
     if check:
-        check_rows_independent(model, run.loss, run.tensors, run.units, result)
+        check_rows_independent(model, run.loss, run.tensors, run.units, result,
+                               autocast=check_autocast(autocast))
     return result
 
 
@@ -94,7 +95,7 @@ class _Run:
     def __init__(self, model, batch, loss_fn, unit, weighting, sample_ids, dtype, params=None):
         self.model, self.dtype = model, check_dtype(dtype)
         self.loss = resolve_loss(loss_fn, unit=unit, weighting=weighting)
-        self.tensors, ids = split_batch(batch, sample_ids)
+        self.tensors, ids = split_batch(batch, sample_ids, model=model)
         self.units = plan_units(model, self.tensors, ids, self.loss, unit, weighting)
         self.plan = build_plan(model)
         self.device = model_device(model)
@@ -117,22 +118,38 @@ def _select(params: dict, names) -> dict:
     return {n: params[n] for n in params if n in set(names)}
 
 
-def check_rows_independent(model, loss, tensors, units, result: PerUnit) -> None:
+# relative tolerance of the row-independence guard by the coarsest precision involved (the
+# returned gradients, the model, autocast): the same row at another batch size differs by
+# BLAS blocking, ~1e-16 in float64, ~1e-7 in float32 (amplified through layers), ~4e-3 in
+# bfloat16 (8-bit mantissa); dropout or batch statistics move gradients by 1e-2 or more
+# of their scale in float32 and float64. In bf16 the guard can only catch gross coupling.
+_ROW_TOL = {torch.float64: 1e-9, torch.float32: 1e-4, torch.bfloat16: 5e-2, torch.float16: 5e-2}
+
+
+def check_rows_independent(model, loss, tensors, units, result: PerUnit, autocast=None) -> None:
     """Raise ``ValueError`` unless the first and last units' gradients, computed alone (a
-    forward of that one row, plain autograd), equal the batched ones (curvlinops'
-    ``f(X) == vmap(f)(X)`` guard). A batch-coupled model (batch statistics, rows mixed)
-    fails it."""
+    forward of that one row, plain autograd, under the same ``autocast``), equal the batched
+    ones (curvlinops' ``f(X) == vmap(f)(X)`` guard) for the parameters in ``result``. A
+    batch-coupled model (batch statistics, rows mixed) fails it."""
+    import contextlib
+
     from .unit_losses import chunk_losses, chunk_rows
 
-    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad and n in result.tensors}
     device = model_device(model)
+    precisions = [next(iter(result.tensors.values())).dtype] + [p.dtype for p in params.values()]
+    if autocast is not None:
+        precisions.append(autocast)
+    tol = max(_ROW_TOL.get(d, 1e-4) for d in precisions)
+    forward = (lambda: torch.autocast(device.type, dtype=autocast)) if autocast else \
+        contextlib.nullcontext
     for j in sorted({0, len(units) - 1}):
         one = units.take(j, j + 1)
-        loss_j, _ = chunk_losses(model, loss, chunk_rows(tensors, one.rows, device), one, None)
+        with forward():
+            loss_j, _ = chunk_losses(model, loss, chunk_rows(tensors, one.rows, device), one, None)
         grads = torch.autograd.grad(loss_j.sum(), list(params.values()), allow_unused=True)
         wants = [torch.zeros_like(p) if g is None else g for p, g in zip(params.values(), grads)]
         scale = max(float(w.abs().max()) for w in wants if w.numel()) or 1e-30
-        tol = 1e-9 if wants[0].dtype == torch.float64 else 1e-4
         for name, want in zip(params, wants):
             got = result.tensors[name][j].to(want.dtype)
             err = float((got - want).abs().max()) if want.numel() else 0.0

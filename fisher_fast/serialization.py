@@ -17,7 +17,7 @@ from .micro_batches import MicroBatchState
 from .moments import Moments, SecondMoment
 from .task_state import TaskState
 
-FORMAT = "fisher_fast.accumulator/1"
+FORMAT = "fisher_fast.accumulator/2"  # 2: the loss, autocast, group ids and shapes in the config
 _FIELDS = ("W", "mean", "m2")
 
 
@@ -67,12 +67,20 @@ def task_states_to_dict(tasks: dict, config: dict) -> dict:
             "tasks": {name: _task_to_dict(st) for name, st in tasks.items()}}
 
 
+def _diff(saved, here):
+    """``(saved, here)``, narrowed to the differing entries when both are dicts (at most 5)."""
+    if isinstance(saved, dict) and isinstance(here, dict):
+        keys = [k for k in {**saved, **here} if saved.get(k) != here.get(k)]
+        return {k: (saved.get(k), here.get(k)) for k in keys[:5]}
+    return saved, here
+
+
 def task_states_from_dict(state: dict, config: dict, device) -> dict:
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise ValueError(f"state: expected a {FORMAT!r} state dict, got "
                          f"{state.get('format') if isinstance(state, dict) else type(state).__name__!r}.")
     if state["config"] != config:
-        diff = {k: (state["config"].get(k), v) for k, v in config.items()
+        diff = {k: _diff(state["config"].get(k), v) for k, v in config.items()
                 if state["config"].get(k) != v}
         raise ValueError(f"state: expected the accumulator's configuration, got a state saved "
                          f"with a different one (saved, here): {diff}.")

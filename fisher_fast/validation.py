@@ -49,11 +49,42 @@ def _check_token_axes(tensors: dict) -> None:
                              f"got {tuple(v.shape)}.")
 
 
-def split_batch(batch, sample_ids=None, *, id_offset: int = 0):
+def check_token_ids(model, tensors: dict) -> None:
+    """``input_ids`` within the model's input embedding table, where the model names one
+    (``get_input_embeddings``): an id past it would be an IndexError on the CPU and a
+    device-side assert (a lost CUDA context) on a GPU. One host sync per batch on a GPU."""
+    ids = tensors.get("input_ids")
+    get = getattr(model, "get_input_embeddings", None)
+    if ids is None or ids.numel() == 0 or not callable(get):
+        return
+    if ids.dtype.is_floating_point or ids.dtype == torch.bool:
+        raise ValueError(f"batch['input_ids']: expected integer token ids, got {ids.dtype}.")
+    n = getattr(get(), "num_embeddings", None)
+    if not isinstance(n, int):
+        return
+    lo, hi = (int(v) for v in torch.aminmax(ids))
+    if lo < 0 or hi >= n:
+        raise ValueError(f"batch['input_ids']: expected token ids in [0, {n}), got "
+                         f"{lo if lo < 0 else hi}.")
+
+
+def check_memory_budget(memory_budget) -> None:
+    """``None`` (a fraction of free memory) or a number of bytes >= 1."""
+    if memory_budget is None:
+        return
+    if isinstance(memory_budget, bool) or not isinstance(memory_budget, (int, float)) \
+            or not memory_budget >= 1:
+        raise ValueError(f"memory_budget: expected None or a number of bytes >= 1, got "
+                         f"{memory_budget!r}.")
+
+
+def split_batch(batch, sample_ids=None, *, id_offset: int = 0, model=None):
     """``(tensors, ids)``: the model's tensors and one sample id per row.
 
     Ids come from ``batch["sample_ids"]`` or the ``sample_ids`` argument (not both); default
-    ``id_offset + 0 .. B-1``. Ids must be unique within the call.
+    ``id_offset + 0 .. B-1``. Ids are str or int (an int tensor or array is read as ints)
+    and must be unique within the call. With ``model``, ``input_ids`` are checked against
+    its embedding table (``check_token_ids``).
     """
     if not isinstance(batch, dict):
         raise ValueError(f"batch: expected a dict of tensors, got {type(batch).__name__}.")
@@ -79,14 +110,23 @@ def split_batch(batch, sample_ids=None, *, id_offset: int = 0):
     if ids is None:
         ids = list(range(id_offset, id_offset + B))
     else:
-        ids = list(ids)
+        # tensors and numpy arrays become Python ints (a 0-d tensor hashes by identity)
+        ids = ids.tolist() if hasattr(ids, "tolist") else list(ids)
+        if not isinstance(ids, list):
+            raise ValueError(f"sample_ids: expected a sequence of {B} ids, got a scalar {ids!r}.")
         if len(ids) != B:
             raise ValueError(f"sample_ids: expected {B} ids (one per row), got {len(ids)}.")
+        for i in ids:
+            if isinstance(i, bool) or not isinstance(i, (str, int)):
+                raise ValueError(f"sample_ids: expected str or int ids, got {i!r} "
+                                 f"({type(i).__name__}).")
         seen = set()
         for i in ids:
             if i in seen:
                 raise ValueError(f"sample_ids: expected unique ids, got {i!r} twice.")
             seen.add(i)
+    if model is not None:
+        check_token_ids(model, tensors)
     return tensors, ids
 
 

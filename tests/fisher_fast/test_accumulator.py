@@ -106,6 +106,33 @@ def test_loading_into_a_different_configuration_fails():
         other.load_state_dict(acc.state_dict())
 
 
+def _gpt2_acc(**kw):
+    from fisher_ref.testing.models import TinyConfig, build_model
+    return ff.FisherAccumulator(build_model(TinyConfig(arch="gpt2", num_layers=1)), **kw)
+
+
+@pytest.mark.parametrize("saved, here, what", [
+    (dict(groups="heads"), dict(groups="generic"), "groups"),
+    (dict(), dict(loss_fn=ff.CausalLMLoss("sum")), "loss"),
+    (dict(), dict(autocast=torch.bfloat16), "autocast"),
+], ids=["groups", "loss-reduction", "autocast"])
+def test_loading_checks_groups_loss_and_autocast(saved, here, what):
+    from fisher_ref.testing.batches import random_batch
+    acc = _gpt2_acc(**saved)
+    acc.update(random_batch(vocab_size=11, batch_size=2, seq_len=5))
+    with pytest.raises(ValueError, match="different one") as err:
+        _gpt2_acc(**here).load_state_dict(acc.state_dict())
+    assert f"'{what}'" in str(err.value)
+
+
+def test_loading_checks_parameter_shapes():
+    from fisher_ref.testing.models import TinyConfig, build_model
+    small = ff.FisherAccumulator(build_model(TinyConfig(arch="gpt2", num_layers=1, vocab_size=11)))
+    big = ff.FisherAccumulator(build_model(TinyConfig(arch="gpt2", num_layers=1, vocab_size=13)))
+    with pytest.raises(ValueError, match="'params'.*transformer.wte.weight.*\\[11, 8\\].*\\[13, 8\\]"):
+        big.load_state_dict(small.state_dict())
+
+
 @pytest.mark.parametrize("statistics", ["all", "fisher"])
 def test_mc_labels_equal_the_oracle_mc_fisher_over_updates(statistics):
     import fisher_ref as fr
@@ -211,3 +238,17 @@ def test_fisher_only_statistics_stream_resume_and_refuse_the_rest(tmp_path):
 def test_statistics_must_be_all_or_fisher():
     with pytest.raises(ValueError, match="statistics"):
         ff.FisherAccumulator(TinyLM(), statistics="mean")
+
+
+def test_finite_gradients_whose_squares_overflow_are_named_as_such():
+    from fisher_ref.testing.batches import random_batch
+    from fisher_ref.testing.models import TinyConfig, build_model
+    model = build_model(TinyConfig(arch="gpt2", num_layers=1, tie_embeddings=False))
+    with torch.no_grad():
+        model.lm_head.weight.mul_(1e30)  # input-side gradients ~1e30: finite, squares are not
+    acc = ff.FisherAccumulator(model)
+    before = acc.state_dict()
+    with pytest.raises(ValueError, match="squares overflow torch.float32 at parameter "
+                                         "'transformer.wte.weight', unit 0"):
+        acc.update(random_batch(vocab_size=11, batch_size=2, seq_len=5))
+    assert acc.state_dict() == before

@@ -127,6 +127,7 @@ BAD = [
     pytest.param(lambda s: s.get("a", "nope"), "got 'nope'", id="unknown-id"),
     pytest.param(lambda s: s.get_stacked("b", ["x"]), "Unknown task", id="unknown-task"),
     pytest.param(lambda s: s.delete("a", ["x", "nope"]), "got 'nope'", id="delete-unknown"),
+    pytest.param(lambda s: s.delete("a", ["x", "x"]), "['x'] more than once", id="delete-twice"),
     pytest.param(lambda s: ContributionStore(host_bytes=-1), "host_bytes", id="negative-budget"),
 ]
 
@@ -337,3 +338,13 @@ def test_contributions_of_named_parameters_only(tmp_path):
     assert list(part.tensors) == names and store.parameter_names("default") == names
     for n in names:
         torch.testing.assert_close(part.tensors[n], whole.tensors[n], rtol=1e-12, atol=0)
+
+
+def test_rollback_removes_a_shard_written_and_emptied_inside(tmp_path):
+    store = ContributionStore(tmp_path, device="cpu", device_bytes=0, host_bytes=0)
+    with pytest.raises(RuntimeError, match="boom"):
+        with store.transaction():
+            store.add("t", ["a"], _tensors(1))  # a new shard on disk
+            store.delete("t", ["a"])  # emptied inside: doomed until commit
+            raise RuntimeError("boom")
+    assert os.listdir(tmp_path) == [] and store.tasks() == []

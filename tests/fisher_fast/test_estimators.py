@@ -243,3 +243,23 @@ def test_the_device_paths_without_cache_blocks_equal_the_oracle(monkeypatch, tie
     assert_dicts_close(ff.empirical_fisher(model, batch, chunk_size=2, **F64), want, **TOL)
     assert_dicts_close(acc.empirical_fisher(), want, **TOL)
     assert_dicts_close(acc.gradient_variance(), fr.gradient_variance(model, batch), **TOL)
+
+
+def test_head_groups_skip_frozen_attention_parameters():
+    import fisher_ref as fr
+    from fisher_ref.testing.batches import random_batch
+    from fisher_ref.testing.models import TinyConfig, build_model
+
+    model = build_model(TinyConfig(arch="gpt2", num_layers=2)).double()
+    for name, p in model.named_parameters():
+        p.requires_grad_("h.0." not in name)  # layer 0 frozen, its attention included
+    batch = random_batch(vocab_size=11, batch_size=3, seq_len=5, seed=3)
+    got = ff.group_fisher(model, batch, groups="heads", **F64)
+    want = fr.group_fisher(model, batch, groups="heads")
+    assert set(got) == set(want) and not any("h.0." in n for n in got)
+    for name in want:
+        torch.testing.assert_close(got[name]["mean"], want[name]["mean"], **TOL)
+    acc = ff.FisherAccumulator(model, groups="heads", **F64)
+    acc.update(batch)
+    torch.testing.assert_close(acc.group_fisher()["transformer.h.1.attn.c_attn.weight"]["mean"],
+                               want["transformer.h.1.attn.c_attn.weight"]["mean"], **TOL)

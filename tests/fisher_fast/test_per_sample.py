@@ -95,3 +95,21 @@ def test_params_of_a_tied_model_leave_the_tied_weight_out_when_not_named():
     whole = ff.per_sample_gradients(model, batch, dtype=torch.float64)
     assert list(part.tensors) == ["out.bias"]
     torch.testing.assert_close(part.tensors["out.bias"], whole.tensors["out.bias"], **TOL)
+
+
+@pytest.mark.parametrize("case", ["float64-model-float32-result", "bf16-model", "autocast", "params"])
+def test_check_passes_at_every_precision_and_on_a_subset(case):
+    from fisher_ref.testing.batches import random_batch
+    from fisher_ref.testing.models import TinyConfig, build_model
+
+    model = build_model(TinyConfig(arch="gpt2", num_layers=2))
+    batch = random_batch(vocab_size=11, batch_size=3, seq_len=6, seed=2)
+    kw = {"float64-model-float32-result": dict(),
+          "bf16-model": dict(), "autocast": dict(autocast=torch.bfloat16),
+          "params": dict(params=["transformer.wte.weight"])}[case]
+    model = {"float64-model-float32-result": model.double(),
+             "bf16-model": model.to(torch.bfloat16)}.get(case, model)
+    pu = ff.per_sample_gradients(model, batch, check=True, **kw)
+    assert len(pu.ids) == 3
+    if case == "params":
+        assert list(pu.tensors) == ["transformer.wte.weight"]
