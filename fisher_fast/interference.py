@@ -284,11 +284,12 @@ def _top_entries(blocks: dict, ids_a: list, ids_b: list, k: int, signed: bool) -
     order = torch.sort(key, descending=True, stable=True).indices[:k]
     shape = stacked.shape
     out = []
-    for f in order.tolist():
+    scores = flat[order].tolist()  # one host transfer, not one per entry
+    for f, score in zip(order.tolist(), scores):
         b, rem = divmod(f, shape[1] * shape[2] * shape[3] * shape[4])
         layer, rem = divmod(rem, shape[2] * shape[3] * shape[4])
         head, rem = divmod(rem, shape[3] * shape[4])
         i, j = divmod(rem, shape[4])
-        out.append({"score": float(flat[f]), "id_a": ids_a[i], "id_b": ids_b[j],
+        out.append({"score": score, "id_a": ids_a[i], "id_b": ids_b[j],
                     "layer": layer, "head": head, "block": BLOCKS[b]})
     return out

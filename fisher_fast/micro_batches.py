@@ -45,7 +45,7 @@ class MicroBatchState:
         pos = torch.arange(self.seen, self.seen + s, device=g.device)
         first = self.seen // self.b
         m = pos // self.b - first  # 0 is the open micro-batch
-        M = int(m[-1]) + 1 if s else 1
+        M = ((self.seen + s - 1) // self.b - first + 1) if s else 1  # = m[-1] + 1, no sync
         sums = torch.zeros((M, *g.shape[1:]), dtype=g.dtype, device=g.device)
         sums.index_add_(0, m, g * w.reshape(-1, *[1] * (g.dim() - 1)))
         ws = torch.zeros(M, dtype=g.dtype, device=g.device).index_add_(0, m, w)
