@@ -30,6 +30,8 @@ bootstrap ``Generator(PCG64(seed + 1))``, each resample ``ia`` then ``ib``, inte
 
 from __future__ import annotations
 
+import numbers
+
 import numpy as np
 import torch
 
@@ -87,7 +89,7 @@ def conflicts(model: torch.nn.Module, batch_a: dict, batch_b: dict, *, groups: s
     """
     from fisher_fast.contributions import unit_gradients
 
-    _check_options(groups, n_permutations, seed, n_bootstrap, fdr)
+    n_permutations, seed, n_bootstrap = _check_options(groups, n_permutations, seed, n_bootstrap, fdr)
     lay = attention_layout(model, layout) if groups == "heads" else None
     kw = dict(loss_fn=loss_fn, unit=unit, weighting=weighting, dtype=dtype,
               params=_slice_names(lay, include_bias) if groups == "heads" else None)
@@ -101,7 +103,7 @@ def conflicts_from_units(ga, gb, *, groups="heads", layout: AttentionLayout | No
                          n_permutations=1000, seed=0, n_bootstrap=1000, include_bias=False,
                          fdr="bh") -> ConflictResult:
     """Conflicts from per-unit gradients (``PerUnit``-like: ``tensors``, ``ids``)."""
-    _check_options(groups, n_permutations, seed, n_bootstrap, fdr)
+    n_permutations, seed, n_bootstrap = _check_options(groups, n_permutations, seed, n_bootstrap, fdr)
     check_same_parameters(ga.tensors, gb.tensors)
     n_a, n_b = len(ga.ids), len(gb.ids)
     if n_a < 1 or n_b < 1:
@@ -144,16 +146,19 @@ def conflicts_from_units(ga, gb, *, groups="heads", layout: AttentionLayout | No
                           ids_a=ga.ids, ids_b=gb.ids)
 
 
-def _check_options(groups, n_permutations, seed, n_bootstrap, fdr) -> None:
+def _check_options(groups, n_permutations, seed, n_bootstrap, fdr) -> tuple[int, int, int]:
+    """Checks the options; returns ``(n_permutations, seed, n_bootstrap)`` as Python ints
+    (numpy integers are accepted)."""
     if groups not in GROUPINGS:
         raise ValueError(f"groups: expected one of {GROUPINGS}, got {groups!r}.")
     for name, v in (("n_permutations", n_permutations), ("n_bootstrap", n_bootstrap)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
             raise ValueError(f"{name}: expected a positive int, got {v!r}.")
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
         raise ValueError(f"seed: expected an int >= 0, got {seed!r}.")
     if fdr not in ("bh", "by"):
         raise ValueError(f"fdr: expected 'bh' or 'by', got {fdr!r}.")
+    return int(n_permutations), int(seed), int(n_bootstrap)
 
 
 def _group_grams(pooled: dict, groups: str, layout, include_bias):

@@ -287,13 +287,18 @@ class ContributionStore:
             if not isinstance(t, torch.Tensor) or t.dim() < 1 or t.shape[0] != len(ids):
                 got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
                 raise ValueError(f"tensors[{n!r}]: expected shape ({len(ids)}, ...), got {got}.")
+            if t.is_floating_point() and not bool(torch.isfinite(t.sum())) \
+                    and not bool(torch.isfinite(t).all()):  # one pass when finite
+                row = int((~torch.isfinite(t.reshape(len(ids), -1))).any(dim=1).nonzero()[0])
+                raise ValueError(f"tensors[{n!r}]: expected finite contributions, got a "
+                                 f"non-finite value for id {ids[row]!r}.")
         schema = tuple((n, tuple(t.shape[1:]), t.dtype) for n, t in tensors.items())
         old = self._schemas.get(task)
-        if old is not None and old != schema:
+        if old is not None and set(old) != set(schema):
+            describe = lambda sch: sorted((n, s, str(d).replace("torch.", "")) for n, s, d in sch)  # noqa: E731
             raise ValueError(f"Task {task!r}: expected the parameters, shapes and dtypes of its "
-                             f"earlier records {[(n, s) for n, s, _ in old]}, got "
-                             f"{[(n, s) for n, s, _ in schema]}.")
-        return schema
+                             f"earlier records {describe(old)}, got {describe(schema)}.")
+        return old if old is not None else schema  # the task's order, whatever the dict's
 
     def _place(self, records: OrderedDict) -> dict[tuple, str]:
         """Newest first, each record takes the fastest tier at or below its own with room."""

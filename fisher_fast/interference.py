@@ -254,6 +254,9 @@ def _fisher_hat(fisher, a: _TaskA, gb, names) -> dict:
             if tuple(t.shape) != tuple(want.shape[1:]):
                 raise ValueError(f"fisher[{n!r}]: shape mismatch: expected {tuple(want.shape[1:])}, "
                                  f"got {tuple(t.shape)}.")
+            if not bool(torch.isfinite(t).all()) or bool((t < 0).any()):
+                raise ValueError(f"fisher[{n!r}]: expected finite, non-negative values (a "
+                                 f"diagonal Fisher), got min {float(t.min())}, max {float(t.max())}.")
             out[n] = t.to(want.dtype).to(want.device)
         return out
     if fisher == "a":

@@ -162,8 +162,8 @@ def _read_module(path, mod, mods, names) -> dict | None:
     """One recognised attention module's layout entry, or None."""
     join = (lambda s: f"{path}.{s}") if path else (lambda s: s)
     if hasattr(mod, "c_attn") and hasattr(mod, "c_proj") and hasattr(mod, "head_dim"):
-        if hasattr(mod, "q_attn"):
-            raise ValueError(f"{path}: GPT-2 cross-attention is not supported. {_HOW_TO_DECLARE}")
+        if hasattr(mod, "q_attn") or getattr(mod, "is_cross_attention", False):
+            return None  # cross-attention is not a layer of the layout (docs/definitions.md)
         w = _pname(names, mod.c_attn, "weight")
         b = _pname(names, mod.c_attn, "bias")
         dh = mod.head_dim
@@ -195,6 +195,8 @@ def _read_module(path, mod, mods, names) -> dict | None:
                       _pname(names, mod.dense, "bias"), h, h, dh)
     if all(hasattr(mod, a) for a in ("query", "key", "value", "attention_head_size")):
         parent_path = path.rsplit(".", 1)[0] if "." in path else ""
+        if "Cross" in type(mod).__name__ or getattr(mods.get(parent_path), "is_cross_attention", False):
+            return None  # cross-attention is skipped
         out = getattr(mods.get(parent_path), "output", None)
         dense = getattr(out, "dense", None)
         if dense is None:
@@ -264,6 +266,13 @@ def _check_layer(la: LayerAttention, params: dict) -> None:
     if fused and not (la.q == la.k == la.v and la.q_bias == la.k_bias == la.v_bias):
         raise ValueError(f"{where}: packing {la.packing!r} expected q == k == v (one fused tensor), "
                          f"got {la.q!r}, {la.k!r}, {la.v!r}.")
+    if not fused and len({la.q, la.k, la.v}) != 3:
+        raise ValueError(f"{where}: packing 'separate' expected three distinct q, k, v tensors, "
+                         f"got {la.q!r}, {la.k!r}, {la.v!r}.")
+    biases = [b for b in (la.q_bias, la.k_bias, la.v_bias) if b is not None]
+    if not fused and len(set(biases)) != len(biases):
+        raise ValueError(f"{where}: packing 'separate' expected distinct q, k, v biases, got "
+                         f"{la.q_bias!r}, {la.k_bias!r}, {la.v_bias!r}.")
     if la.packing == "fused_per_head" and la.num_kv_heads != la.num_heads:
         raise ValueError(f"{where}: 'fused_per_head' expected num_kv_heads == num_heads, got "
                          f"{la.num_kv_heads} and {la.num_heads}.")

@@ -56,8 +56,10 @@ def resolve_sample_ids(batch: dict, sample_ids, batch_size: int) -> list:
     ids = batch.get("sample_ids", sample_ids)
     if ids is None:
         return list(range(batch_size))
-    if isinstance(ids, torch.Tensor):
+    if hasattr(ids, "tolist"):  # a tensor or a numpy array of ids: Python ints
         ids = ids.tolist()
+    if not isinstance(ids, (list, tuple)):
+        raise ValueError(f"sample_ids: expected a sequence of {batch_size} ids, got {ids!r}.")
     ids = list(ids)
     if len(ids) != batch_size:
         raise ValueError(f"sample_ids: expected {batch_size} ids (one per row), got {len(ids)}.")

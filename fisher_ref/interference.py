@@ -28,7 +28,7 @@ import torch
 
 from fisher_ref.layouts import AttentionLayout, attention_layout
 from fisher_ref.results import PerUnit
-from fisher_ref.slicing import BLOCKS, slice_masks
+from fisher_ref.slicing import BLOCKS, axis_roles, slice_masks
 from fisher_ref.units import per_sample_gradients
 
 
@@ -106,6 +106,9 @@ def _fisher_hat(fisher, a: PerUnit, b: PerUnit) -> dict:
             f = torch.as_tensor(f)
             if f.shape != g.shape[1:]:
                 raise ValueError(f"fisher[{n!r}]: expected shape {tuple(g.shape[1:])}, got {tuple(f.shape)}.")
+            if not bool(torch.isfinite(f).all()) or bool((f < 0).any()):
+                raise ValueError(f"fisher[{n!r}]: expected finite, non-negative values (a diagonal "
+                                 f"Fisher), got values in [{float(f.min())}, {float(f.max())}].")
         return {n: torch.as_tensor(f).detach().to("cpu", torch.float64) for n, f in fisher.items()}
     parts = {"a": [a], "b": [b], "pooled": [a, b]}.get(fisher)
     if parts is None:
@@ -154,10 +157,11 @@ def interference_from_gradients(grads_a: PerUnit, grads_b: PerUnit, layout: Atte
     if len(heads) != 1:
         raise ValueError(f"layout: expected the same number of heads in every layer for "
                          f"[N_A, N_B, L, H] scores, got {sorted(heads)}.")
-    missing = sorted(layout.parameter_names() - set(ga))
+    sliced = {name for la in layout.layers for name in axis_roles(la, include_bias=include_bias)}
+    missing = sorted(sliced - set(ga))
     if missing:
-        raise ValueError(f"gradients: expected every attention tensor of the layout, got none "
-                         f"for {missing[:5]}.")
+        raise ValueError(f"gradients: expected every attention tensor the slices use, got none "
+                         f"for {missing[:5]} (frozen?).")
     f_hat = _fisher_hat(fisher, grads_a, grads_b)
     shapes = {n: g.shape[1:] for n, g in ga.items()}
     L, H = layout.num_layers, heads.pop()

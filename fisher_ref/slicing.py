@@ -113,6 +113,10 @@ def slice_masks(la: LayerAttention, head: int, block: str, shapes: dict,
     target = la.kv_head(head) if block in ("K", "V") else head
     masks = {}
     for name, roles in axis_roles(la, include_bias=include_bias).items():
+        if name not in shapes:
+            raise ValueError(f"{name}: expected the shape of this attention tensor (a trainable "
+                             f"parameter), got none: frozen tensors have no gradient to slice"
+                             f"{'; include_bias=False leaves the biases out' if include_bias else ''}.")
         shape = torch.Size(shapes[name])
         if shape[roles.axis] != roles.block.numel():
             raise ValueError(f"{name}: expected {roles.block.numel()} entries along axis "

@@ -177,3 +177,13 @@ def test_model_heads_group_is_the_masked_gradient():
     for key in ("mean_cosine", "p", "effect", "null_sd"):
         assert res["L1.H3.K"][key] == pytest.approx(ref[key], rel=REORDER_RTOL,
                                                           abs=REORDER_ATOL)
+
+
+def test_numpy_integers_are_accepted_for_counts_and_seed():
+    import numpy as np
+
+    want = conflicts_from_units(GA, GB, groups="parameters", n_permutations=20, seed=3, n_bootstrap=10)
+    got = conflicts_from_units(GA, GB, groups="parameters", n_permutations=np.int64(20),
+                               seed=np.int64(3), n_bootstrap=np.int32(10))
+    assert got.n_permutations == 20 and type(got.seed) is int
+    assert all(got[g]["p"] == want[g]["p"] for g in want)

@@ -128,6 +128,10 @@ BAD = [
     pytest.param(lambda s: s.get_stacked("b", ["x"]), "Unknown task", id="unknown-task"),
     pytest.param(lambda s: s.delete("a", ["x", "nope"]), "got 'nope'", id="delete-unknown"),
     pytest.param(lambda s: s.delete("a", ["x", "x"]), "['x'] more than once", id="delete-twice"),
+    pytest.param(lambda s: s.add("a", ["p", "q"], {**_tensors(2), "b": torch.tensor([[0.0] * 4, [float("nan")] * 4], dtype=torch.float64)}),
+                 "tensors['b']: expected finite contributions, got a non-finite value for id 'q'", id="nan"),
+    pytest.param(lambda s: s.add("a", ["p"], {k: v.float() for k, v in _tensors(1).items()}),
+                 "('w', (2, 3), 'float64')], got [('b', (4,), 'float32')", id="dtype-named"),
     pytest.param(lambda s: ContributionStore(host_bytes=-1), "host_bytes", id="negative-budget"),
 ]
 
@@ -348,3 +352,11 @@ def test_rollback_removes_a_shard_written_and_emptied_inside(tmp_path):
             store.delete("t", ["a"])  # emptied inside: doomed until commit
             raise RuntimeError("boom")
     assert os.listdir(tmp_path) == [] and store.tasks() == []
+
+
+def test_a_later_add_may_list_the_parameters_in_another_order():
+    store = _store_with(["x"])
+    later = _tensors(1, offset=5.0)
+    store.add("a", ["y"], {"b": later["b"], "w": later["w"]})
+    assert torch.equal(store.get("a", "y")["w"], later["w"][0])
+    assert torch.equal(store.get_stacked("a", ["x", "y"])["b"][1], later["b"][0])

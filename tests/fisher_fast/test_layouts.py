@@ -69,6 +69,13 @@ def _bad_declared(**change):
     return model, d
 
 
+def _same_qkv():
+    model, d = _bad_declared()
+    la = d["layers"][0]
+    la.update(k=la["q"], v=la["q"], num_kv_heads=la["num_heads"])  # shapes fit: only Q = K = V is wrong
+    return model, d
+
+
 def _call(model_and_layout):
     model, layout = model_and_layout
     attention_layout(model, layout)
@@ -86,6 +93,7 @@ BAD = [
     pytest.param(lambda: _call(_bad_declared(module="no.such.module")), "module path", id="unknown-module"),
     pytest.param(lambda: _call(_bad_declared(packing="fused_blocks")), "q == k == v", id="fused-needs-one-tensor"),
     pytest.param(lambda: _call(_bad_declared(orientation="conv1d")), "shape mismatch", id="wrong-orientation"),
+    pytest.param(lambda: _call(_same_qkv()), "three distinct q, k, v tensors", id="separate-q-is-k"),
     pytest.param(lambda: attention_layout(build_model(TinyConfig(arch="gpt2")), {"layers": [], "x": 1}),
                  "one key 'layers'", id="unknown-top-key"),
 ]
@@ -96,3 +104,18 @@ def test_bad_input(fn, message):
     with pytest.raises(ValueError, match=None) as err:
         fn()
     assert message in str(err.value)
+
+
+@pytest.mark.parametrize("cfg", [
+    TinyConfig(arch="gpt2", extra=(("add_cross_attention", True),)),
+    TinyConfig(arch="bert", extra=(("add_cross_attention", True), ("is_decoder", True))),
+], ids=["gpt2-cross", "bert-cross"])
+def test_cross_attention_is_skipped(cfg):
+    # the layout holds each block's self-attention only: layer l is block l (the oracle's too)
+    import fisher_ref as fr
+
+    model = build_model(cfg)
+    lay = attention_layout(model)
+    assert len(lay.layers) == cfg.num_layers
+    assert all("cross" not in la.module for la in lay.layers)
+    assert [la.module for la in lay.layers] == [la.module for la in fr.attention_layout(model).layers]

@@ -123,3 +123,15 @@ def test_bad_input_raises_a_clear_value_error(fn, kwargs, message):
     kwargs = dict(kwargs)
     with pytest.raises(ValueError, match=message):
         fn(kwargs.pop("model"), kwargs.pop("batch"), **kwargs)
+
+
+def test_sample_ids_as_a_tensor_or_array_are_ints():
+    import copy
+
+    import numpy as np
+
+    model = copy.deepcopy(GPT2).double()  # the module's GPT2 stays float32
+    want = mc_fisher(model, BATCH, sample_ids=[4, 5, 6], n_samples=2, seed=3)
+    for ids in (torch.tensor([4, 5, 6]), np.array([4, 5, 6])):
+        got = mc_fisher(model, BATCH, sample_ids=ids, n_samples=2, seed=3)
+        assert all(torch.equal(got[k], want[k]) for k in want)

@@ -159,6 +159,10 @@ BAD = [
                  id="unknown-fisher"),
     pytest.param(lambda: interference_from_gradients(A, B, HAND, fisher={"q": torch.ones(3)}),
                  "fisher['q']: expected shape (2, 2)", id="fisher-shape"),
+    pytest.param(lambda: interference_from_gradients(A, B, HAND, fisher={"q": torch.full((2, 2), float("inf"))}),
+                 "fisher['q']: expected finite, non-negative values", id="fisher-inf"),
+    pytest.param(lambda: interference_from_gradients(A, B, HAND, fisher={"q": -torch.ones(2, 2)}),
+                 "fisher['q']: expected finite, non-negative values", id="fisher-negative"),
     pytest.param(lambda: interference_from_gradients(A, B, HAND, eps=-1.0), "eps: expected a finite",
                  id="negative-eps"),
     pytest.param(lambda: interference_from_gradients(A, B, HAND, top_k=-1), "top_k: expected",
@@ -214,3 +218,26 @@ def test_include_bias_adds_the_head_bias_entries_only():
         torch.testing.assert_close(with_bias[block][:, :, 0, 1], without[block][:, :, 0, 1] + extra,
                                    rtol=RTOL, atol=ATOL)
     torch.testing.assert_close(with_bias["O"], without["O"], rtol=0.0, atol=0.0)  # no O bias
+
+
+def _qwen_with_frozen_q_bias():
+    model = build_model(TinyConfig(arch="qwen2", num_heads=2, head_dim=4)).double()
+    model.model.layers[0].self_attn.q_proj.bias.requires_grad_(False)
+    return model
+
+
+def test_a_frozen_tensor_outside_the_slices_is_not_needed():
+    # include_bias=False: the slices never touch the (frozen) query bias
+    model = _qwen_with_frozen_q_bias()
+    a, b = random_batch(batch_size=2, seed=1), random_batch(batch_size=2, seed=2)
+    got = interference(model, a, b)
+    assert got["Q"].shape == (2, 2, 2, 2) and bool(torch.isfinite(got["Q"]).all())
+
+
+def test_a_frozen_tensor_inside_the_slices_is_a_value_error():
+    from fisher_ref.conflicts import conflicts
+
+    model = _qwen_with_frozen_q_bias()
+    a, b = random_batch(batch_size=3, seed=1), random_batch(batch_size=2, seed=2)
+    with pytest.raises(ValueError, match=r"q_proj.bias: expected the shape .* frozen"):
+        conflicts(model, a, b, include_bias=True, n_permutations=10)
