@@ -10,6 +10,7 @@ See docs/cli.md and docs/conformance.md.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -118,7 +119,7 @@ def _device(name: str) -> torch.device:
 
 
 def run_command(args) -> int:
-    from fishercheck import inputs, mainjob, plots, reports
+    from fishercheck import inputs
 
     for name in ("max_samples", "max_length", "pairs", "permutations", "check_rows"):
         _positive("--" + name.replace("_", "-"), getattr(args, name))
@@ -132,14 +133,37 @@ def run_command(args) -> int:
                          f"{args.tokenizer!r} for the embedded default.")
     default_a, default_b = inputs.default_tasks()
     path_a, path_b = args.task_a or default_a, args.task_b or default_b
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out: expected a directory (created if missing), got the existing "
+                         f"file {args.out!r}.")
     texts = [inputs.read_texts(p, args.text_field, args.max_samples) for p in (path_a, path_b)]
     inp = inputs.load_model(args.model, args.tokenizer)
-    batches = [inputs.make_batch(inp.tokenizer, t, prefix, args.max_length)
-               for t, prefix in zip(texts, ("a", "b"))]
+    max_length = args.max_length
+    positions = inputs.model_max_length(inp.model)
+    if positions is not None and max_length > positions:
+        print(f"fishercheck run: --max-length {max_length} is more than the model's {positions} "
+              f"positions: rows are cut to {positions} tokens", file=sys.stderr)
+        max_length = positions
+    batches = [inputs.make_batch(inp.tokenizer, t, prefix, max_length, source=p)
+               for t, prefix, p in zip(texts, ("a", "b"), (path_a, path_b))]
     for batch, path in zip(batches, (path_a, path_b)):
         inputs.check_batch(batch, inp.model, path)
-    out = Path(args.out)
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
+    try:
+        return _run_and_report(args, inp, batches, out, device, start, max_length,
+                               (path_a, path_b))
+    except BaseException:
+        if created and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()  # a failed run leaves no empty directory behind
+        raise
+
+
+def _run_and_report(args, inp, batches, out, device, start, max_length, paths) -> int:
+    from fishercheck import mainjob, plots, reports
+
+    path_a, path_b = paths
     model = inp.model.to(device)
     batches = [{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in b.items()}
                for b in batches]
@@ -147,7 +171,9 @@ def run_command(args) -> int:
                           seed=args.seed, check=args.check, check_rows=args.check_rows,
                           dtype=getattr(torch, args.dtype))
     results["meta"] = {"model": inp.source, "trained": inp.trained, "task_a": str(path_a),
-                       "task_b": str(path_b), "device": str(device), "plots": []}
+                       "task_b": str(path_b), "device": str(device), "max_length": max_length,
+                       "rows": {t: int(b["input_ids"].shape[0]) for t, b in zip("AB", batches)},
+                       "plots": []}
     if not args.no_plots:
         results["meta"]["plots"] = plots.write_plots(results, out)
     results["timings"]["total_s"] = time.perf_counter() - start
@@ -167,9 +193,13 @@ def conform_command(args) -> int:
     from fisher_ref.conformance.runner import run_conformance
     from fishercheck.adapters import resolve
 
-    if args.report and not Path(args.report).resolve().parent.is_dir():
+    if args.report and (not Path(args.report).resolve().parent.is_dir()
+                        or Path(args.report).is_dir()):
         raise ValueError(f"--report: expected a file in an existing directory, got "
                          f"{args.report!r}.")
+    if "" not in sys.path and os.getcwd() not in sys.path:
+        # as `python -m` would: the console script can import the user's project from here
+        sys.path.insert(0, os.getcwd())
     adapter = resolve(args.impl)
     report = run_conformance(adapter, profile=args.profile, properties=args.properties,
                              derandomize=not args.explore,

@@ -93,14 +93,20 @@ def load_model(path: str | None, tokenizer_path: str | None = None) -> Inputs:
         tokenizer = load_tokenizer(directory)
     weights = any(directory.glob("*.safetensors")) or any(directory.glob("*.bin"))
     tf.utils.logging.disable_progress_bar()  # no "Loading weights" bar in the CLI's output
-    if weights:
-        model = tf.AutoModelForCausalLM.from_pretrained(directory, local_files_only=True,
-                                                        attn_implementation="eager")
-    else:  # a config only: random weights, said so in the report
-        config = tf.AutoConfig.from_pretrained(directory, local_files_only=True)
-        config._attn_implementation = "eager"
-        torch.manual_seed(0)
-        model = tf.AutoModelForCausalLM.from_config(config)
+    try:
+        if weights:
+            model = tf.AutoModelForCausalLM.from_pretrained(directory, local_files_only=True,
+                                                            attn_implementation="eager")
+        else:  # a config only: random weights, said so in the report
+            config = tf.AutoConfig.from_pretrained(directory, local_files_only=True)
+            config._attn_implementation = "eager"
+            torch.manual_seed(0)
+            model = tf.AutoModelForCausalLM.from_config(config)
+    except Exception as exc:  # corrupt weights, an unknown architecture, a bad config
+        first = (str(exc).splitlines() or [""])[0]
+        raise ValueError(f"--model: expected a loadable causal-LM checkpoint in "
+                         f"{str(directory)!r}, got {type(exc).__name__}: {first}") from exc
+    _check_causal(model, directory)
     source = str(directory)
     if path is None:
         source = ("embedded default: a character-level GPT-2 (2 layers, 4 heads, width 32) "
@@ -108,20 +114,65 @@ def load_model(path: str | None, tokenizer_path: str | None = None) -> Inputs:
     return Inputs(model.eval(), tokenizer, source, bool(weights))
 
 
+# encoder families that AutoModelForCausalLM also loads: without is_decoder=True their
+# attention is bidirectional, so a "next-token" loss would see the token it predicts
+_ENCODER_TYPES = {"bert", "roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "electra",
+                  "ernie", "bert-generation", "data2vec-text", "rembert", "roformer", "xmod",
+                  "megatron-bert"}
+
+
+def _check_causal(model, directory) -> None:
+    config = getattr(model, "config", None)
+    if getattr(config, "model_type", None) in _ENCODER_TYPES and not getattr(config, "is_decoder", False):
+        raise ValueError(f"--model: expected a causal LM, got a {config.model_type} checkpoint "
+                         f"in {str(directory)!r} with bidirectional attention "
+                         f"(is_decoder=False): its next-token loss would see each token it "
+                         f"predicts. Save it with config.is_decoder=True to run it as a decoder.")
+
+
+def model_max_length(model) -> int | None:
+    """The model's number of positions (``n_positions`` / ``max_position_embeddings``), if it
+    has absolute ones."""
+    config = getattr(model, "config", None)
+    for key in ("n_positions", "max_position_embeddings"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
 def read_texts(path: str | Path, text_field: str = "text", limit: int | None = None) -> list[str]:
     """Lines of a .txt file, or the ``text_field`` of each record of a .jsonl file."""
     p = Path(path)
     if not p.is_file():
         raise ValueError(f"task file: expected an existing .txt or .jsonl file, got {str(path)!r}.")
+    kind = p.suffix.lower()
+    if kind not in (".txt", ".jsonl"):
+        raise ValueError(f"task file {str(p)!r}: expected a .txt (one text per line) or .jsonl "
+                         f"(one JSON object per line) file, got the suffix {p.suffix!r}.")
+    try:
+        lines = p.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"task file {str(p)!r}: expected UTF-8 text, got {exc.reason} at "
+                         f"byte {exc.start}.") from None
     texts = []
-    for n, line in enumerate(p.read_text().splitlines(), 1):
+    for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
-        if p.suffix == ".jsonl":
-            record = json.loads(line)
+        if kind == ".jsonl":
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{p}:{n}: expected a JSON object, got invalid JSON "
+                                 f"({exc.msg}, column {exc.colno}).") from None
+            if not isinstance(record, dict):
+                raise ValueError(f"{p}:{n}: expected a JSON object, got {type(record).__name__}.")
             if text_field not in record:
                 raise ValueError(f"{p}:{n}: expected a field {text_field!r}, got {sorted(record)}.")
-            line = str(record[text_field])
+            line = record[text_field]
+            if not isinstance(line, str):
+                raise ValueError(f"{p}:{n}: expected the field {text_field!r} to be a string, got "
+                                 f"{type(line).__name__}.")
         texts.append(line)
         if limit is not None and len(texts) >= limit:
             break
@@ -136,9 +187,16 @@ def _encode(tokenizer, text: str) -> list[int]:
     return list(tokenizer(text)["input_ids"])
 
 
-def make_batch(tokenizer, texts: list[str], prefix: str, max_length: int) -> dict:
-    """Right-padded causal-LM batch; ids ``f"{prefix}_{k}"``; labels -100 on padding."""
-    rows = [_encode(tokenizer, t)[:max_length] for t in texts]
+def make_batch(tokenizer, texts: list[str], prefix: str, max_length: int, source=None) -> dict:
+    """Right-padded causal-LM batch; ids ``f"{prefix}_{k}"``; labels -100 on padding.
+    ``source`` (the task file) names where a text that cannot be encoded came from."""
+    rows = []
+    for k, t in enumerate(texts):
+        try:
+            rows.append(_encode(tokenizer, t)[:max_length])
+        except ValueError as exc:
+            where = f"task file {str(source)!r}, text {k + 1}" if source else f"text {k + 1}"
+            raise ValueError(f"{where}: {exc}") from None
     pad = getattr(tokenizer, "pad_token_id", None)
     pad = 0 if pad is None else pad
     T = max(len(r) for r in rows)

@@ -94,16 +94,24 @@ def conflicts_summary(result) -> list[dict]:
     return out
 
 
+# a parameter whose values are all below this fraction of the largest value of any parameter
+# (or all 0) is scaled by that largest value instead of by its own: float32 cannot resolve
+# such values relative to themselves (a BERT key bias has a Fisher of 0 in exact
+# arithmetic: ~1e-42 in the oracle, float32 rounding ~1e-25 in fisher_fast)
+FLOOR = 1e-6
+
+
 def relative_difference(fast_values: dict, ref_values: dict) -> float:
     """max over parameters of max|fast - ref| / max|ref| (normwise, so small entries do not
-    explode); a parameter whose oracle values are all 0 is scaled by the largest of all."""
+    explode); a parameter whose max|ref| is below FLOOR times the largest of all parameters
+    (or 0) is scaled by that largest value."""
     ref = {k: torch.as_tensor(v).double().cpu() for k, v in ref_values.items()}
     overall = max((float(r.abs().max()) for r in ref.values() if r.numel()), default=0.0)
     worst = 0.0
     for k, r in ref.items():
         f = torch.as_tensor(fast_values[k]).double().cpu()
         scale = float(r.abs().max()) if r.numel() else 0.0
-        scale = scale if scale > 0 else overall
+        scale = scale if scale >= FLOOR * overall and scale > 0 else overall
         if scale > 0:
             worst = max(worst, float((f - r).abs().max()) / scale)
     return worst
@@ -119,6 +127,7 @@ def oracle_check(model, batch_a: dict, batch_b: dict, *, n: int, n_permutations:
     from fisher_ref.interference import interference as ref_interference
 
     a, b = rows(batch_a, n), rows(batch_b, n)
+    n = min(n, a["input_ids"].shape[0], b["input_ids"].shape[0])  # what was actually used
     # the oracle runs on a CPU copy (float64, one unit at a time); fisher_fast where it ran
     cpu = next(model.parameters()).device.type == "cpu"
     ref_model = model if cpu else copy.deepcopy(model).cpu()
@@ -162,6 +171,7 @@ def run(model, batch_a: dict, batch_b: dict, *, n_pairs: int = 32, n_permutation
     timings["moments_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     a, b = rows(batch_a, n_pairs), rows(batch_b, n_pairs)
+    n_pairs = {"A": int(a["input_ids"].shape[0]), "B": int(b["input_ids"].shape[0])}  # used
     results["interference"] = interference_summary(fast("interference")(model, a, b, dtype=dtype))
     timings["interference_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()

@@ -72,7 +72,9 @@ def markdown(results: dict) -> str:
     sig = sorted([c for c in conf if c["q"] < 0.05], key=lambda c: c["mean_cosine"])
     lines += ["", "## Per-head conflicts (permutation test, BH q-values)", "",
               f"{len(sig)} of {len(conf)} slices have q < 0.05 "
-              f"({results['settings']['n_permutations']} permutations).", ""]
+              f"({results['settings']['n_permutations']} permutations)"
+              + (f"; the {12} most negative mean cosines are listed (all in report.json)."
+                 if len(sig) > 12 else "."), ""]
     if sig:
         lines += ["| slice | mean cosine | p | q | effect | 95% interval |", "|---|---|---|---|---|---|"]
         for c in sig[:12]:

@@ -128,6 +128,9 @@ def load_adapter(spec: str):
         module = importlib.import_module(module_name)
     except ImportError as exc:
         raise ValueError(f"adapter spec {spec!r}: cannot import module {module_name!r}: {exc}") from exc
+    except Exception as exc:  # the module itself fails (a SyntaxError, an error at import)
+        raise ValueError(f"adapter spec {spec!r}: importing {module_name!r} raised "
+                         f"{type(exc).__name__}: {exc}") from exc
     if not attr:
         obj = getattr(module, "conformance_adapter", module)
     else:
@@ -136,8 +139,12 @@ def load_adapter(spec: str):
             if not hasattr(obj, part):
                 raise ValueError(f"adapter spec {spec!r}: module {module_name!r} has no {attr!r}.")
             obj = getattr(obj, part)
-    if isinstance(obj, type):
-        return obj()
-    if callable(obj) and not provided(obj) and not hasattr(obj, "__file__"):
-        return obj()  # a zero-argument factory
+    try:
+        if isinstance(obj, type):
+            return obj()
+        if callable(obj) and not provided(obj) and not hasattr(obj, "__file__"):
+            return obj()  # a zero-argument factory
+    except TypeError as exc:
+        raise ValueError(f"adapter spec {spec!r}: expected a class or factory callable with no "
+                         f"arguments, got {type(exc).__name__}: {exc}") from exc
     return obj

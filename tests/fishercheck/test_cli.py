@@ -2,6 +2,7 @@
 
 import json
 import re
+import sys
 
 import pytest
 
@@ -143,3 +144,34 @@ def test_conform_rejects_an_adapter_without_capabilities(tmp_path, capsys, monke
     monkeypatch.syspath_prepend(str(tmp_path))
     assert main(["conform", "--impl", "empty_adapter:Adapter"]) == 2
     assert "expected at least one capability method" in capsys.readouterr().err
+
+
+def test_conform_imports_an_adapter_from_the_working_directory(tmp_path, capsys, monkeypatch):
+    # the console script's sys.path lacks the working directory; `conform` adds it
+    (tmp_path / "my_project").mkdir()
+    (tmp_path / "my_project" / "__init__.py").write_text("")
+    (tmp_path / "my_project" / "adapter.py").write_text(
+        "from fisher_ref.conformance.builtin_adapters import ReferenceAdapter as Adapter\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    assert main(["conform", "--impl", "my_project.adapter:Adapter", "--property",
+                 "loss_scaling"]) == 0
+
+
+@pytest.mark.parametrize("source, spec, message", [
+    ("raise RuntimeError('boom')\n", "broken:Adapter", "importing 'broken' raised RuntimeError: boom"),
+    ("def f(:\n", "broken:Adapter", "importing 'broken' raised SyntaxError"),
+    ("class Adapter:\n    def __init__(self, path):\n        pass\n", "broken:Adapter",
+     "expected a class or factory callable with no arguments"),
+], ids=["raises-at-import", "syntax-error", "needs-arguments"])
+def test_conform_exits_2_for_an_adapter_that_cannot_be_built(tmp_path, capsys, monkeypatch,
+                                                            source, spec, message):
+    (tmp_path / "broken.py").write_text(source)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert main(["conform", "--impl", spec]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_conform_report_that_is_a_directory_is_an_error(tmp_path, capsys):
+    assert main(["conform", "--impl", "fisher_fast", "--report", str(tmp_path)]) == 2
+    assert "--report: expected a file" in capsys.readouterr().err

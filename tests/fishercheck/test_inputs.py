@@ -38,7 +38,25 @@ def _empty_file(tmp_path):
     return read_texts(tmp_path / "e.txt")
 
 
+def _file(tmp_path, name, content):
+    path = tmp_path / name
+    (path.write_bytes if isinstance(content, bytes) else path.write_text)(content)
+    return read_texts(path)
+
+
 BAD_INPUT = [
+    pytest.param(lambda tmp: _file(tmp, "t.json", '["a b", "c"]'), r"expected a \.txt .* or \.jsonl .* got the suffix '\.json'",
+                 id="json-suffix"),
+    pytest.param(lambda tmp: _file(tmp, "t.jsonl", '{"text": "a"}\n"str"\n'), r"t\.jsonl:2: expected a JSON object, got str",
+                 id="jsonl-not-object"),
+    pytest.param(lambda tmp: _file(tmp, "t.jsonl", '{"text": "a"}\n{oops\n'), r"t\.jsonl:2: expected a JSON object, got invalid JSON",
+                 id="jsonl-invalid"),
+    pytest.param(lambda tmp: _file(tmp, "t.jsonl", '{"text": null}\n'), r"t\.jsonl:1: expected the field 'text' to be a string, got NoneType",
+                 id="jsonl-null"),
+    pytest.param(lambda tmp: _file(tmp, "t.txt", b"ok\n\xff\xfe bad\n"), r"t\.txt.*expected UTF-8 text",
+                 id="not-utf8"),
+    pytest.param(lambda tmp: make_batch(CharTokenizer(["<pad>", "\n", "a"]), ["a", "ab"], "a", 8, source="t.txt"),
+                 r"task file 't\.txt', text 2: text: expected characters", id="char-names-the-file"),
     pytest.param(lambda tmp: read_texts(tmp / "missing.txt"), "expected an existing .txt or .jsonl",
                  id="missing-file"),
     pytest.param(_jsonl_without_field, "expected a field 'text'", id="jsonl-field"),
@@ -54,3 +72,8 @@ BAD_INPUT = [
 def test_bad_input_raises_value_error(tmp_path, call, message):
     with pytest.raises(ValueError, match=message):
         call(tmp_path)
+
+
+def test_jsonl_suffix_is_case_insensitive(tmp_path):
+    (tmp_path / "T.JSONL").write_text('{"text": "a b"}\n')
+    assert read_texts(tmp_path / "T.JSONL") == ["a b"]

@@ -82,7 +82,23 @@ def _not_a_checkpoint(tmp_path):
     return tmp_path / "plain", ()
 
 
+def _bidirectional_bert(tmp_path):  # a masked LM: AutoModelForCausalLM loads it, wrongly
+    d = tmp_path / "bert"
+    build_model(TinyConfig(arch="bert", num_layers=1, vocab_size=len(WORDS))).save_pretrained(d)
+    save_tokenizer(d)
+    return d, ()
+
+
+def _corrupt_weights(tmp_path):
+    d = checkpoint(tmp_path, "gpt2")
+    (d / "model.safetensors").write_bytes(b"not a safetensors file")
+    return d, ()
+
+
 BAD_CHECKPOINTS = [
+    pytest.param(_bidirectional_bert, "expected a causal LM, got a bert checkpoint .*is_decoder=False",
+                 id="bidirectional-bert"),
+    pytest.param(_corrupt_weights, "expected a loadable causal-LM checkpoint", id="corrupt-weights"),
     pytest.param(_no_tokenizer, "expected tokenizer files in .*never downloads", id="no-tokenizer"),
     pytest.param(_foreign_tokenizer, "expected token ids below the model's vocabulary size 5",
                  id="foreign-tokenizer"),
@@ -100,3 +116,28 @@ def test_bad_checkpoint_exits_2_with_a_message(tmp_path, tasks, capsys, make, me
     assert run(model, tasks, tmp_path / "out", *extra) == 2
     err = capsys.readouterr().err
     assert re.search("^fishercheck run: error: .*" + message, err, re.M), err
+
+
+def test_a_failed_run_leaves_no_empty_output_directory(tmp_path, tasks, capsys):
+    model = checkpoint(tmp_path, "gpt2")
+    (model / "model.safetensors").write_bytes(b"broken")
+    assert run(model, tasks, tmp_path / "new" / "out") == 2
+    assert not (tmp_path / "new" / "out").exists()
+
+
+def test_out_that_is_a_file_is_an_error(tmp_path, tasks, capsys):
+    (tmp_path / "taken").write_text("x")
+    assert run(checkpoint(tmp_path, "gpt2"), tasks, tmp_path / "taken") == 2
+    assert "--out: expected a directory" in capsys.readouterr().err
+
+
+def test_rows_longer_than_the_model_are_cut_to_its_positions(tmp_path, tasks, capsys):
+    long = tmp_path / "long.txt"
+    long.write_text(" ".join(WORDS[2:] * 6) + "\n" + "hello world\n")  # 54 words, 16 positions
+    out = tmp_path / "out"
+    assert main(["run", "--model", str(checkpoint(tmp_path, "gpt2")), "--task-a", str(long),
+                 "--task-b", str(tasks[1]), "--out", str(out), "--pairs", "2",
+                 "--permutations", "19", "--no-plots"]) == 0
+    assert "rows are cut to 16 tokens" in capsys.readouterr().err
+    meta = json.loads((out / "report.json").read_text())["meta"]
+    assert meta["max_length"] == 16 and meta["rows"] == {"A": 2, "B": 3}

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from fishercheck.mainjob import layer_of, per_layer, relative_difference
+from fishercheck.mainjob import FLOOR, layer_of, per_layer, relative_difference
 
 
 @pytest.mark.parametrize("name, layer", [
@@ -34,3 +34,14 @@ def test_relative_difference_is_normwise():
     assert relative_difference(fast, ref) == pytest.approx(0.05)  # b: 0.2 / 10 (the overall scale)
     fast["b"] = torch.tensor([1.0])
     assert relative_difference(fast, ref) == pytest.approx(0.1)
+
+
+def test_relative_difference_floors_a_parameter_float32_cannot_resolve():
+    # a parameter whose Fisher is 0 in exact arithmetic: 1e-42 in the oracle, float32 noise
+    # of 1e-25 in the fast path; below FLOOR x the largest value, so scaled by the largest
+    ref = {"w": torch.tensor([2.0, 1.0]), "key_bias": torch.tensor([1e-42], dtype=torch.float64)}
+    fast = {"w": torch.tensor([2.0, 1.0]), "key_bias": torch.tensor([1e-25], dtype=torch.float64)}
+    assert relative_difference(fast, ref) == pytest.approx(1e-25 / 2.0)
+    # a small parameter above the floor keeps its own scale
+    ref["small"], fast["small"] = torch.tensor([1e-4]), torch.tensor([1.1e-4])
+    assert relative_difference(fast, ref) == pytest.approx(0.1) and FLOOR < 1e-4 / 2.0
