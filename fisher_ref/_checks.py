@@ -76,8 +76,15 @@ def resolve_sample_ids(batch: dict, sample_ids, batch_size: int) -> list:
     return ids
 
 
-def _check_keys(model, batch: dict) -> None:
-    keys = [k for k in batch if k != "sample_ids"]
+def _check_keys(model, batch: dict, loss_fn=None) -> None:
+    """The batch's keys fit the model's forward. The built-in losses (``loss_fn=None`` or a
+    ``fisher_ref.losses`` loss) withhold ``labels`` from the model, so a forward without a
+    ``labels`` argument is fine for them."""
+    from fisher_ref.losses import _TokenLoss
+
+    withheld = {"sample_ids", "labels"} if loss_fn is None or isinstance(loss_fn, _TokenLoss) \
+        else {"sample_ids"}
+    keys = [k for k in batch if k not in withheld]
     main = getattr(model, "main_input_name", None)
     if isinstance(main, str) and main not in batch and "inputs_embeds" not in batch:
         raise ValueError(f"batch: expected key {main!r} (the model's main input), "
@@ -145,7 +152,7 @@ def check_batch(model, batch, loss_fn, sample_ids) -> list:
         if ref is not None and k in tensors and tensors[k].shape != ref.shape:
             raise ValueError(f"{k}: expected the shape of input_ids {tuple(ref.shape)}, "
                              f"got {tuple(tensors[k].shape)}.")
-    _check_keys(model, batch)
+    _check_keys(model, batch, loss_fn)
     _check_labels(batch, loss_fn, batch_size)
     return resolve_sample_ids(batch, sample_ids, batch_size)
 

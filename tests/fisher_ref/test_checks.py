@@ -135,3 +135,20 @@ def test_sample_ids_as_a_tensor_or_array_are_ints():
     for ids in (torch.tensor([4, 5, 6]), np.array([4, 5, 6])):
         got = mc_fisher(model, BATCH, sample_ids=ids, n_samples=2, seed=3)
         assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_a_forward_without_labels_is_fine_for_the_built_in_losses():
+    # the built-in losses withhold `labels` from the model (docs/definitions.md §0)
+    class Linear(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(2, 3).double()
+
+        def forward(self, x):
+            return self.lin(x)
+
+    batch = {"x": torch.randn(4, 2, dtype=torch.float64), "labels": torch.tensor([0, 1, 2, 0])}
+    F = empirical_fisher(Linear(), batch, loss_fn=cls_loss)
+    assert F.n_units == 4 and set(F) == {"lin.weight", "lin.bias"}
+    with pytest.raises(ValueError, match="unknown keys \\['extra'\\]"):
+        empirical_fisher(Linear(), {**batch, "extra": torch.zeros(4)}, loss_fn=cls_loss)
