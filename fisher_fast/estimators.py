@@ -78,7 +78,7 @@ def gradient_variance(model, batch, *, loss_fn=None, unit="sample", weighting="s
                       sample_ids=None, dtype=None, chunk_size=None, memory_budget=None,
                       allow_tf32=False, autocast=None, unbiased=False):
     """Gradient variance :math:`V = F - S = \\sum_u w_u (g_u - \\bar g)^2 / W`, from the
-    Welford M2 (never negative, no clamp). ``unbiased=True`` multiplies by
+    Welford M2 (never negative: M2 is clamped at 0 per chunk against rounding only). ``unbiased=True`` multiplies by
     :math:`W^2 / (W^2 - \\sum_u w_u^2)` (U/(U−1) for unit weights); needs two units."""
     kw = dict(locals())
     kw.pop("unbiased")
