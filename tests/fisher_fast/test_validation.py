@@ -121,3 +121,12 @@ def test_bad_input_raises_value_error_with_message(fn, kwargs, message):
     with pytest.raises(ValueError, match=None) as info:
         fn(*args, **kwargs)
     assert message in str(info.value)
+
+
+def test_a_model_without_an_embedding_table_skips_the_token_id_check():
+    class NoTable(TinyLM):  # HF's base class raises NotImplementedError for such models
+        def get_input_embeddings(self):
+            raise NotImplementedError
+
+    F = ff.empirical_fisher(NoTable(), BATCH, dtype=torch.float64)
+    assert F.n_units == 2
