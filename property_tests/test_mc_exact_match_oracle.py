@@ -34,10 +34,10 @@ def test_mc_fisher_matches_oracle(data, unit, weighting, reduction, n_samples, s
     assert (got.n_units, got.empty_ids) == (want.n_units, want.empty_ids)
 
 
-@settings(max_examples=5)
+@settings(max_examples=8)
 @given(data=st.data(), chunk=chunk_sizes(max_size=40))
 def test_exact_fisher_matches_oracle(data, chunk):
-    cfg = data.draw(tiny_configs(archs=("gpt2", "llama"), max_layers=1, max_vocab=7))
+    cfg = data.draw(tiny_configs(archs=("gpt2", "llama", "bert", "gpt_neox"), max_layers=1, max_vocab=7))
     batch = data.draw(batches(cfg, max_batch=2, max_len=4))
     model = build_model(cfg).double()
     got = ff.exact_fisher(model, batch, loss_fn=loss_for(ff, cfg), chunk_size=chunk,
