@@ -39,6 +39,7 @@ from fisher_ref.units import per_sample_gradients
 from fisher_ref.testing.batches import random_batch
 from fisher_ref.testing.compare import assert_dicts_close
 from fisher_ref.testing.models import TinyConfig, build_model, loss_kind
+from fisher_ref.testing.strategies import estimator_options
 from fisher_ref.testing.tolerances import tolerance
 
 RTOL, ATOL = tolerance("float64-paths")
@@ -67,12 +68,21 @@ def tiny_configs(draw):
                       tie_embeddings=draw(st.booleans()), seed=draw(st.integers(0, 3)))
 
 
-def _batches(cfg, n_a, n_b, seed):
+LOSS_CLASSES = {"causal": "CausalLMLoss", "mlm": "MaskedLMLoss", "cls": "SequenceClassificationLoss"}
+
+
+def _batches(cfg, n_a, n_b, seed, empty_a=False, reduction=None):
+    """Tasks A and B; ``empty_a``: A's second row is empty (listed, never a unit);
+    ``reduction``: the losses' reduction (None: the built-in mean losses)."""
     kind = loss_kind(cfg.arch)
     a = random_batch(kind=kind, vocab_size=cfg.vocab_size, batch_size=n_a, seq_len=5, seed=seed,
-                     sample_ids=[f"a_{i}" for i in range(n_a)])
+                     sample_ids=[f"a_{i}" for i in range(n_a)],
+                     empty_rows=(1,) if empty_a and kind != "cls" else ())
     b = random_batch(kind=kind, vocab_size=cfg.vocab_size, batch_size=n_b, seq_len=5, seed=seed + 1)
-    fast_loss, ref_loss = LOSSES[kind]
+    if reduction is None:
+        fast_loss, ref_loss = LOSSES[kind]
+    else:
+        fast_loss, ref_loss = (getattr(m, LOSS_CLASSES[kind])(reduction) for m in (fl, rl))
     return a, b, fast_loss, ref_loss
 
 
@@ -126,15 +136,17 @@ def _assert_top_k_match(got, want):
 
 
 @given(tiny_configs(), st.sampled_from(("a", "b", "pooled", "given")), st.booleans(),
-       st.sampled_from((0.0, 0.3)), st.booleans(), st.integers(0, 50))
-def test_interference_matches(cfg, fisher, signed, ridge_rel, include_bias, seed):
+       st.sampled_from((0.0, 0.3)), st.booleans(), st.integers(0, 50), estimator_options(),
+       st.booleans(), st.sampled_from((None, 1, 2)))
+def test_interference_matches(cfg, fisher, signed, ridge_rel, include_bias, seed, opts, empty, chunk):
     model = build_model(cfg, dtype=torch.float64)
-    a, b, fast_loss, ref_loss = _batches(cfg, 3, 2, seed)
+    a, b, fast_loss, ref_loss = _batches(cfg, 3, 2, seed, empty, opts["reduction"])
     if fisher == "given":
         g = torch.Generator().manual_seed(seed)
         fisher = {n: torch.rand(p.shape, generator=g, dtype=torch.float64) for n, p in model.named_parameters()}
-    kw = dict(fisher=fisher, signed=signed, ridge_rel=ridge_rel, include_bias=include_bias, top_k=20)
-    got = fast_interference(model, a, b, loss_fn=fast_loss, dtype=torch.float64, **kw)
+    kw = dict(fisher=fisher, signed=signed, ridge_rel=ridge_rel, include_bias=include_bias, top_k=20,
+              unit=opts["unit"], weighting=opts["weighting"])
+    got = fast_interference(model, a, b, loss_fn=fast_loss, dtype=torch.float64, chunk_size=chunk, **kw)
     want = ref_interference(model, a, b, loss_fn=ref_loss, **kw)
     assert got.ids_a == want.ids_a and got.ids_b == want.ids_b
     assert_dicts_close(dict(got), dict(want), rtol=RTOL, atol=ATOL, what="interference blocks")
@@ -182,11 +194,12 @@ def _noise_groups(model, degenerate: set, groups: str, names) -> set:
 
 
 @given(tiny_configs(), st.sampled_from(("heads", "parameters")), st.sampled_from(((3, 2), (2, 2), (2, 4))),
-       st.integers(0, 50), st.sampled_from(("bh", "by")))
-def test_conflicts_match(cfg, groups, sizes, seed, fdr):
+       st.integers(0, 50), st.sampled_from(("bh", "by")), estimator_options(), st.booleans())
+def test_conflicts_match(cfg, groups, sizes, seed, fdr, opts, empty):
     model = build_model(cfg, dtype=torch.float64)
-    a, b, fast_loss, ref_loss = _batches(cfg, *sizes, seed)
-    kw = dict(groups=groups, n_permutations=40, seed=seed, n_bootstrap=30, fdr=fdr)
+    a, b, fast_loss, ref_loss = _batches(cfg, *sizes, seed, empty and sizes[0] > 2, opts["reduction"])
+    kw = dict(groups=groups, n_permutations=40, seed=seed, n_bootstrap=30, fdr=fdr,
+              unit=opts["unit"], weighting=opts["weighting"])
     got = fast_conflicts(model, a, b, loss_fn=fast_loss, dtype=torch.float64, **kw)
     want = ref_conflicts(model, a, b, loss_fn=ref_loss, **kw)
     assert list(got) == list(want) and got.ids_a == want.ids_a and got.ids_b == want.ids_b
