@@ -46,3 +46,24 @@ def test_group_fisher_matches_oracle(case, groups, elements):
         ok = (v["variance"] >= WELL_CONDITIONED * v["mean"].square()) & (v["mean"] > atol)
         assert_dicts_close({k: got[k]["snr"][ok]}, {k: v["snr"][ok]}, rtol=rtol, atol=atol,
                            what=f"group snr [{cfg.make_id()}, {groups}]")
+
+
+@settings(max_examples=8)
+@given(case=fisher_cases(), groups=st.sampled_from(("generic", "heads")),
+       elements=st.booleans())
+def test_float32_group_means_match_oracle(case, groups, elements):
+    # the default float32 path (Gram products included): group means R(F) within the
+    # "float32-fisher" row, as for the per-element F
+    cfg = case["cfg"]
+    acc = ff.FisherAccumulator(build_model(cfg), loss_fn=loss_for(ff, cfg, case["reduction"]),
+                               unit=case["unit"], weighting=case["weighting"],
+                               chunk_size=case["chunk_size"], groups=groups, elements=elements)
+    for start, stop in case["splits"]:
+        acc.update(take_rows(case["batch"], start, stop))
+    want = fr.group_fisher(build_model(cfg).double(), case["batch"], groups=groups,
+                           unit=case["unit"], weighting=case["weighting"],
+                           loss_fn=loss_for(fr, cfg, case["reduction"]))
+    rtol, atol = tolerance("float32-fisher", torch.float32)
+    assert_dicts_close({k: v["mean"] for k, v in acc.group_fisher().items()},
+                       {k: v["mean"] for k, v in want.items()}, rtol=rtol, atol=atol,
+                       what=f"float32 group mean [{cfg.make_id()}, {groups}]")
