@@ -17,6 +17,7 @@ from .micro_batches import MicroBatchState
 from .sinks import MomentSink, PerUnitSink
 from .task_state import TaskState
 from .units import plan_units, unshared
+from .validation import all_finite
 
 
 @dataclass
@@ -34,17 +35,6 @@ class Config:
     second_only: bool = False  # per-element E[g²] only (SecondMoment), not mean and M2
 
 
-def _finite(states) -> bool:
-    """All entries finite. Fast path: a finite sum (one pass, no copy) proves it; only a
-    non-finite sum (a non-finite entry, or finite ones overflowing) is checked entry-wise."""
-    if not states:
-        return True
-    sums = torch.stack([t.sum() for t in states])
-    if bool(torch.isfinite(sums).all()):
-        return True
-    return all(bool(torch.isfinite(t).all()) for t in states)
-
-
 def _first_bad_gradient(model, plan, loss, tensors, part, cfg, uniforms) -> str:
     part = unshared(part)  # one forward row per label draw: every gradient kept
     sink = PerUnitSink(plan.params, len(part), cfg.dtype, model_device(model))
@@ -53,17 +43,13 @@ def _first_bad_gradient(model, plan, loss, tensors, part, cfg, uniforms) -> str:
                         new_sink=lambda s, n: sink, allow_tf32=cfg.allow_tf32,
                         autocast=cfg.autocast):
         pass
-    for name, g in sink.out.items():
-        bad = ~torch.isfinite(g.reshape(g.shape[0], -1)).all(dim=1)
-        if bool(bad.any()):
-            j = int(torch.nonzero(bad)[0])
-            return f"a non-finite value at parameter {name!r}, unit {part.ids[j]!r}"
-    for name, g in sink.out.items():  # finite gradients: their squares overflow
-        bad = ~torch.isfinite(g.reshape(g.shape[0], -1).square()).all(dim=1)
-        if bool(bad.any()):
-            j = int(torch.nonzero(bad)[0])
-            return (f"finite gradients whose squares overflow {cfg.dtype} at parameter "
-                    f"{name!r}, unit {part.ids[j]!r} (dtype=torch.float64 holds them)")
+    for what, f in (("a non-finite value", lambda g: g),
+                    (f"finite gradients whose squares overflow {cfg.dtype}", torch.square)):
+        for name, g in sink.out.items():
+            bad = ~torch.isfinite(f(g.reshape(g.shape[0], -1))).all(dim=1)
+            if bool(bad.any()):
+                j = int(torch.nonzero(bad)[0])
+                return f"{what} at parameter {name!r}, unit {part.ids[j]!r}"
     return "a statistic that overflowed (a sum of squares, e.g. over a group) at an unidentified parameter"
 
 
@@ -96,7 +82,7 @@ def accumulate_batch(model, plan, loss, tensors, ids, cfg: Config, prior: TaskSt
                   for t in m.arrays()]
         states += [t for d in sink.micro.values() for s in d.values()
                    for t in (s.closed, s.open_sum)]
-        if not _finite(states):
+        if not all_finite(states):
             where = _first_bad_gradient(model, plan, loss, tensors, part, cfg, uniforms)
             raise ValueError(f"non-finite gradient: expected finite per-unit gradients and "
                              f"statistics, got {where}.")

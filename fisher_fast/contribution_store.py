@@ -29,6 +29,8 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from .validation import all_finite
+
 TIERS = ("device", "host", "disk")
 
 
@@ -287,8 +289,7 @@ class ContributionStore:
             if not isinstance(t, torch.Tensor) or t.dim() < 1 or t.shape[0] != len(ids):
                 got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
                 raise ValueError(f"tensors[{n!r}]: expected shape ({len(ids)}, ...), got {got}.")
-            if t.is_floating_point() and not bool(torch.isfinite(t.sum())) \
-                    and not bool(torch.isfinite(t).all()):  # one pass when finite
+            if t.is_floating_point() and not all_finite([t]):
                 row = int((~torch.isfinite(t.reshape(len(ids), -1))).any(dim=1).nonzero()[0])
                 raise ValueError(f"tensors[{n!r}]: expected finite contributions, got a "
                                  f"non-finite value for id {ids[row]!r}.")

@@ -44,6 +44,12 @@ def check_autocast(autocast) -> torch.dtype | None:
     return autocast
 
 
+def forward_context(device: torch.device, autocast):
+    """A fresh context for one forward: ``torch.autocast`` with ``autocast`` (the bf16 fast
+    path) or nothing."""
+    return torch.autocast(device.type, dtype=autocast) if autocast else contextlib.nullcontext()
+
+
 @contextlib.contextmanager
 def tf32(allow: bool):
     old = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
@@ -92,8 +98,6 @@ def run_chunks(model, plan, loss, tensors, units, *, dtype, chunk_size=None, mem
     delivering the rows' gradients under that draw to the same sink.
     """
     device = model_device(model)
-    fast_forward = (lambda: torch.autocast(device.type, dtype=autocast)) if autocast else \
-        contextlib.nullcontext
     check_memory_budget(memory_budget)
     budget = default_budget(device) if memory_budget is None else int(memory_budget)
     U = len(units)
@@ -114,7 +118,7 @@ def run_chunks(model, plan, loss, tensors, units, *, dtype, chunk_size=None, mem
             # copy waits for the stream, and would otherwise wait for the forward
             unit_weights = part.draw_weights().to(device=device, dtype=dtype)
             with Capture(plan, n, dtype, sink, slice_bytes(budget)) as cap:
-                with fast_forward():
+                with forward_context(device, autocast):
                     losses, weights = chunk_losses(model, loss, sub, part, uniforms)
                 _check_shape(losses, part, n)
                 bad = ~torch.isfinite(losses.detach())

@@ -13,7 +13,7 @@ import torch
 
 from .capture_plan import build_plan
 from .chunking import default_budget, rows_per_chunk
-from .engine import check_autocast, check_dtype, model_device, run_chunks
+from .engine import check_autocast, check_dtype, forward_context, model_device, run_chunks
 from .results import PerUnit
 from .sinks import PerUnitSink
 from .units import plan_units
@@ -131,8 +131,6 @@ def check_rows_independent(model, loss, tensors, units, result: PerUnit, autocas
     forward of that one row, plain autograd, under the same ``autocast``), equal the batched
     ones (curvlinops' ``f(X) == vmap(f)(X)`` guard) for the parameters in ``result``. A
     batch-coupled model (batch statistics, rows mixed) fails it."""
-    import contextlib
-
     from .unit_losses import chunk_losses, chunk_rows
 
     params = {n: p for n, p in model.named_parameters() if p.requires_grad and n in result.tensors}
@@ -141,11 +139,9 @@ def check_rows_independent(model, loss, tensors, units, result: PerUnit, autocas
     if autocast is not None:
         precisions.append(autocast)
     tol = max(_ROW_TOL.get(d, 1e-4) for d in precisions)
-    forward = (lambda: torch.autocast(device.type, dtype=autocast)) if autocast else \
-        contextlib.nullcontext
     for j in sorted({0, len(units) - 1}):
         one = units.take(j, j + 1)
-        with forward():
+        with forward_context(device, autocast):
             loss_j, _ = chunk_losses(model, loss, chunk_rows(tensors, one.rows, device), one, None)
         grads = torch.autograd.grad(loss_j.sum(), list(params.values()), allow_unused=True)
         wants = [torch.zeros_like(p) if g is None else g for p, g in zip(params.values(), grads)]

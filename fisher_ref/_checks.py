@@ -9,7 +9,8 @@ import math
 import torch
 
 from fisher_ref.losses import (
-    CausalLMLoss, MaskedLMLoss, SequenceClassificationLoss, causal_lm_loss, is_token_loss,
+    CausalLMLoss, MaskedLMLoss, SequenceClassificationLoss, _TokenLoss, causal_lm_loss,
+    is_token_loss,
 )
 
 UNITS = ("sample", "token")
@@ -80,8 +81,6 @@ def _check_keys(model, batch: dict, loss_fn=None) -> None:
     """The batch's keys fit the model's forward. The built-in losses (``loss_fn=None`` or a
     ``fisher_ref.losses`` loss) withhold ``labels`` from the model, so a forward without a
     ``labels`` argument is fine for them."""
-    from fisher_ref.losses import _TokenLoss
-
     withheld = {"sample_ids", "labels"} if loss_fn is None or isinstance(loss_fn, _TokenLoss) \
         else {"sample_ids"}
     keys = [k for k in batch if k not in withheld]

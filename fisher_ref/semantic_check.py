@@ -72,9 +72,8 @@ class SliceCheck:
     Attributes:
         layer, head, block: the slice. test: ``"perturb"`` (the slice moves the right
             heads) or ``"complement"`` (everything outside it leaves head h alone).
-        passed: whether it held, with every expectation tested. problems: what went wrong,
-            in words. inconclusive: the expectations these inputs cannot test, in words
-            (no problem and at least one of them: the check is inconclusive, not passed).
+        problems: what went wrong, in words. inconclusive: the expectations these inputs
+            cannot test, in words. ``status`` and ``passed`` follow from the two.
         pattern_changed, output_changed: heads whose P or Z moved (``"perturb"``).
         max_change: largest absolute change of P and Z over all heads of the layer.
     """
@@ -83,7 +82,6 @@ class SliceCheck:
     head: int
     block: str
     test: str
-    passed: bool
     problems: list = field(default_factory=list)
     inconclusive: list = field(default_factory=list)
     pattern_changed: list = field(default_factory=list)
@@ -95,6 +93,11 @@ class SliceCheck:
         """``"passed"``, ``"failed"`` (a problem) or ``"inconclusive"`` (none, but an
         expectation these inputs cannot test)."""
         return "failed" if self.problems else "inconclusive" if self.inconclusive else "passed"
+
+    @property
+    def passed(self) -> bool:
+        """Held, with every expectation tested."""
+        return self.status == "passed"
 
     def __str__(self) -> str:
         status = {"passed": "ok", "failed": "FAIL: " + "; ".join(self.problems),
@@ -318,15 +321,15 @@ def _union(la, blocks, shapes, pick=None) -> dict:
     return out
 
 
-def _last_q_bias_entry(la):
-    def pick(masks):
-        m = masks.get(la.q_bias) if la.q_bias is not None else None
-        if m is None or not bool(m.any()):
-            return {}
-        last = torch.zeros(m.numel(), dtype=torch.bool)
-        last[int(m.reshape(-1).nonzero()[-1])] = True
-        return {la.q_bias: last.reshape(m.shape)}
-    return pick
+def _q_bias_parts(la, masks: dict) -> dict:
+    """``{"bias entries": m, "last bias entry": m_last}``: a Q slice's query-bias entries and
+    its last one alone (empty when the slice has none)."""
+    m = masks.get(la.q_bias) if la.q_bias is not None else None
+    if m is None or not bool(m.any()):
+        return {}
+    last = torch.zeros(m.numel(), dtype=torch.bool)
+    last[int(m.reshape(-1).nonzero()[-1])] = True
+    return {"bias entries": m, "last bias entry": last.reshape(m.shape)}
 
 
 @dataclass
@@ -362,13 +365,15 @@ class _Probe:
         dp, dz = s.moved(la, _union(la, ("Q", "K"), shapes))
         _, dv = s.moved(la, _union(la, ("V",), shapes))
         qbias = [None, None]
-        if la.q_bias is not None:
-            bias_atol = tolerance("semantic-check-bias")[1]
-            for i, pick in enumerate((lambda m: {k: v for k, v in m.items() if k == la.q_bias},
-                                      _last_q_bias_entry(la))):
-                masks = _union(la, ("Q",), shapes, pick)
-                if masks:
-                    qbias[i] = s.moved(la, masks)[0] > cls.MARGIN * bias_atol
+        bias_atol = tolerance("semantic-check-bias")[1]
+        for i, part in enumerate(("bias entries", "last bias entry")):
+            def pick(masks, part=part):
+                parts = _q_bias_parts(la, masks)
+                return {la.q_bias: parts[part]} if parts else {}
+
+            masks = _union(la, ("Q",), shapes, pick)
+            if masks:
+                qbias[i] = s.moved(la, masks)[0] > cls.MARGIN * bias_atol
         z = _per_head(la, s.base_P, s.base_Z)[1]
         clear = cls.MARGIN * s.atol
         return cls(dp > clear, dz > clear, dv > clear, qbias[0], qbias[1],
@@ -408,17 +413,10 @@ def _query_bias_check(s: "_Session", la, head: int, masks: dict, c: "SliceCheck"
     exactly head h's attention pattern, by more than the ``semantic-check-bias`` tolerance.
     Tells Q from K where the block table cannot.
     """
-    m = masks.get(la.q_bias) if la.q_bias is not None else None
-    if m is None or not bool(m.any()):
-        return
-    flat = m.reshape(-1)
-    last = torch.zeros(flat.shape, dtype=torch.bool)
-    last[int(flat.nonzero()[-1])] = True
-    last = last.reshape(m.shape)
+    parts = _q_bias_parts(la, masks)
     atol = tolerance("semantic-check-bias")[1]  # float32 softmax rounding is not a move
     probe = s.probe(la)
-    for what, sub, sensitive in (("bias entries", m, probe.pattern_qbias),
-                                 ("last bias entry", last, probe.pattern_qbias_last)):
+    for (what, sub), sensitive in zip(parts.items(), (probe.pattern_qbias, probe.pattern_qbias_last)):
         moved = _heads_over(s.moved(la, {la.q_bias: sub})[0], atol)
         _compare(c, moved, [head], _blind(sensitive, [head]),
                  f"perturbing the Q slice's {what} alone changed attention patterns",
@@ -427,7 +425,7 @@ def _query_bias_check(s: "_Session", la, head: int, masks: dict, c: "SliceCheck"
 
 
 def _perturb_check(s: _Session, la, head, block, masks) -> SliceCheck:
-    c = SliceCheck(la.index, head, block, "perturb", True)
+    c = SliceCheck(la.index, head, block, "perturb")
     outside = sorted(set(masks) - _allowed(la, block))
     if outside:
         c.problems.append(f"touches tensors outside layer {la.index}'s {block} tensors: {outside}")
@@ -458,7 +456,6 @@ def _perturb_check(s: _Session, la, head, block, masks) -> SliceCheck:
                               f"by {only_gap:.3g}")
         if without > s.atol:
             c.problems.append(f"with head {head} zeroed the effect is still {without:.3g}")
-    c.passed = not c.problems and not c.inconclusive
     return c
 
 
@@ -484,7 +481,7 @@ def _complement_checks(s: _Session, la, head, slices: dict) -> list:
             continue
         dp, dz = s.moved(la, _complement([slices[b] for b in union], s.params))
         value = float(dp[head]) if block == "Q" else float(dz[head])
-        c = SliceCheck(la.index, head, "+".join(union), "complement", False, max_change=value)
+        c = SliceCheck(la.index, head, "+".join(union), "complement", max_change=value)
         what = "attention pattern" if block == "Q" else "O-projection input"
         can_move = bool(probe.pattern_qk[head]) if block == "Q" else \
             bool(probe.output_qk[head] and probe.output_v[head])
@@ -494,18 +491,16 @@ def _complement_checks(s: _Session, la, head, slices: dict) -> list:
         elif not can_move:
             c.inconclusive.append(f"head {head}'s {what} cannot move on these inputs, so "
                                   f"entries missing from its slices would not show")
-        c.passed = not c.problems and not c.inconclusive
         checks.append(c)
     if "O" in slices:
         comp = _complement([slices["O"]], s.params)
         _, _, _, only = s.o_effects(la, head, comp)
-        c = SliceCheck(la.index, head, "O", "complement", False, max_change=only)
+        c = SliceCheck(la.index, head, "O", "complement", max_change=only)
         if only > s.atol:
             c.problems.append(f"perturbing outside the O slice changed head {head}'s share of "
                               f"the output by {only:.3g}: the slice misses entries of head {head}")
         elif not bool(probe.o_input[head]):
             c.inconclusive.append(f"head {head}'s O-projection input is zero on these inputs")
-        c.passed = not c.problems and not c.inconclusive
         checks.append(c)
     return checks
 

@@ -171,7 +171,7 @@ def run(model, batch_a: dict, batch_b: dict, *, n_pairs: int = 32, n_permutation
     timings["moments_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     a, b = rows(batch_a, n_pairs), rows(batch_b, n_pairs)
-    n_pairs = {"A": int(a["input_ids"].shape[0]), "B": int(b["input_ids"].shape[0])}  # used
+    pairs_used = {"A": int(a["input_ids"].shape[0]), "B": int(b["input_ids"].shape[0])}
     results["interference"] = interference_summary(fast("interference")(model, a, b, dtype=dtype))
     timings["interference_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
@@ -188,7 +188,7 @@ def run(model, batch_a: dict, batch_b: dict, *, n_pairs: int = 32, n_permutation
     results["layout"] = {"layers": len(layout.layers), "heads": layout.layers[0].num_heads,
                          "kv_heads": layout.layers[0].num_kv_heads,
                          "head_dim": layout.layers[0].head_dim, "kind": layout.kind}
-    results["settings"] = {"pairs_per_task": n_pairs, "n_permutations": n_permutations,
+    results["settings"] = {"pairs_per_task": pairs_used, "n_permutations": n_permutations,
                            "seed": seed, "dtype": str(dtype).replace("torch.", ""),
                            "unit": "sample", "loss": "causal LM, mean over each row's tokens"}
     results["timings"] = timings

@@ -34,6 +34,9 @@ def _top_heads(arr, k: int = 6) -> list[tuple[str, float]]:
     return sorted(flat, key=lambda t: -t[1])[:k]
 
 
+SHOWN_SLICES = 12  # rows of the significant-conflicts table in report.md
+
+
 def markdown(results: dict) -> str:
     meta = results["meta"]
     lines = ["# fishercheck report", "",
@@ -73,11 +76,11 @@ def markdown(results: dict) -> str:
     lines += ["", "## Per-head conflicts (permutation test, BH q-values)", "",
               f"{len(sig)} of {len(conf)} slices have q < 0.05 "
               f"({results['settings']['n_permutations']} permutations)"
-              + (f"; the {12} most negative mean cosines are listed (all in report.json)."
-                 if len(sig) > 12 else "."), ""]
+              + (f"; the {SHOWN_SLICES} most negative mean cosines are listed (all in "
+                 f"report.json)." if len(sig) > SHOWN_SLICES else "."), ""]
     if sig:
         lines += ["| slice | mean cosine | p | q | effect | 95% interval |", "|---|---|---|---|---|---|"]
-        for c in sig[:12]:
+        for c in sig[:SHOWN_SLICES]:
             lines.append(f"| {c['group']} | {_fmt(c['mean_cosine'])} | {_fmt(c['p'])} | "
                          f"{_fmt(c['q'])} | {_fmt(c['effect'])} | "
                          f"[{_fmt(c['interval'][0])}, {_fmt(c['interval'][1])}] |")

@@ -49,6 +49,15 @@ def test_run_report_markdown_names_the_model_and_tasks(run_dir):
     text = (out / "report.md").read_text()
     assert "trained by fishercheck/data/train_default.py" in text
     assert "task_a.txt" in text and "task_b.txt" in text
+    # the significant-conflicts table lists at most SHOWN_SLICES rows and says so when cut
+    from fishercheck.reports import SHOWN_SLICES
+    report = json.loads((out / "report.json").read_text())
+    n_sig = sum(c["q"] < 0.05 for c in report["conflicts"])
+    rows = [line for line in text.splitlines() if line.startswith("| L")]
+    assert len(rows) == min(n_sig, SHOWN_SLICES)
+    assert ("most negative mean cosines are listed" in text) == (n_sig > SHOWN_SLICES)
+    assert report["settings"]["pairs_per_task"] == {"A": 6, "B": 6}
+    assert report["meta"]["rows"] == {"A": 12, "B": 12}
 
 
 @pytest.mark.parametrize("device,message", [
