@@ -62,6 +62,7 @@ class Capture:
         self.plan, self.n, self.dtype, self.sink = plan, n_rows, dtype, sink
         self.slice_bytes = max(int(slice_bytes), 1)
         self.handles, self.roots, self.uses, self.buffers = [], [], {}, {}
+        self.tensor_handles = []  # hooks on the forward's output tensors
         self.paused = False
 
     def __enter__(self):
@@ -71,9 +72,16 @@ class Capture:
         return self
 
     def __exit__(self, *exc):
-        for h in self.handles:
+        """Remove every hook and drop every reference the capture took: the tensor hooks'
+        closures hold the capture and the saved activations, and a tensor's hooks live in
+        autograd's C++ graph, where Python's garbage collector cannot see the cycle
+        (capture -> roots -> tensor -> hook -> capture). Runs on success, on an exception
+        and on ``KeyboardInterrupt`` alike."""
+        for h in self.handles + self.tensor_handles:
             h.remove()
-        self.handles.clear()
+        self.handles, self.tensor_handles = [], []
+        self.roots, self.uses, self.buffers = [], {}, {}
+        self.sink = None
         return False
 
     # forward -----------------------------------------------------------------------------
@@ -107,7 +115,8 @@ class Capture:
                 return replaced
             if not any(t.requires_grad for t in _tensors(args, kwargs)):
                 self.roots.append(output)
-            output.register_hook(lambda dy: self._on_grad(entry, rule, saved, dy))
+            self.tensor_handles.append(
+                output.register_hook(lambda dy: self._on_grad(entry, rule, saved, dy)))
             return replaced
         return hook
 

@@ -108,26 +108,34 @@ def run_chunks(model, plan, loss, tensors, units, *, dtype, chunk_size=None, mem
     if units.total_draws and units.draw is None:
         units = draw_layout(units, chunk_size, rows_per_pass(model, tensors))
         U = len(units)
-    with tf32(allow_tf32):
-        for start in range(0, U, chunk_size):
-            part = units.take(start, min(start + chunk_size, U))
-            n = len(part)
-            sink = new_sink(start, n)
-            sub = chunk_rows(tensors, part.rows, device)
-            # host-to-device copy of the weights before the forward is queued: a pageable
-            # copy waits for the stream, and would otherwise wait for the forward
-            unit_weights = part.draw_weights().to(device=device, dtype=dtype)
-            with Capture(plan, n, dtype, sink, slice_bytes(budget)) as cap:
-                with forward_context(device, autocast):
-                    losses, weights = chunk_losses(model, loss, sub, part, uniforms)
-                _check_shape(losses, part, n)
-                bad = ~torch.isfinite(losses.detach())
-                weights = unit_weights if weights is part.weights else \
-                    weights.to(device=device, dtype=dtype)  # exact_fisher: w p_c
-                columns = losses.unbind(1) if part.n_draws else (losses,)
-                w_columns = weights.unbind(1) if part.n_draws else (weights,)
-                for k, (column, w) in enumerate(zip(columns, w_columns)):
-                    sink.begin(w)
-                    cap.backward(column, retain_graph=k + 1 < len(columns))
-                _check_finite(losses, bad, part, n)
-            yield start, part, sink
+    for start in range(0, U, chunk_size):
+        part = units.take(start, min(start + chunk_size, U))
+        sink = new_sink(start, len(part))
+        with tf32(allow_tf32):  # per chunk: the caller's setting holds between chunks
+            _run_chunk(model, plan, loss, tensors, part, sink, device=device, dtype=dtype,
+                       budget=budget, uniforms=uniforms, autocast=autocast)
+        yield start, part, sink
+
+
+def _run_chunk(model, plan, loss, tensors, part, sink, *, device, dtype, budget, uniforms,
+               autocast) -> None:
+    """One chunk's forward and backward(s) into ``sink``; every hook and reference the
+    capture took is released when this returns or raises."""
+    n = len(part)
+    sub = chunk_rows(tensors, part.rows, device)
+    # host-to-device copy of the weights before the forward is queued: a pageable
+    # copy waits for the stream, and would otherwise wait for the forward
+    unit_weights = part.draw_weights().to(device=device, dtype=dtype)
+    with Capture(plan, n, dtype, sink, slice_bytes(budget)) as cap:
+        with forward_context(device, autocast):
+            losses, weights = chunk_losses(model, loss, sub, part, uniforms)
+        _check_shape(losses, part, n)
+        bad = ~torch.isfinite(losses.detach())
+        weights = unit_weights if weights is part.weights else \
+            weights.to(device=device, dtype=dtype)  # exact_fisher: w p_c
+        columns = losses.unbind(1) if part.n_draws else (losses,)
+        w_columns = weights.unbind(1) if part.n_draws else (weights,)
+        for k, (column, w) in enumerate(zip(columns, w_columns)):
+            sink.begin(w)
+            cap.backward(column, retain_graph=k + 1 < len(columns))
+        _check_finite(losses, bad, part, n)

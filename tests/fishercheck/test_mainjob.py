@@ -45,3 +45,22 @@ def test_relative_difference_floors_a_parameter_float32_cannot_resolve():
     # a small parameter above the floor keeps its own scale
     ref["small"], fast["small"] = torch.tensor([1e-4]), torch.tensor([1.1e-4])
     assert relative_difference(fast, ref) == pytest.approx(0.1) and FLOOR < 1e-4 / 2.0
+
+
+def test_main_job_retains_nothing_and_leaves_the_model_untouched():
+    """Two tasks through the whole main job, three times: no fisher_fast object or tensor
+    outlives a run, and the model has no hook left."""
+    from fisher_ref.testing.batches import random_batch
+    from fisher_ref.testing.models import TinyConfig, build_model
+    from fishercheck.mainjob import run
+    from tests.fisher_fast.test_leaves_no_trace import _live_objects, model_state
+
+    model = build_model(TinyConfig(arch="gpt2", num_layers=2, num_heads=2, head_dim=4))
+    a, b = random_batch(batch_size=4, seed=0), random_batch(batch_size=4, seed=1)
+    settings = dict(n_pairs=3, n_permutations=10, chunk_rows=2)
+    run(model, a, b, **settings)
+    state, live = model_state(model), _live_objects()
+    for _ in range(3):
+        run(model, a, b, **settings)
+    assert _live_objects() == live
+    assert model_state(model) == state
