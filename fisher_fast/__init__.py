@@ -4,7 +4,7 @@ See docs/fisher_fast.md. Never imports fisher_ref.
 """
 
 from .accumulator import FisherAccumulator
-from .capture_plan import capture_plan
+from .capture.plan import capture_plan
 from .estimators import (batch_squared_gradient, empirical_fisher, exact_fisher,
                          gradient_variance, group_fisher, mc_fisher, mean_gradient,
                          squared_mean_gradient)
@@ -23,12 +23,12 @@ __all__ = [
 
 # --- attention half (layouts, slicing, contributions, interference, conflicts, fdr) -------
 from .conflicts import ConflictResult, conflicts  # noqa: E402
-from .contribution_store import ContributionStore  # noqa: E402
+from .store.contribution_store import ContributionStore  # noqa: E402
 from .contributions import per_sample_contributions  # noqa: E402
 from .fdr import bh_qvalues, by_qvalues  # noqa: E402
 from .interference import InterferenceResult, interference  # noqa: E402
-from .layouts import AttentionLayout, LayerAttention, attention_layout  # noqa: E402
-from .slicing import head_group_ids, qkov_mask  # noqa: E402
+from .attention.layouts import AttentionLayout, LayerAttention, attention_layout  # noqa: E402
+from .attention.slicing import head_group_ids, qkov_mask  # noqa: E402
 
 __all__ += [
     "AttentionLayout", "ConflictResult", "ContributionStore", "InterferenceResult",

@@ -12,16 +12,16 @@ import hashlib
 
 import torch
 
-from . import estimates
-from .accumulate import Config, accumulate_batch
-from .capture_plan import build_plan
-from .engine import check_autocast, check_dtype, model_device
-from .group_specs import resolve_groups
-from .label_draws import row_uniforms
+from .stats import readout
+from .run.batch_statistics import Config, accumulate_batch
+from .capture.plan import build_plan
+from .run.chunks import check_autocast, check_dtype, model_device
+from .stats.groups import resolve_groups
+from .batching.label_draws import row_uniforms
 from .losses import has_token_protocol
-from .task_state import TaskState
-from .units import aligned_targets, with_shared_draws
-from .validation import check_choice, check_positive_int, resolve_loss, split_batch
+from .stats.task_state import TaskState
+from .batching.units import aligned_targets, with_shared_draws
+from .batching.checks import check_choice, check_positive_int, resolve_loss, split_batch
 
 LABELS = ("true", "mc")
 STATISTICS = ("all", "fisher")
@@ -161,55 +161,55 @@ class FisherAccumulator:
         """ḡ = Σ w_u g_u / W."""
         self._true_labels("mean_gradient")
         self._all_statistics("mean_gradient")
-        return estimates.mean_gradient(self._state(task))
+        return readout.mean_gradient(self._state(task))
 
     def empirical_fisher(self, task="default"):
         """F = Σ w_u g_u² / W (E[g²]); with ``labels="mc"``, the MC Fisher (mean over the
         draws)."""
-        return estimates.empirical_fisher(self._state(task))
+        return readout.empirical_fisher(self._state(task))
 
     def squared_mean_gradient(self, task="default"):
         """S = ḡ² ((E[g])²)."""
         self._true_labels("squared_mean_gradient")
         self._all_statistics("squared_mean_gradient")
-        return estimates.squared_mean_gradient(self._state(task))
+        return readout.squared_mean_gradient(self._state(task))
 
     def gradient_variance(self, task="default", unbiased=False):
         """V = F − S (population, weighted); ``unbiased`` multiplies by W²/(W² − Σw²)."""
         self._true_labels("gradient_variance")
         self._all_statistics("gradient_variance")
-        return estimates.gradient_variance(self._state(task), unbiased)
+        return readout.gradient_variance(self._state(task), unbiased)
 
     def batch_squared_gradient(self, micro_batch_size, task="default"):
         """Σ_m W_m ḡ_m² / W over micro-batches of ``micro_batch_size`` consecutive units
         (a size given in ``micro_batch_sizes``)."""
         self._true_labels("batch_squared_gradient")
-        return estimates.batch_squared_gradient(self._state(task), micro_batch_size)
+        return readout.batch_squared_gradient(self._state(task), micro_batch_size)
 
     def group_fisher(self, task="default"):
         """Per-group mean (= R(F)), variance, stderr, snr and n of f_u = R(g_u²)."""
-        return estimates.group_fisher(self._state(task))
+        return readout.group_fisher(self._state(task))
 
     def n_units(self, task="default") -> int:
         return self._state(task).n_units
 
     # persistence -------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        from .serialization import task_states_to_dict
+        from .stats.state_file import task_states_to_dict
         return task_states_to_dict(self._tasks, self.config_summary())
 
     def load_state_dict(self, state: dict) -> None:
-        from .serialization import task_states_from_dict
+        from .stats.state_file import task_states_from_dict
         self._tasks = task_states_from_dict(state, self.config_summary(), self.device)
 
     def save(self, path) -> None:
         """Write the states to ``path`` (safetensors, with a JSON metadata header)."""
-        from .serialization import save_file
+        from .stats.state_file import save_file
         save_file(self.state_dict(), path)
 
     def load(self, path) -> "FisherAccumulator":
         """Replace the states by those saved at ``path`` (same configuration required)."""
-        from .serialization import load_file
+        from .stats.state_file import load_file
         self.load_state_dict(load_file(path))
         return self
 

@@ -35,10 +35,10 @@ import numbers
 import numpy as np
 import torch
 
-from fisher_fast.fdr import bh_qvalues, by_qvalues
-from fisher_fast.interference import check_same_parameters
-from fisher_fast.layouts import AttentionLayout, attention_layout
-from fisher_fast.slicing import BLOCKS, block_params, slice_matrix
+from .fdr import bh_qvalues, by_qvalues
+from .interference import check_same_parameters
+from .attention.layouts import AttentionLayout, attention_layout
+from .attention.slicing import BLOCKS, block_params, slice_matrix
 
 GROUPINGS = ("heads", "parameters")
 _CHUNK_ELEMENTS = 1 << 24   # float64 entries per temporary in the permutation products
@@ -87,7 +87,7 @@ def conflicts(model: torch.nn.Module, batch_a: dict, batch_b: dict, *, groups: s
     Returns:
         ConflictResult.
     """
-    from fisher_fast.contributions import unit_gradients
+    from .contributions import unit_gradients
 
     n_permutations, seed, n_bootstrap = _check_options(groups, n_permutations, seed, n_bootstrap, fdr)
     lay = attention_layout(model, layout) if groups == "heads" else None

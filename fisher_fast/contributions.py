@@ -12,14 +12,14 @@ import contextlib
 
 import torch
 
-from fisher_fast.results import PerUnit
+from .results import PerUnit
 
 
 def unit_gradients(model, batch, *, loss_fn=None, unit="sample", weighting="sample",
                    sample_ids=None, dtype=None, params=None) -> PerUnit:
     """``fisher_fast.per_sample.per_sample_gradients`` (the core's batched capture), of
     ``params`` only when given."""
-    from fisher_fast.per_sample import per_sample_gradients
+    from .per_sample import per_sample_gradients
 
     return per_sample_gradients(model, batch, loss_fn=loss_fn, unit=unit, weighting=weighting,
                                 sample_ids=sample_ids, dtype=dtype, params=params)
@@ -54,7 +54,7 @@ def per_sample_contributions(model: torch.nn.Module, batch: dict, *, loss_fn=Non
         PerUnit with ``tensors[name]`` of shape ``[U, *param.shape]``, the unit ids, the
         weights and the empty rows' ids.
     """
-    from fisher_fast.per_sample import iter_unit_gradients
+    from .per_sample import iter_unit_gradients
 
     if store is None and not return_tensors:
         raise ValueError("return_tensors=False: expected a store to file the contributions "

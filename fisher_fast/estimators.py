@@ -19,16 +19,16 @@ from __future__ import annotations
 
 import torch
 
-from . import estimates
-from .accumulate import Config, accumulate_batch
-from .capture_plan import build_plan
-from .engine import check_autocast, check_dtype
-from .group_specs import resolve_groups
-from .label_draws import row_uniforms
-from .task_state import TaskState
-from .units import aligned_targets, with_shared_classes, with_shared_draws
-from .unit_losses import chunk_rows
-from .validation import check_positive_int, resolve_loss, split_batch
+from .stats import readout
+from .run.batch_statistics import Config, accumulate_batch
+from .capture.plan import build_plan
+from .run.chunks import check_autocast, check_dtype
+from .stats.groups import resolve_groups
+from .batching.label_draws import row_uniforms
+from .stats.task_state import TaskState
+from .batching.units import aligned_targets, with_shared_classes, with_shared_draws
+from .batching.row_losses import chunk_rows
+from .batching.checks import check_positive_int, resolve_loss, split_batch
 
 
 def _run(model, batch, *, loss_fn, unit, weighting, sample_ids, dtype, chunk_size,
@@ -53,7 +53,7 @@ def mean_gradient(model, batch, *, loss_fn=None, unit="sample", weighting="sampl
                   sample_ids=None, dtype=None, chunk_size=None, memory_budget=None,
                   allow_tf32=False, autocast=None):
     """Mean gradient :math:`\\bar g = \\sum_u w_u g_u / W`."""
-    return estimates.mean_gradient(_run(**locals()))
+    return readout.mean_gradient(_run(**locals()))
 
 
 def empirical_fisher(model, batch, *, loss_fn=None, unit="sample", weighting="sample",
@@ -64,14 +64,14 @@ def empirical_fisher(model, batch, *, loss_fn=None, unit="sample", weighting="sa
     makes a row's gradient K_i times its ``"mean"`` gradient. No epsilon is added.
     Keeps E[g²] alone per element (``moments.SecondMoment``), not the mean and M2 that
     ``FisherAccumulator`` keeps for every estimator."""
-    return estimates.empirical_fisher(_run(**locals(), second_only=True), discard=True)
+    return readout.empirical_fisher(_run(**locals(), second_only=True), discard=True)
 
 
 def squared_mean_gradient(model, batch, *, loss_fn=None, unit="sample", weighting="sample",
                           sample_ids=None, dtype=None, chunk_size=None, memory_budget=None,
                           allow_tf32=False, autocast=None):
     """Squared mean gradient :math:`S = \\bar g^2` ((E[g])²); S ≤ F."""
-    return estimates.squared_mean_gradient(_run(**locals()))
+    return readout.squared_mean_gradient(_run(**locals()))
 
 
 def gradient_variance(model, batch, *, loss_fn=None, unit="sample", weighting="sample",
@@ -82,7 +82,7 @@ def gradient_variance(model, batch, *, loss_fn=None, unit="sample", weighting="s
     :math:`W^2 / (W^2 - \\sum_u w_u^2)` (U/(U−1) for unit weights); needs two units."""
     kw = dict(locals())
     kw.pop("unbiased")
-    return estimates.gradient_variance(_run(**kw), unbiased)
+    return readout.gradient_variance(_run(**kw), unbiased)
 
 
 def batch_squared_gradient(model, batch, *, loss_fn=None, unit="sample", weighting="sample",
@@ -98,7 +98,7 @@ def batch_squared_gradient(model, batch, *, loss_fn=None, unit="sample", weighti
     kw = dict(locals())
     kw.pop("micro_batch_size")
     state = _run(**kw, elements=False, groups=None, micro=(micro_batch_size,))
-    return estimates.batch_squared_gradient(state, micro_batch_size)
+    return readout.batch_squared_gradient(state, micro_batch_size)
 
 
 def mc_fisher(model, batch, *, loss_fn=None, unit="sample", weighting="sample",
@@ -111,7 +111,7 @@ def mc_fisher(model, batch, *, loss_fn=None, unit="sample", weighting="sample",
               \\big(\\nabla_\\theta \\ell_u(\\tilde y^{(k)})\\big)^2
 
     Draws follow docs/architecture.md exactly (one CPU generator per row, seeded from the
-    sample id; see ``label_draws.py``), so they do not depend on chunking or batch order.
+    sample id; see ``batching/label_draws.py``), so they do not depend on chunking or batch order.
     """
     check_positive_int("n_samples", n_samples)
     if isinstance(seed, bool) or not isinstance(seed, int):
@@ -126,7 +126,7 @@ def mc_fisher(model, batch, *, loss_fn=None, unit="sample", weighting="sample",
         kw.pop(k)
     state = _run(**kw, needs="mc_fisher", uniforms=uniforms, second_only=True,
                  expand=lambda *_: (lambda units: with_shared_draws(units, n_samples)))
-    return estimates.empirical_fisher(state, discard=True)
+    return readout.empirical_fisher(state, discard=True)
 
 
 def exact_fisher(model, batch, *, loss_fn=None, unit="token", weighting="sample",
@@ -154,7 +154,7 @@ def exact_fisher(model, batch, *, loss_fn=None, unit="token", weighting="sample"
     kw = dict(locals())
     kw.pop("expand")
     state = _run(**kw, needs="exact_fisher", expand=expand, second_only=True)
-    return estimates.empirical_fisher(state, discard=True)
+    return readout.empirical_fisher(state, discard=True)
 
 
 def group_fisher(model, batch, *, loss_fn=None, unit="sample", weighting="sample",
@@ -169,7 +169,7 @@ def group_fisher(model, batch, *, loss_fn=None, unit="sample", weighting="sample
     :math:`f_u[o] = \\sum_{t,s} \\delta_{to}\\delta_{so}\\, x_t \\cdot x_s`.
 
     Args:
-        groups: ``"generic"``, ``"heads"`` (attention heads via ``fisher_fast.slicing``) or a
+        groups: ``"generic"``, ``"heads"`` (attention heads via ``fisher_fast.attention.slicing``) or a
             dict ``{name: (ids, n_groups)}``.
         layout: attention layout for ``groups="heads"``.
     """
@@ -177,4 +177,4 @@ def group_fisher(model, batch, *, loss_fn=None, unit="sample", weighting="sample
     kw = dict(locals())
     for k in ("groups", "layout", "specs"):
         kw.pop(k)
-    return estimates.group_fisher(_run(**kw, elements=False, groups=specs))
+    return readout.group_fisher(_run(**kw, elements=False, groups=specs))

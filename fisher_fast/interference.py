@@ -10,7 +10,7 @@ For task-A units i, task-B units j, layer l, query head h and block B,
             \\operatorname{median}_{p \\in I(l,h,B)} \\hat F[p],
 
 with :math:`C^A_i = (g^A_i)^2`, φ = abs (default) or identity (``signed=True``). With the
-per-head views of :mod:`fisher_fast.slicing` (``[units, heads, m]``) this is, per block,
+per-head views of :mod:`fisher_fast.attention.slicing` (``[units, heads, m]``) this is, per block,
 
 ``M = bmm((C_A * 1/(F̂+ε)).permute(1, 0, 2), φ(g_B).permute(1, 2, 0))``  →  ``[heads, N_A, N_B]``,
 
@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import torch
 
-from fisher_fast.layouts import AttentionLayout, attention_layout
-from fisher_fast.slicing import BLOCKS, block_params, kv_index, slice_matrix
+from .attention.layouts import AttentionLayout, attention_layout
+from .attention.slicing import BLOCKS, block_params, kv_index, slice_matrix
 
 FISHER_CHOICES = ("a", "b", "pooled")
 
@@ -88,7 +88,7 @@ def interference(model: torch.nn.Module, batch_a: dict, batch_b: dict, *, fisher
     Returns:
         InterferenceResult.
     """
-    from fisher_fast.contributions import unit_gradients
+    from .contributions import unit_gradients
 
     lay = attention_layout(model, layout)
     _check_options(fisher, signed, eps, ridge_rel, top_k)
@@ -121,7 +121,7 @@ def _weighted_sums(c: dict, w: torch.Tensor, names) -> dict:
 def _file_task_a(model, batch_a, store, task_a, names, chunk_size, kw) -> _TaskA:
     """A's contributions computed a chunk at a time (``iter_unit_gradients``), filed in the
     store and summed into Σ w C as they go: only one chunk of A's gradients is in memory."""
-    from fisher_fast.per_sample import iter_unit_gradients
+    from .per_sample import iter_unit_gradients
 
     ids, W, sums = [], None, {}
     for g in iter_unit_gradients(model, batch_a, chunk_size=chunk_size, **kw):

@@ -2,7 +2,7 @@
 
 .. math:: g_u = \\nabla_\\theta \\ell_u
 
-computed by one batched forward and one backward per chunk (``capture.py``); rows never
+computed by one batched forward and one backward per chunk (``capture/hooks.py``); rows never
 interact (SPEC §0), which ``check=True`` verifies on the first and last unit (each computed
 alone with plain autograd, curvlinops' ``_checks.py`` idea), else ``ValueError``.
 """
@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import torch
 
-from .capture_plan import build_plan
-from .chunking import default_budget, rows_per_chunk
-from .engine import check_autocast, check_dtype, forward_context, model_device, run_chunks
+from .capture.plan import build_plan
+from .batching.chunk_sizes import default_budget, rows_per_chunk
+from .run.chunks import check_autocast, check_dtype, forward_context, model_device, run_chunks
 from .results import PerUnit
-from .sinks import PerUnitSink
-from .units import plan_units
-from .validation import resolve_loss, split_batch
+from .stats.sinks import PerUnitSink
+from .batching.units import plan_units
+from .batching.checks import resolve_loss, split_batch
 
 
 def per_sample_gradients(model, batch, *, loss_fn=None, unit="sample", weighting="sample",
@@ -34,7 +34,7 @@ def per_sample_gradients(model, batch, *, loss_fn=None, unit="sample", weighting
         sample_ids: one id per row (or in the batch; not both); default ``0..B-1``.
         dtype: float32 (default) or float64, the dtype of the returned gradients.
         chunk_size: forward rows per chunk; default from ``memory_budget``.
-        memory_budget: bytes; default a fraction of free device memory (``chunking.py``).
+        memory_budget: bytes; default a fraction of free device memory (``batching/chunk_sizes.py``).
         check: also recompute the first and last units alone and compare (rows independent).
         allow_tf32: let CUDA matmuls use TF32 (off by default).
         autocast: ``None`` or ``torch.bfloat16`` (see ``FisherAccumulator``).
@@ -131,7 +131,7 @@ def check_rows_independent(model, loss, tensors, units, result: PerUnit, autocas
     forward of that one row, plain autograd, under the same ``autocast``), equal the batched
     ones (curvlinops' ``f(X) == vmap(f)(X)`` guard) for the parameters in ``result``. A
     batch-coupled model (batch statistics, rows mixed) fails it."""
-    from .unit_losses import chunk_losses, chunk_rows
+    from .batching.row_losses import chunk_losses, chunk_rows
 
     params = {n: p for n, p in model.named_parameters() if p.requires_grad and n in result.tensors}
     device = model_device(model)

@@ -28,8 +28,8 @@ import fisher_ref.losses as rl
 from fisher_fast.conflicts import TIE_ATOL, conflicts as fast_conflicts
 from fisher_fast.contributions import per_sample_contributions as fast_contributions
 from fisher_fast.interference import interference as fast_interference
-from fisher_fast.layouts import attention_layout as fast_layout
-from fisher_fast.slicing import BLOCKS, head_group_ids as fast_group_ids, qkov_mask as fast_mask
+from fisher_fast.attention.layouts import attention_layout as fast_layout
+from fisher_fast.attention.slicing import BLOCKS, head_group_ids as fast_group_ids, qkov_mask as fast_mask
 from fisher_ref.conflicts import conflicts as ref_conflicts
 from fisher_ref.contributions import per_sample_contributions as ref_contributions
 from fisher_ref.interference import interference as ref_interference
@@ -108,7 +108,7 @@ def test_layouts_masks_and_group_ids_match(cfg):
        st.sampled_from((None, 1, 2)))
 def test_per_sample_contributions_match(cfg, unit, seed, chunk):
     # chunk: None computes them at once; 1 or 2 streams them into a store chunk by chunk
-    from fisher_fast.contribution_store import ContributionStore
+    from fisher_fast.store.contribution_store import ContributionStore
 
     model = build_model(cfg, dtype=torch.float64)
     a, _, fast_loss, ref_loss = _batches(cfg, 3, 1, seed)

@@ -9,7 +9,7 @@ import torch
 
 from fisher_fast.conflicts import conflicts_from_units
 from fisher_fast.fdr import bh_qvalues, by_qvalues
-from fisher_fast.layouts import AttentionLayout, LayerAttention
+from fisher_fast.attention.layouts import AttentionLayout, LayerAttention
 from fisher_fast.results import PerUnit
 from fisher_ref.testing.tolerances import tolerance
 
@@ -161,7 +161,7 @@ def test_bad_input(kwargs, message):
 def test_model_heads_group_is_the_masked_gradient():
     from fisher_fast.conflicts import conflicts
     from fisher_fast.per_sample import per_sample_gradients
-    from fisher_fast.slicing import qkov_mask
+    from fisher_fast.attention.slicing import qkov_mask
     from fisher_ref.testing.batches import random_batch
     from fisher_ref.testing.models import TinyConfig, build_model
 

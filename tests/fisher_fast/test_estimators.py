@@ -58,7 +58,7 @@ def test_mc_draws_do_not_depend_on_row_order_or_chunks():
 
 
 def test_ghost_group_norms_equal_reduced_per_row_gradients(monkeypatch):
-    from fisher_fast.capture_rules import LinearRule
+    from fisher_fast.capture.rules import LinearRule
 
     calls = []
     original = LinearRule.ghost
@@ -86,7 +86,7 @@ def test_half_models_give_float32_statistics(dtype):
 
 @pytest.mark.parametrize("axis", [0, 1], ids=["head-rows", "head-columns"])
 def test_gram_path_for_groups_along_one_axis(monkeypatch, axis):
-    from fisher_fast.capture_rules import LinearRule
+    from fisher_fast.capture.rules import LinearRule
 
     calls = []
     original = LinearRule.ghost
@@ -155,7 +155,7 @@ def test_weights_delivered_block_by_block_equal_the_oracle(monkeypatch, arch):
     # PART_BYTES = 1: every Linear / Conv1D weight goes to the moments one row of its first
     # axis at a time (the CPU path for a large vocabulary head), over two chunks, and with
     # several backward passes per forward (mc_fisher's shared draws)
-    import fisher_fast.capture as capture
+    import fisher_fast.capture.hooks as capture
     import fisher_ref as fr
     from fisher_ref.testing.batches import random_batch
     from fisher_ref.testing.models import TinyConfig, build_model
@@ -208,7 +208,7 @@ def test_autocast_takes_only_bfloat16(bad):
 def test_functional_fisher_keeps_second_moments_only(monkeypatch):
     # empirical_fisher / mc_fisher go through SquareSums (not the shifted sums) and equal the
     # accumulator, which keeps mean and M2 for every estimator
-    from fisher_fast import sinks
+    from fisher_fast.stats import sinks
 
     made = {"square": 0, "shifted": 0}
     for cls, key in ((sinks.SquareSums, "square"), (sinks.ShiftedSums, "shifted")):
@@ -228,7 +228,7 @@ def test_functional_fisher_keeps_second_moments_only(monkeypatch):
 def test_the_device_paths_without_cache_blocks_equal_the_oracle(monkeypatch, tied):
     # what runs on a GPU: every weight one block, a tied weight's slices whole; here on the
     # CPU, so that CI checks those branches against the oracle too
-    import fisher_fast.capture as capture
+    import fisher_fast.capture.hooks as capture
     import fisher_ref as fr
     from fisher_ref.testing.batches import random_batch
     from fisher_ref.testing.models import TinyConfig, build_model

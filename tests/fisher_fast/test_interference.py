@@ -8,9 +8,9 @@ import os
 import pytest
 import torch
 
-from fisher_fast.contribution_store import ContributionStore
+from fisher_fast.store.contribution_store import ContributionStore
 from fisher_fast.interference import interference_from_units
-from fisher_fast.layouts import AttentionLayout, LayerAttention
+from fisher_fast.attention.layouts import AttentionLayout, LayerAttention
 from fisher_fast.results import PerUnit
 from fisher_ref.testing.tolerances import tolerance
 
@@ -189,7 +189,7 @@ def _llama_case():
 def test_model_identity_and_ids_with_empty_rows():
     from fisher_fast.interference import interference
     from fisher_fast.per_sample import per_sample_gradients
-    from fisher_fast.slicing import qkov_mask
+    from fisher_fast.attention.slicing import qkov_mask
 
     model, a, b = _llama_case()
     res = interference(model, a, b, eps=0.0, dtype=torch.float64)

@@ -56,7 +56,7 @@ def test_check_passes_on_independent_rows():
 
 
 def test_params_restricts_what_is_computed(monkeypatch):
-    from fisher_fast import capture_rules
+    from fisher_fast.capture import rules as capture_rules
     from fisher_ref.testing.batches import random_batch
     from fisher_ref.testing.models import TinyConfig, build_model
 

@@ -1,0 +1,1 @@
+"""Per-row gradients from one batched backward: the plan, the hooks, the rules per module kind."""

@@ -1,0 +1,285 @@
+"""Hooks that turn one batched backward pass into per-row parameter gradients.
+
+``capture_backward(plan, losses, sink, ...)`` must be entered *before* the forward pass (it
+installs the forward hooks). For every call of a hooked module the forward hook keeps the
+input activation and registers a hook on the output; when the gradient δ of that output
+arrives during ``autograd.grad(losses.sum(), roots)`` the module's rule turns it into
+per-row gradients, in slices of rows that fit ``slice_bytes``. Because the loss is a sum of
+row losses and rows do not interact, δ's row n is ∂ℓ_n/∂y_n, so the rule's output is row n's
+own gradient.
+
+Parameters used once stream straight to the sink (nothing per-row is kept); parameters used
+several times (tied weights, shared modules) are summed per row over the uses first, then
+handed over. The backward computes gradients with respect to the *roots* (outputs of hooked
+modules none of whose inputs need a gradient, e.g. the embeddings) rather than the
+parameters, so autograd never builds the batch weight gradients it would throw away.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..capture.rules import FUNCTORCH
+from ..stats.groups import axis_map
+
+
+def _tensors(args, kwargs):
+    for v in list(args) + list(kwargs.values()):
+        if isinstance(v, torch.Tensor):
+            yield v
+
+
+def _expand(values, n):
+    return tuple(v.expand(n, *v.shape[1:]) if isinstance(v, torch.Tensor) and v.dim() > 0
+                 and v.shape[0] == 1 else v for v in values)
+
+
+#: CPU bytes of one block of a weight's per-row gradients (``Capture._parts``): small
+#: enough for the shift, square and sums to run in cache, large enough for the products.
+PART_BYTES = 4 << 20
+
+
+def cache_blocks(device: torch.device) -> bool:
+    """Whether weights are formed in cache-sized blocks on ``device`` (the CPU); elsewhere a
+    weight is one block and a tied weight keeps the whole-slice path (the GPU's choice,
+    made without measurement; tests switch this off to run those paths on the CPU)."""
+    return device.type == "cpu"
+
+
+class Capture:
+    """Context manager: hooks installed on enter, removed on exit.
+
+    Args:
+        plan: from ``capture_plan.build_plan``.
+        n_rows: rows of the forward batch (every hooked tensor must lead with it).
+        dtype: statistics dtype of the per-row gradients.
+        sink: object with ``wants(name) -> (full: bool, groups)`` and ``add(name, G, start)``
+            / ``add_groups(name, f, start)``; see ``stats/sinks.py``.
+        slice_bytes: memory allowed for one slice of per-row gradients.
+    """
+
+    def __init__(self, plan, n_rows: int, dtype: torch.dtype, sink, slice_bytes: int):
+        self.plan, self.n, self.dtype, self.sink = plan, n_rows, dtype, sink
+        self.slice_bytes = max(int(slice_bytes), 1)
+        self.handles, self.roots, self.uses, self.buffers = [], [], {}, {}
+        self.tensor_handles = []  # hooks on the forward's output tensors
+        self.paused = False
+
+    def __enter__(self):
+        for entry in self.plan.entries:
+            h = entry.module.register_forward_hook(self._forward_hook(entry), with_kwargs=True)
+            self.handles.append(h)
+        return self
+
+    def __exit__(self, *exc):
+        """Remove every hook and drop every reference the capture took: the tensor hooks'
+        closures hold the capture and the saved activations, and a tensor's hooks live in
+        autograd's C++ graph, where Python's garbage collector cannot see the cycle
+        (capture -> roots -> tensor -> hook -> capture). Runs on success, on an exception
+        and on ``KeyboardInterrupt`` alike."""
+        for h in self.handles + self.tensor_handles:
+            h.remove()
+        self.handles, self.tensor_handles = [], []
+        self.roots, self.uses, self.buffers = [], {}, {}
+        self.sink = None
+        return False
+
+    # forward -----------------------------------------------------------------------------
+    def _forward_hook(self, entry):
+        def hook(module, args, kwargs, output):
+            if self.paused:
+                return None
+            if not isinstance(output, torch.Tensor):
+                raise ValueError(f"per-sample capture: expected {entry.module_name} "
+                                 f"({type(module).__name__}) to return a tensor, got "
+                                 f"{type(output).__name__}.")
+            replaced = None
+            if output.dim() > 0 and output.shape[0] == 1 and self.n > 1:
+                # a row-independent input broadcast over the batch (e.g. position ids
+                # [1, T]): give every row its own copy so that its gradient stays per row
+                output = replaced = output.expand(self.n, *output.shape[1:])
+                args, kwargs = _expand(args, self.n), dict(zip(kwargs, _expand(kwargs.values(), self.n)))
+            rule = entry.rule
+            saved = rule.save(module, args, kwargs, output)
+            if saved is None:  # an RMS-like norm that is not x/rms*w: use functorch
+                self.plan.fallbacks.add(entry.module_name)
+                rule, saved = FUNCTORCH, FUNCTORCH.save(module, args, kwargs, output)
+            if output.dim() == 0 or output.shape[0] != self.n:
+                raise ValueError(
+                    f"per-sample capture: expected the output of {entry.module_name} to lead "
+                    f"with the batch axis ({self.n} rows), got shape {tuple(output.shape)}. "
+                    "Rows must not be merged or mixed (SPEC §0).")
+            for name in entry.names.values():
+                self.uses[name] = self.uses.get(name, 0) + 1
+            if not output.requires_grad:
+                return replaced
+            if not any(t.requires_grad for t in _tensors(args, kwargs)):
+                self.roots.append(output)
+            self.tensor_handles.append(
+                output.register_hook(lambda dy: self._on_grad(entry, rule, saved, dy)))
+            return replaced
+        return hook
+
+    # backward ----------------------------------------------------------------------------
+    def _slices(self, entry):
+        numel = sum(getattr(entry.module, a).numel() for a in entry.names)
+        per_row = numel * torch.finfo(self.dtype).bits // 8 * 3
+        step = max(1, min(self.n, self.slice_bytes // max(per_row, 1)))
+        return [slice(s, min(s + step, self.n)) for s in range(0, self.n, step)]
+
+    def _wanted(self, name) -> bool:
+        full, spec = self.sink.wants(name)
+        return bool(full) or spec is not None
+
+    def _on_grad(self, entry, rule, saved, dy):
+        module = entry.module
+        attrs = tuple(a for a in entry.names if self._wanted(entry.names[a]))
+        if not attrs:  # nothing the sink wants: no per-row work for this module
+            return None
+        name = entry.names.get("weight")
+        if "weight" in attrs and hasattr(rule, "add_into") and self.uses.get(name, 0) > 1:
+            # a tied embedding: scatter each row's share straight into the per-row buffer
+            rule.add_into(self._buffer(name, tuple(module.weight.shape), self.dtype, dy.device),
+                          module, saved, dy)
+            return None
+        if "weight" in attrs and self._sparse(entry, rule):
+            rows, tokens, values = rule.pairs(module, saved, dy, self.dtype)
+            self.sink.add_pairs(entry.names["weight"], rows, tokens, values,
+                                tuple(module.weight.shape))
+            return None
+        ghost = self._ghost_plan(entry, rule, saved, dy)  # (axis, unit -> group) or None
+        parts = None if ghost else self._parts(entry, rule, dy)
+        full_attrs = tuple(a for a in attrs if not ((ghost or parts) and a == "weight"))
+        was = self.paused
+        self.paused = True  # functorch re-runs the module: its children must not be captured
+        try:
+            for sl in self._slices(entry):
+                if ghost:
+                    axis, groups, n_groups = ghost
+                    norms = rule.ghost(module, saved, dy, sl, self.dtype, axis)
+                    f = torch.zeros((norms.shape[0], n_groups), dtype=norms.dtype,
+                                    device=norms.device)
+                    f.index_add_(1, groups, norms)
+                    self.sink.add_groups(entry.names["weight"], f, sl.start)
+                if parts:
+                    self._deliver_parts(entry, rule, saved, dy, sl, parts)
+                if full_attrs:
+                    grads = rule.grads(module, saved, dy, sl, self.dtype, full_attrs)
+                    for a, g in grads.items():
+                        self._deliver(entry.names[a], g, sl)
+        finally:
+            self.paused = was
+        return None
+
+    def _parts(self, entry, rule, dy) -> int | None:
+        """Rows of the weight's first axis per block when its per-row gradient is formed
+        block by block; ``None`` otherwise. A weight used once goes to the sink block by
+        block when the sink wants only its per-element moments; on the CPU a reused (tied)
+        weight is also formed block by block, into its per-row buffer. On the CPU a block of
+        a slice holds about ``PART_BYTES``, so that forming it, shifting, squaring and
+        summing it stay in cache (the head of a 50257-token vocabulary: 2.5x faster than
+        whole slices); elsewhere one block is the whole weight."""
+        name = entry.names.get("weight")
+        if name is None or not hasattr(rule, "weight_part") or not self._wanted(name):
+            return None
+        cpu = cache_blocks(dy.device)
+        if self.uses.get(name, 0) == 1:
+            takes = getattr(self.sink, "takes_parts", None)
+            if takes is None or not takes(name):
+                return None
+        elif not cpu:
+            return None
+        weight = entry.module.weight
+        if not cpu:
+            return weight.shape[0]
+        rows = self._slices(entry)[0]
+        per_block_row = (rows.stop - rows.start) * weight[0].numel() * \
+            torch.finfo(self.dtype).bits // 8
+        return max(1, min(weight.shape[0], PART_BYTES // max(per_block_row, 1)))
+
+    def _deliver_parts(self, entry, rule, saved, dy, sl, rows_per_part):
+        module, name = entry.module, entry.names["weight"]
+        shape = tuple(module.weight.shape)
+        for a in range(0, shape[0], rows_per_part):
+            part = slice(a, min(a + rows_per_part, shape[0]))
+            g = rule.weight_part(module, saved, dy, sl, self.dtype, part)
+            if self.uses.get(name, 0) == 1:
+                self.sink.add_part(name, g, sl.start, part, shape)
+            else:
+                self._buffer(name, shape, g.dtype, g.device)[sl, part] += g
+
+    def _sparse(self, entry, rule) -> bool:
+        """Embedding statistics from (row, token) pairs when the weight has this one use (a
+        tied use, e.g. an lm_head, makes its per-row gradient dense anyway) and the sink
+        takes pairs for it."""
+        name = entry.names.get("weight")
+        takes = getattr(self.sink, "takes_pairs", None)
+        return (name is not None and hasattr(rule, "pairs") and self.uses.get(name, 0) == 1
+                and takes is not None and takes(name))
+
+    def _ghost_plan(self, entry, rule, saved, dy):
+        """Gram products for the weight when the sink needs only its group values, the
+        groups depend on one axis of the weight (output units, heads of Q/K/V, heads of an
+        O projection's inputs, ...), and T (d_in + d_out) < d_in d_out; else ``None``."""
+        name = entry.names.get("weight")
+        if name is None or not hasattr(rule, "ghost") or self.uses.get(name, 0) != 1:
+            return None
+        full, spec = self.sink.wants(name)
+        if full or spec is None:
+            return None
+        device = entry.module.weight.device
+        hit = self.plan.ghost_maps.get((name, id(spec)))
+        if hit is None or hit[0] is not spec or hit[2] != device:  # once per plan and spec
+            mapped = axis_map(spec, tuple(entry.module.weight.shape), rule.out_axis)
+            if mapped is not None:
+                mapped = (mapped[0], mapped[1].to(device))
+            hit = self.plan.ghost_maps[(name, id(spec))] = (spec, mapped, device)
+        mapped = hit[1]
+        if mapped is None:
+            return None
+        materialise, gram = rule.ghost_cost(entry.module, saved, dy)
+        return (*mapped, spec.n_groups) if gram < materialise else None
+
+    def _deliver(self, name, g, sl):
+        if self.uses.get(name, 0) == 1:
+            self.sink.add(name, g, sl.start)
+            return
+        self._buffer(name, g.shape[1:], g.dtype, g.device)[sl] += g
+
+    def _buffer(self, name, shape, dtype, device) -> torch.Tensor:
+        """The per-row buffer ``[n, *shape]`` of a reused parameter (zeros at first)."""
+        buf = self.buffers.get(name)
+        if buf is None:
+            buf = self.buffers[name] = torch.zeros((self.n, *shape), dtype=dtype, device=device)
+        return buf
+
+    def _flush(self, name, buf):
+        """A reused parameter's per-row gradients, summed over its uses, to the sink: on the
+        CPU block by block of its first axis when the sink takes blocks (a tied
+        ``[n, V, d]`` head at once would run every pass from main memory)."""
+        takes = getattr(self.sink, "takes_parts", None)
+        if not cache_blocks(buf.device) or buf.dim() < 2 or takes is None or not takes(name):
+            self.sink.add(name, buf, 0)
+            return
+        per_block_row = buf.shape[0] * buf[0, 0].numel() * buf.element_size()
+        step = max(1, PART_BYTES // max(per_block_row, 1))
+        shape = tuple(buf.shape[1:])
+        for a in range(0, shape[0], step):
+            part = slice(a, min(a + step, shape[0]))
+            self.sink.add_part(name, buf[:, part], 0, part, shape)  # the buffer is ours
+
+    def backward(self, losses: torch.Tensor, retain_graph: bool = False) -> None:
+        """Back-propagate ``losses.sum()`` to the roots, then flush tied parameters and give
+        zero gradients to parameters the loss does not reach. ``retain_graph`` keeps the
+        forward's graph for another backward (the next label draw)."""
+        roots = [r for r in self.roots if r.requires_grad] or None
+        if roots is None:
+            raise ValueError("per-sample capture: expected the loss to depend on a hooked "
+                             "module's output, got no trainable module in the graph.")
+        torch.autograd.grad(losses.sum(), roots, allow_unused=True, retain_graph=retain_graph)
+        for name, buf in self.buffers.items():
+            self._flush(name, buf)
+        self.buffers.clear()
+        for name, p in self.plan.params.items():
+            if not self.sink.received(name) and self._wanted(name):
+                self.sink.add_zero(name, p, self.n)

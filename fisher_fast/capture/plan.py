@@ -1,0 +1,78 @@
+"""Which capture path each trainable parameter takes (``capture_plan``).
+
+A parameter held by a module of a known kind (Linear, Conv1D, Embedding, LayerNorm, RMS
+norm) takes that module's rule; a tied parameter held by several such modules takes all of
+them and its per-row gradients are summed over the uses. A parameter held only by modules of
+unknown kind is covered by ``functorch`` on its first owner. RMS norms whose output turns out
+not to be ``weight * x / rms(x)`` switch to ``functorch`` at run time (``Plan.fallbacks``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..capture.rules import FUNCTORCH, rule_for
+
+
+@dataclass
+class Entry:
+    """One hooked module: its rule and ``{attribute: parameter name}`` for the parameters it covers."""
+
+    module_name: str
+    module: torch.nn.Module
+    rule: object
+    names: dict[str, str]
+
+
+@dataclass
+class Plan:
+    entries: list[Entry]
+    params: dict[str, torch.nn.Parameter]  # trainable, named_parameters() order, tied once
+    fallbacks: set = field(default_factory=set)  # module names switched to functorch at run time
+    # (name, id(spec)) -> (spec, Gram-path axis map, its device), filled on first use
+    ghost_maps: dict = field(default_factory=dict)
+
+    def describe(self) -> dict[str, list[str]]:
+        """``{parameter name: ["module_name:path", ...]}`` (several entries for tied parameters)."""
+        out: dict[str, list[str]] = {n: [] for n in self.params}
+        for e in self.entries:
+            path = "functorch" if e.module_name in self.fallbacks else e.rule.name
+            for n in e.names.values():
+                out[n].append(f"{e.module_name}:{path}")
+        return out
+
+
+def build_plan(model: torch.nn.Module) -> Plan:
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    name_of = {id(p): n for n, p in params.items()}
+    known, owners = [], {}
+    for mname, module in model.named_modules(remove_duplicate=True):
+        direct = {a: p for a, p in module._parameters.items()
+                  if p is not None and id(p) in name_of}
+        if not direct:
+            continue
+        rule = rule_for(module)
+        if rule is not None:
+            names = {a: name_of[id(p)] for a, p in direct.items() if a in rule.attrs}
+            if names:
+                known.append(Entry(mname, module, rule, names))
+        for a, p in direct.items():
+            owners.setdefault(id(p), []).append((mname, module, a, rule))
+    covered = {n for e in known for n in e.names.values()}
+    fallback: dict[str, Entry] = {}
+    for pid, uses in owners.items():
+        pname = name_of[pid]
+        if pname in covered:
+            continue
+        mname, module, attr, _ = uses[0]
+        fallback.setdefault(mname, Entry(mname, module, FUNCTORCH, {})).names[attr] = pname
+    return Plan(known + list(fallback.values()), params)
+
+
+def capture_plan(model: torch.nn.Module) -> dict[str, list[str]]:
+    """Report, per trainable parameter, the module(s) and capture path that compute its
+    per-row gradients: ``linear``, ``conv1d``, ``embedding``, ``layernorm``, ``rmsnorm`` or
+    ``functorch``. RMS norms are verified on the first forward; see ``Plan.fallbacks``."""
+    return build_plan(model).describe()

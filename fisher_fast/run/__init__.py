@@ -1,0 +1,1 @@
+"""Orchestration: the options of one call, the loop over chunks, a batch's statistics."""

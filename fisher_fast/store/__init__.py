@@ -1,0 +1,1 @@
+"""The tiered (device, host, disk) store of per-unit contributions."""

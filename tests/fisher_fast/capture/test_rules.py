@@ -1,0 +1,153 @@
+"""Every capture path against per-row autograd, on a tiny model that uses them all."""
+
+import pytest
+import torch
+
+import fisher_fast as ff
+from fisher_ref.testing.compare import assert_dicts_close
+from fisher_ref.testing.tolerances import tolerance
+
+from tests.fisher_fast._fast_modules import TinyLM, row_gradients, tiny_batch
+
+GHOST = dict(zip(("rtol", "atol"), tolerance("ghost-norm")))
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_per_row_gradients_match_autograd(tied):
+    model, batch = TinyLM(tied=tied), tiny_batch()
+    got = ff.per_sample_gradients(model, batch, dtype=torch.float64, chunk_size=3)
+    want = row_gradients(model, batch, ff.causal_lm_loss)
+    assert_dicts_close(got.tensors, want, **dict(zip(("rtol", "atol"), tolerance("float64-paths"))))
+
+
+def test_padding_row_of_embedding_gets_no_gradient():
+    model, batch = TinyLM(), tiny_batch()
+    got = ff.per_sample_gradients(model, batch, dtype=torch.float64)
+    assert torch.count_nonzero(got.tensors["emb.weight"][:, 0]) == 0
+    assert torch.count_nonzero(got.tensors["emb.weight"][:, 1:]) > 0
+
+
+def test_each_module_kind_takes_its_path():
+    model = TinyLM()
+    ff.per_sample_gradients(model, tiny_batch(B=2))  # runs the RMS check
+    plan = ff.capture_plan(model)
+    assert plan["emb.weight"] == ["emb:embedding"]
+    assert plan["ln.bias"] == ["ln:layernorm"]
+    assert plan["lin.weight"] == ["lin:linear"]
+    assert plan["rms.weight"] == ["rms:rmsnorm"]
+    assert plan["scale.scale"] == ["scale:functorch"]
+    assert plan["conv.weight"] == ["conv:conv1d"]
+
+
+def test_rms_lookalike_that_is_not_rms_falls_back_to_functorch():
+    from fisher_fast.capture.plan import build_plan
+
+    model = TinyLM()
+    assert ff.capture_plan(model)["gemma.weight"] == ["gemma:rmsnorm"]  # by its attributes
+    plan = build_plan(model)
+    from fisher_fast.run.chunks import run_chunks
+    from fisher_fast.stats.sinks import PerUnitSink
+    from fisher_fast.batching.units import plan_units
+    batch = tiny_batch(B=2)
+    units = plan_units(model, batch, [0, 1], ff.causal_lm_loss, "sample", "sample")
+    sink = PerUnitSink(plan.params, 2, torch.float64, "cpu")
+    list(run_chunks(model, plan, ff.causal_lm_loss, batch, units, dtype=torch.float64,
+                    new_sink=lambda s, n: sink))
+    assert plan.describe()["gemma.weight"] == ["gemma:functorch"]
+
+
+def test_tied_parameter_appears_once_with_both_uses():
+    plan = ff.capture_plan(TinyLM(tied=True))
+    assert sorted(plan["emb.weight"]) == ["emb:embedding", "out:linear"]
+    assert "out.weight" not in plan
+
+
+def test_ghost_norms_equal_materialised_row_norms():
+    from fisher_fast.capture.rules import CONV1D, LINEAR
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 5, 4, generator=g, dtype=torch.float64)
+    dy = torch.randn(3, 5, 6, generator=g, dtype=torch.float64)
+    full = torch.einsum("nto,nti->noi", dy, x)  # [n, out, in] by definition
+    rows = LINEAR.ghost(None, x, dy, slice(0, 3), torch.float64)
+    cols = CONV1D.ghost(None, x, dy, slice(0, 3), torch.float64)
+    inputs = LINEAR.ghost(None, x, dy, slice(0, 3), torch.float64, "in")
+    torch.testing.assert_close(rows, full.square().sum(-1), **GHOST)
+    torch.testing.assert_close(cols, full.square().sum(-1), **GHOST)
+    torch.testing.assert_close(inputs, full.square().sum(-2), **GHOST)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "bert", "gpt_neox", "phi3"])
+def test_hf_models_need_no_functorch_and_tie_their_heads(arch):
+    from fisher_ref.testing.models import TinyConfig, build_model
+
+    plan = ff.capture_plan(build_model(TinyConfig(arch=arch, num_layers=1)))
+    paths = {use.split(":")[1] for uses in plan.values() for use in uses}
+    assert "functorch" not in paths
+    tied = [uses for uses in plan.values() if len(uses) == 2]
+    assert len(tied) == 1 and {u.split(":")[1] for u in tied[0]} == {"embedding", "linear"}
+
+
+def _sparse_only(monkeypatch):
+    """Make the dense embedding rule fail, so that a passing run took the pair path."""
+    from fisher_fast.capture.rules import EMBEDDING
+
+    def dense(*a, **k):
+        raise AssertionError("dense [n, V, d] embedding gradient formed")
+    monkeypatch.setattr(EMBEDDING, "grads", dense)
+
+
+def test_sparse_embedding_moments_equal_dense_rows(monkeypatch):
+    # repeated tokens within rows (V = 7, T = 6) and a padding token (id 0) in every row
+    model, batch = TinyLM(rms=False), tiny_batch(B=5, seed=3)
+    assert all(len(set(r[:-1].tolist())) < 5 for r in batch["input_ids"])  # repeats in each row
+    rows = ff.per_sample_gradients(model, batch, dtype=torch.float64).tensors  # dense path
+    _sparse_only(monkeypatch)
+    kw = dict(dtype=torch.float64, chunk_size=2)
+    fisher = ff.empirical_fisher(model, batch, **kw)
+    variance = ff.gradient_variance(model, batch, **kw)
+    groups = ff.group_fisher(model, batch, **kw)
+    tol = dict(zip(("rtol", "atol"), tolerance("float64-paths")))
+    for name in ("emb.weight", "pos.weight"):
+        g = rows[name]
+        torch.testing.assert_close(fisher[name], g.square().mean(0), **tol)
+        torch.testing.assert_close(variance[name], g.var(0, unbiased=False), **tol)
+        torch.testing.assert_close(groups[name]["mean"], g.square().sum(-1).mean(0), **tol)
+
+
+def test_sparse_embedding_path_equals_oracle(monkeypatch):
+    import fisher_ref as fr
+    from fisher_ref.testing.batches import random_batch
+    from fisher_ref.testing.models import TinyConfig, build_model
+
+    # untied GPT-2, vocab 5 over 6 positions (tokens repeat within rows), padded rows
+    model = build_model(TinyConfig(arch="gpt2", num_layers=1, vocab_size=5,
+                                   tie_embeddings=False)).double()
+    batch = random_batch(vocab_size=5, batch_size=4, seq_len=6, seed=2, empty_rows=(1,))
+    _sparse_only(monkeypatch)
+    tol = dict(zip(("rtol", "atol"), tolerance("float64-paths")))
+    for fast, ref in [(ff.empirical_fisher, fr.empirical_fisher),
+                      (ff.gradient_variance, fr.gradient_variance)]:
+        assert_dicts_close(fast(model, batch, dtype=torch.float64, chunk_size=3),
+                           ref(model, batch), **tol)
+
+
+def test_tied_embedding_scatters_into_the_shared_buffer(monkeypatch):
+    # GPT-2's wte is also its head: each row's embedding share is scattered into the
+    # per-row buffer that holds the head's share (repeated tokens summed, before squaring),
+    # never formed densely on its own; per-row gradients and F equal the oracle's
+    import fisher_ref as fr
+    from fisher_ref.testing.batches import random_batch
+    from fisher_ref.testing.models import TinyConfig, build_model
+
+    model = build_model(TinyConfig(arch="gpt2", num_layers=1, vocab_size=5)).double()
+    assert model.lm_head.weight is model.transformer.wte.weight
+    batch = random_batch(vocab_size=5, batch_size=4, seq_len=6, seed=2, empty_rows=(1,))
+    tol = dict(zip(("rtol", "atol"), tolerance("float64-paths")))
+    got = ff.per_sample_gradients(model, batch, dtype=torch.float64, chunk_size=2)
+    want = fr.per_sample_gradients(model, batch)
+    torch.testing.assert_close(got.tensors["transformer.wte.weight"],
+                               want.tensors["transformer.wte.weight"], **tol)
+    _sparse_only(monkeypatch)  # from here a dense embedding gradient would fail the test
+    assert_dicts_close(ff.empirical_fisher(model, batch, dtype=torch.float64, chunk_size=3),
+                       fr.empirical_fisher(model, batch), **tol)
