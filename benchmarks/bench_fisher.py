@@ -168,7 +168,8 @@ def measure(name, model, batch, args) -> dict:
 
 def interleaved_times(methods, model, batch, args) -> dict:
     """Median seconds per method over ``args.repeats`` rounds that cycle through the methods,
-    so that a busy machine slows every method alike."""
+    so that a busy machine slows every method alike.
+    """
     times = {m: [] for m in methods}
     for m in methods:
         RUNNERS[m](model, batch, args)  # warm-up

@@ -5,11 +5,24 @@ See docs/fisher_fast.md. Never imports fisher_ref.
 
 from .accumulator import FisherAccumulator
 from .capture.plan import capture_plan
-from .estimators import (batch_squared_gradient, empirical_fisher, exact_fisher,
-                         gradient_variance, group_fisher, mc_fisher, mean_gradient,
-                         squared_mean_gradient)
-from .losses import (CausalLMLoss, MaskedLMLoss, SequenceClassificationLoss, causal_lm_loss,
-                     masked_lm_loss, sequence_classification_loss)
+from .estimators import (
+                         batch_squared_gradient,
+                         empirical_fisher,
+                         exact_fisher,
+                         gradient_variance,
+                         group_fisher,
+                         mc_fisher,
+                         mean_gradient,
+                         squared_mean_gradient,
+)
+from .losses import (
+                         CausalLMLoss,
+                         MaskedLMLoss,
+                         SequenceClassificationLoss,
+                         causal_lm_loss,
+                         masked_lm_loss,
+                         sequence_classification_loss,
+)
 from .per_sample import iter_unit_gradients, per_sample_gradients
 from .results import FisherResult, PerUnit
 
@@ -22,13 +35,13 @@ __all__ = [
 ]
 
 # --- attention half (layouts, slicing, contributions, interference, conflicts, fdr) -------
+from .attention.layouts import AttentionLayout, LayerAttention, attention_layout  # noqa: E402
+from .attention.slicing import head_group_ids, qkov_mask  # noqa: E402
 from .conflicts import ConflictResult, conflicts  # noqa: E402
-from .store.contribution_store import ContributionStore  # noqa: E402
 from .contributions import per_sample_contributions  # noqa: E402
 from .fdr import bh_qvalues, by_qvalues  # noqa: E402
 from .interference import InterferenceResult, interference  # noqa: E402
-from .attention.layouts import AttentionLayout, LayerAttention, attention_layout  # noqa: E402
-from .attention.slicing import head_group_ids, qkov_mask  # noqa: E402
+from .store.contribution_store import ContributionStore  # noqa: E402
 
 __all__ += [
     "AttentionLayout", "ConflictResult", "ContributionStore", "InterferenceResult",

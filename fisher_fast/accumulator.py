@@ -12,16 +12,16 @@ import hashlib
 
 import torch
 
-from .stats import readout
-from .run.batch_statistics import Config, accumulate_batch
-from .capture.plan import build_plan
-from .run.chunks import check_autocast, check_dtype, model_device
-from .stats.groups import resolve_groups
-from .batching.label_draws import row_uniforms
-from .losses import has_token_protocol
-from .stats.task_state import TaskState
-from .batching.units import aligned_targets, with_shared_draws
 from .batching.checks import check_choice, check_positive_int, resolve_loss, split_batch
+from .batching.label_draws import row_uniforms
+from .batching.units import aligned_targets, with_shared_draws
+from .capture.plan import build_plan
+from .losses import has_token_protocol
+from .run.batch_statistics import Config, accumulate_batch
+from .run.chunks import check_autocast, check_dtype, model_device
+from .stats import readout
+from .stats.groups import resolve_groups
+from .stats.task_state import TaskState
 
 LABELS = ("true", "mc")
 STATISTICS = ("all", "fisher")
@@ -165,7 +165,8 @@ class FisherAccumulator:
 
     def empirical_fisher(self, task="default"):
         """F = Σ w_u g_u² / W (E[g²]); with ``labels="mc"``, the MC Fisher (mean over the
-        draws)."""
+        draws).
+        """
         return readout.empirical_fisher(self._state(task))
 
     def squared_mean_gradient(self, task="default"):
@@ -182,7 +183,8 @@ class FisherAccumulator:
 
     def batch_squared_gradient(self, micro_batch_size, task="default"):
         """Σ_m W_m ḡ_m² / W over micro-batches of ``micro_batch_size`` consecutive units
-        (a size given in ``micro_batch_sizes``)."""
+        (a size given in ``micro_batch_sizes``).
+        """
         self._true_labels("batch_squared_gradient")
         return readout.batch_squared_gradient(self._state(task), micro_batch_size)
 
@@ -207,7 +209,7 @@ class FisherAccumulator:
         from .stats.state_file import save_file
         save_file(self.state_dict(), path)
 
-    def load(self, path) -> "FisherAccumulator":
+    def load(self, path) -> FisherAccumulator:
         """Replace the states by those saved at ``path`` (same configuration required)."""
         from .stats.state_file import load_file
         self.load_state_dict(load_file(path))
@@ -238,7 +240,8 @@ def _describe_group(spec) -> list:
 
 def _describe_loss(loss) -> str:
     """The loss as far as it can be named: a built-in's repr (class and reduction), else
-    the qualified name of its function or class (two lambdas of one module look alike)."""
+    the qualified name of its function or class (two lambdas of one module look alike).
+    """
     if has_token_protocol(loss) and type(loss).__module__.startswith("fisher_fast."):
         return repr(loss)
     named = loss if hasattr(loss, "__qualname__") else type(loss)

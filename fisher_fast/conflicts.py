@@ -35,10 +35,10 @@ import numbers
 import numpy as np
 import torch
 
-from .fdr import bh_qvalues, by_qvalues
-from .interference import check_same_parameters
 from .attention.layouts import AttentionLayout, attention_layout
 from .attention.slicing import BLOCKS, block_params, slice_matrix
+from .fdr import bh_qvalues, by_qvalues
+from .interference import check_same_parameters
 
 GROUPINGS = ("heads", "parameters")
 _CHUNK_ELEMENTS = 1 << 24   # float64 entries per temporary in the permutation products
@@ -148,7 +148,8 @@ def conflicts_from_units(ga, gb, *, groups="heads", layout: AttentionLayout | No
 
 def _check_options(groups, n_permutations, seed, n_bootstrap, fdr) -> tuple[int, int, int]:
     """Checks the options; returns ``(n_permutations, seed, n_bootstrap)`` as Python ints
-    (numpy integers are accepted)."""
+    (numpy integers are accepted).
+    """
     if groups not in GROUPINGS:
         raise ValueError(f"groups: expected one of {GROUPINGS}, got {groups!r}.")
     for name, v in (("n_permutations", n_permutations), ("n_bootstrap", n_bootstrap)):
@@ -163,7 +164,8 @@ def _check_options(groups, n_permutations, seed, n_bootstrap, fdr) -> tuple[int,
 
 def _group_grams(pooled: dict, groups: str, layout, include_bias):
     """Group names, each group's index into the distinct slices (query heads sharing a kv head
-    share its K and V slice), and the distinct slices' Gram matrices ``[K, N, N]``."""
+    share its K and V slice), and the distinct slices' Gram matrices ``[K, N, N]``.
+    """
     if groups == "parameters":
         grams = []
         for t in pooled.values():

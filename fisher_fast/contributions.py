@@ -18,7 +18,8 @@ from .results import PerUnit
 def unit_gradients(model, batch, *, loss_fn=None, unit="sample", weighting="sample",
                    sample_ids=None, dtype=None, params=None) -> PerUnit:
     """``fisher_fast.per_sample.per_sample_gradients`` (the core's batched capture), of
-    ``params`` only when given."""
+    ``params`` only when given.
+    """
     from .per_sample import per_sample_gradients
 
     return per_sample_gradients(model, batch, loss_fn=loss_fn, unit=unit, weighting=weighting,

@@ -19,16 +19,16 @@ from __future__ import annotations
 
 import torch
 
-from .stats import readout
-from .run.batch_statistics import Config, accumulate_batch
-from .capture.plan import build_plan
-from .run.chunks import check_autocast, check_dtype
-from .stats.groups import resolve_groups
-from .batching.label_draws import row_uniforms
-from .stats.task_state import TaskState
-from .batching.units import aligned_targets, with_shared_classes, with_shared_draws
-from .batching.row_losses import chunk_rows
 from .batching.checks import check_positive_int, resolve_loss, split_batch
+from .batching.label_draws import row_uniforms
+from .batching.row_losses import chunk_rows
+from .batching.units import aligned_targets, with_shared_classes, with_shared_draws
+from .capture.plan import build_plan
+from .run.batch_statistics import Config, accumulate_batch
+from .run.chunks import check_autocast, check_dtype
+from .stats import readout
+from .stats.groups import resolve_groups
+from .stats.task_state import TaskState
 
 
 def _run(model, batch, *, loss_fn, unit, weighting, sample_ids, dtype, chunk_size,
@@ -63,7 +63,8 @@ def empirical_fisher(model, batch, *, loss_fn=None, unit="sample", weighting="sa
     gradient, then average). Scaling every loss by c scales F by c²; ``reduction="sum"``
     makes a row's gradient K_i times its ``"mean"`` gradient. No epsilon is added.
     Keeps E[g²] alone per element (``moments.SecondMoment``), not the mean and M2 that
-    ``FisherAccumulator`` keeps for every estimator."""
+    ``FisherAccumulator`` keeps for every estimator.
+    """
     return readout.empirical_fisher(_run(**locals(), second_only=True), discard=True)
 
 
@@ -79,7 +80,8 @@ def gradient_variance(model, batch, *, loss_fn=None, unit="sample", weighting="s
                       allow_tf32=False, autocast=None, unbiased=False):
     """Gradient variance :math:`V = F - S = \\sum_u w_u (g_u - \\bar g)^2 / W`, from the
     Welford M2 (never negative: M2 is clamped at 0 per chunk against rounding only). ``unbiased=True`` multiplies by
-    :math:`W^2 / (W^2 - \\sum_u w_u^2)` (U/(U−1) for unit weights); needs two units."""
+    :math:`W^2 / (W^2 - \\sum_u w_u^2)` (U/(U−1) for unit weights); needs two units.
+    """
     kw = dict(locals())
     kw.pop("unbiased")
     return readout.gradient_variance(_run(**kw), unbiased)

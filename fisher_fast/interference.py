@@ -108,7 +108,8 @@ def interference(model: torch.nn.Module, batch_a: dict, batch_b: dict, *, fisher
 
 class _TaskA:
     """What the scores need of task A: ids, W = Σ w, Σ_u w_u C_u per parameter (for F̂) and
-    ``read(ids) -> {name: C[ids]}``."""
+    ``read(ids) -> {name: C[ids]}``.
+    """
 
     def __init__(self, ids, W, sum_wc, read):
         self.ids, self.W, self.sum_wc, self.read = list(ids), W, sum_wc, read
@@ -120,7 +121,8 @@ def _weighted_sums(c: dict, w: torch.Tensor, names) -> dict:
 
 def _file_task_a(model, batch_a, store, task_a, names, chunk_size, kw) -> _TaskA:
     """A's contributions computed a chunk at a time (``iter_unit_gradients``), filed in the
-    store and summed into Σ w C as they go: only one chunk of A's gradients is in memory."""
+    store and summed into Σ w C as they go: only one chunk of A's gradients is in memory.
+    """
     from .per_sample import iter_unit_gradients
 
     ids, W, sums = [], None, {}
@@ -140,7 +142,8 @@ def interference_from_units(lay: AttentionLayout, ga, gb, *, fisher="a", signed=
                             ridge_rel=0.0, top_k=100, include_bias=False, names=None,
                             store=None, task_a="a", chunk_size=None) -> InterferenceResult:
     """Interference from per-unit gradients (``PerUnit``-like: ``tensors``, ``ids``, ``weights``).
-    With ``store``, A's contributions are filed there and read back ``chunk_size`` at a time."""
+    With ``store``, A's contributions are filed there and read back ``chunk_size`` at a time.
+    """
     _check_options(fisher, signed, eps, ridge_rel, top_k)
     check_same_parameters(ga.tensors, gb.tensors)
     names = names or _layout_names(lay, include_bias)

@@ -90,7 +90,8 @@ class _TokenLoss:
     def logits_and_targets(self, model: torch.nn.Module, batch: dict):
         """Checks the targets against the number of classes C before any loss is formed: an
         out-of-range class would be an IndexError on the CPU and a device-side assert (a
-        lost CUDA context) on a GPU. (One host sync per call on a GPU.)"""
+        lost CUDA context) on a GPU. (One host sync per call on a GPU.)
+        """
         targets = self.targets(batch)
         logits, _ = self.align(model_logits(model, batch), batch["labels"])
         C = logits.shape[-1]

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import torch
 
-from .capture.plan import build_plan
-from .batching.chunk_sizes import default_budget, rows_per_chunk
-from .run.chunks import check_autocast, check_dtype, forward_context, model_device, run_chunks
-from .results import PerUnit
-from .stats.sinks import PerUnitSink
-from .batching.units import plan_units
 from .batching.checks import resolve_loss, split_batch
+from .batching.chunk_sizes import default_budget, rows_per_chunk
+from .batching.units import plan_units
+from .capture.plan import build_plan
+from .results import PerUnit
+from .run.chunks import check_autocast, check_dtype, forward_context, model_device, run_chunks
+from .stats.sinks import PerUnitSink
 
 
 def per_sample_gradients(model, batch, *, loss_fn=None, unit="sample", weighting="sample",
@@ -71,7 +71,8 @@ def iter_unit_gradients(model, batch, *, loss_fn=None, unit="sample", weighting=
     of empty rows only is a ``ValueError``, as for ``per_sample_gradients``), so that
     only one chunk's gradients exist at once. The default chunk holds at most half of the
     memory budget's worth of per-unit gradients (n · Σ numel · bytes), besides the
-    activation bound of ``per_sample_gradients``; the yielded tensors are the caller's."""
+    activation bound of ``per_sample_gradients``; the yielded tensors are the caller's.
+    """
     run = _Run(model, batch, loss_fn, unit, weighting, sample_ids, dtype, params)
     if chunk_size is None:
         budget = default_budget(run.device) if memory_budget is None else int(memory_budget)
@@ -130,7 +131,8 @@ def check_rows_independent(model, loss, tensors, units, result: PerUnit, autocas
     """Raise ``ValueError`` unless the first and last units' gradients, computed alone (a
     forward of that one row, plain autograd, under the same ``autocast``), equal the batched
     ones (curvlinops' ``f(X) == vmap(f)(X)`` guard) for the parameters in ``result``. A
-    batch-coupled model (batch statistics, rows mixed) fails it."""
+    batch-coupled model (batch statistics, rows mixed) fails it.
+    """
     from .batching.row_losses import chunk_losses, chunk_rows
 
     params = {n: p for n, p in model.named_parameters() if p.requires_grad and n in result.tensors}

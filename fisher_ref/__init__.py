@@ -5,16 +5,31 @@ definition that ``fisher_fast`` must reproduce. See docs/definitions.md.
 """
 
 from fisher_ref.gradient_moments import (
-    batch_squared_gradient, batch_squared_gradient_of, empirical_fisher, empirical_fisher_of,
-    gradient_variance, gradient_variance_of, mean_gradient, mean_gradient_of,
-    squared_mean_gradient, squared_mean_gradient_of,
+    batch_squared_gradient,
+    batch_squared_gradient_of,
+    empirical_fisher,
+    empirical_fisher_of,
+    gradient_variance,
+    gradient_variance_of,
+    mean_gradient,
+    mean_gradient_of,
+    squared_mean_gradient,
+    squared_mean_gradient_of,
 )
 from fisher_ref.groups import group_fisher, group_fisher_of, group_ids, reduce_groups
 from fisher_ref.impact import (
-    estimator_impact, kendall, pruning_mask_jaccard, spearman, topk_jaccard,
+    estimator_impact,
+    kendall,
+    pruning_mask_jaccard,
+    spearman,
+    topk_jaccard,
 )
 from fisher_ref.losses import (
-    CausalLMLoss, MaskedLMLoss, SequenceClassificationLoss, causal_lm_loss, masked_lm_loss,
+    CausalLMLoss,
+    MaskedLMLoss,
+    SequenceClassificationLoss,
+    causal_lm_loss,
+    masked_lm_loss,
     sequence_classification_loss,
 )
 from fisher_ref.mc_fisher import exact_fisher, mc_fisher
@@ -38,11 +53,17 @@ from fisher_ref.conflicts import ConflictResult, conflicts, conflicts_from_gradi
 from fisher_ref.contributions import contributions_from_gradients, per_sample_contributions  # noqa: E402
 from fisher_ref.fdr import bh_qvalues, by_qvalues  # noqa: E402
 from fisher_ref.interference import (  # noqa: E402
-    InterferenceResult, interference, interference_from_gradients,
+    InterferenceResult,
+    interference,
+    interference_from_gradients,
 )
 from fisher_ref.layouts import AttentionLayout, LayerAttention, attention_layout  # noqa: E402
 from fisher_ref.semantic_check import (  # noqa: E402
-    SemanticReport, SliceCheck, check_layout, check_masks, validate_layout,
+    SemanticReport,
+    SliceCheck,
+    check_layout,
+    check_masks,
+    validate_layout,
 )
 from fisher_ref.slicing import head_group_ids, qkov_mask  # noqa: E402
 

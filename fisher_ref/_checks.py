@@ -1,5 +1,6 @@
 """Input validation for ``fisher_ref``: every failure is a ``ValueError`` saying
-what was expected and what came."""
+what was expected and what came.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +10,11 @@ import math
 import torch
 
 from fisher_ref.losses import (
-    CausalLMLoss, MaskedLMLoss, SequenceClassificationLoss, _TokenLoss, causal_lm_loss,
+    CausalLMLoss,
+    MaskedLMLoss,
+    SequenceClassificationLoss,
+    _TokenLoss,
+    causal_lm_loss,
     is_token_loss,
 )
 
@@ -80,7 +85,8 @@ def resolve_sample_ids(batch: dict, sample_ids, batch_size: int) -> list:
 def _check_keys(model, batch: dict, loss_fn=None) -> None:
     """The batch's keys fit the model's forward. The built-in losses (``loss_fn=None`` or a
     ``fisher_ref.losses`` loss) withhold ``labels`` from the model, so a forward without a
-    ``labels`` argument is fine for them."""
+    ``labels`` argument is fine for them.
+    """
     withheld = {"sample_ids", "labels"} if loss_fn is None or isinstance(loss_fn, _TokenLoss) \
         else {"sample_ids"}
     keys = [k for k in batch if k not in withheld]

@@ -55,7 +55,8 @@ TIE_ATOL = 1e-12
 class ConflictResult(dict):
     """``{group name: {"mean_cosine", "p", "q", "effect", "interval", "null_mean", "null_sd",
     "n_a", "n_b"}}`` with ``nulls`` (group -> permutation statistics, ``ndarray[P]``),
-    ``fdr``, ``n_permutations``, ``seed``, ``ids_a`` and ``ids_b``."""
+    ``fdr``, ``n_permutations``, ``seed``, ``ids_a`` and ``ids_b``.
+    """
 
     def __init__(self, data, *, nulls, fdr, n_permutations, seed, ids_a, ids_b):
         super().__init__(data)

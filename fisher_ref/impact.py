@@ -69,7 +69,8 @@ def topk_jaccard(a, b, fraction: float = 0.1) -> float:
 
 def pruning_mask_jaccard(a, b, sparsity: float = 0.5) -> float:
     r"""Jaccard of the pruned sets: the :math:`\lfloor s \cdot n \rfloor` least important entries
-    (1.0 when nothing is pruned)."""
+    (1.0 when nothing is pruned).
+    """
     if not 0 <= sparsity <= 1:
         raise ValueError(f"sparsity: expected a number in [0, 1], got {sparsity!r}.")
     va, vb = _pair(a, b)
@@ -79,7 +80,8 @@ def pruning_mask_jaccard(a, b, sparsity: float = 0.5) -> float:
 
 def estimator_impact(a, b, *, sparsity: float = 0.5) -> dict[str, float]:
     """All §9 metrics: ``spearman``, ``kendall``, ``topk_jaccard_10``, ``topk_jaccard_20``,
-    ``pruning_mask_jaccard``."""
+    ``pruning_mask_jaccard``.
+    """
     return {
         "spearman": spearman(a, b),
         "kendall": kendall(a, b),

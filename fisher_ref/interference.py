@@ -51,7 +51,7 @@ class InterferenceResult(dict):
         self.top_k = _top_k(scores, self.ids_a, self.ids_b, signed, top_k)
 
     def pair(self, id_a, id_b) -> dict:
-        """block -> ``Tensor[L, H]`` for one (task-A id, task-B id) pair."""
+        """Block -> ``Tensor[L, H]`` for one (task-A id, task-B id) pair."""
         i, j = _position(self.ids_a, id_a, "id_a"), _position(self.ids_b, id_b, "id_b")
         return {b: m[i, j] for b, m in self.items()}
 

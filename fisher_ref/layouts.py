@@ -78,7 +78,7 @@ class LayerAttention:
 
     @property
     def group_size(self) -> int:
-        """r = H / H_kv, the query heads per key-value head."""
+        """R = H / H_kv, the query heads per key-value head."""
         return self.num_heads // self.num_kv_heads
 
     def kv_head(self, head: int) -> int:

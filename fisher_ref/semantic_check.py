@@ -91,7 +91,8 @@ class SliceCheck:
     @property
     def status(self) -> str:
         """``"passed"``, ``"failed"`` (a problem) or ``"inconclusive"`` (none, but an
-        expectation these inputs cannot test)."""
+        expectation these inputs cannot test).
+        """
         return "failed" if self.problems else "inconclusive" if self.inconclusive else "passed"
 
     @property
@@ -121,7 +122,8 @@ class SemanticReport:
 
     def inconclusive(self) -> list:
         """The checks that found no problem but could not test every expectation on these
-        inputs (another ``batch`` or ``seed`` may decide them)."""
+        inputs (another ``batch`` or ``seed`` may decide them).
+        """
         return [c for c in self.checks if c.status == "inconclusive"]
 
     def __str__(self) -> str:
@@ -268,7 +270,7 @@ class _Session:
         self.perturber = _Perturber(self.model, seed)
         self._probes = {}
 
-    def probe(self, la) -> "_Probe":
+    def probe(self, la) -> _Probe:
         """The layer's sensitivity probe (computed once per layer)."""
         if la.index not in self._probes:
             self._probes[la.index] = _Probe.of(self, la)
@@ -311,7 +313,8 @@ class _Session:
 
 def _union(la, blocks, shapes, pick=None) -> dict:
     """The layout's own slices of every head for ``blocks``, united per tensor (``pick``
-    maps a head's masks to a subset of them)."""
+    maps a head's masks to a subset of them).
+    """
     out = {}
     for h in range(la.num_heads):
         for b in blocks:
@@ -323,7 +326,8 @@ def _union(la, blocks, shapes, pick=None) -> dict:
 
 def _q_bias_parts(la, masks: dict) -> dict:
     """``{"bias entries": m, "last bias entry": m_last}``: a Q slice's query-bias entries and
-    its last one alone (empty when the slice has none)."""
+    its last one alone (empty when the slice has none).
+    """
     m = masks.get(la.q_bias) if la.q_bias is not None else None
     if m is None or not bool(m.any()):
         return {}
@@ -360,7 +364,7 @@ class _Probe:
     o_input: torch.Tensor
 
     @classmethod
-    def of(cls, s: "_Session", la) -> "_Probe":
+    def of(cls, s: _Session, la) -> _Probe:
         shapes = {n: p.shape for n, p in s.params.items()}
         dp, dz = s.moved(la, _union(la, ("Q", "K"), shapes))
         _, dv = s.moved(la, _union(la, ("V",), shapes))
@@ -384,10 +388,11 @@ def _blind(sensitive, heads) -> list:
     return [g for g in heads if sensitive is not None and not bool(sensitive[g])]
 
 
-def _compare(c: "SliceCheck", changed, want, blind, problem: str, subject: str, why: str):
+def _compare(c: SliceCheck, changed, want, blind, problem: str, subject: str, why: str):
     """Record ``"{problem} for heads {changed}, expected {want}"`` when the heads differ
     other than by heads the probe shows cannot move (``blind``); those alone make the check
-    inconclusive instead (``"{subject} of heads ... cannot move on these inputs (why)"``)."""
+    inconclusive instead (``"{subject} of heads ... cannot move on these inputs (why)"``).
+    """
     missing = [g for g in want if g not in changed]
     unseen = [g for g in missing if g in blind]
     if [g for g in changed if g not in want] or len(unseen) < len(missing):
@@ -405,7 +410,7 @@ def _heads_over(values, atol) -> list:
     return [int(i) for i in torch.nonzero(values > atol).flatten()]
 
 
-def _query_bias_check(s: "_Session", la, head: int, masks: dict, c: "SliceCheck") -> None:
+def _query_bias_check(s: _Session, la, head: int, masks: dict, c: SliceCheck) -> None:
     """A query bias moves its head's pattern; a key bias (without rotary) moves none.
 
     Perturbs the Q slice's bias entries, then its last bias entry alone (a pass-through,
@@ -473,7 +478,8 @@ def _complement(masks_list, params) -> dict:
 
 def _complement_checks(s: _Session, la, head, slices: dict) -> list:
     """Unchanged outside the union can only prove completeness where the head can move:
-    otherwise the check is inconclusive."""
+    otherwise the check is inconclusive.
+    """
     checks = []
     probe = s.probe(la)
     for block, union in (("Q", ("Q", "K")), ("V", ("Q", "K", "V"))):
@@ -575,7 +581,8 @@ def check_layout(model: torch.nn.Module, layout=None, *, layers=None, heads=None
 
 def validate_layout(model: torch.nn.Module, layout=None, **kwargs) -> AttentionLayout:
     """:func:`check_layout`, raising ``ValueError`` with the failures (or, where nothing
-    failed, the inconclusive checks: pass another ``batch`` or ``seed``); returns the layout."""
+    failed, the inconclusive checks: pass another ``batch`` or ``seed``); returns the layout.
+    """
     lay = layout if isinstance(layout, AttentionLayout) else attention_layout(model, layout)
     report = check_layout(model, lay, **kwargs)
     if report.failures():

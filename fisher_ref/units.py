@@ -21,7 +21,11 @@ from dataclasses import dataclass
 import torch
 
 from fisher_ref._checks import (
-    check_batch, check_finite_grad, check_finite_loss, check_model, check_options,
+    check_batch,
+    check_finite_grad,
+    check_finite_loss,
+    check_model,
+    check_options,
     check_rows_independent,
 )
 from fisher_ref.losses import IGNORE_INDEX, is_token_loss, reduce_rows, token_nll

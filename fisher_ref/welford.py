@@ -35,17 +35,17 @@ class WelfordState:
     M2: torch.Tensor
 
     @classmethod
-    def empty(cls, shape, dtype=torch.float64) -> "WelfordState":
+    def empty(cls, shape, dtype=torch.float64) -> WelfordState:
         return cls(0.0, torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype))
 
     @classmethod
-    def from_tensors(cls, x: torch.Tensor, weights: torch.Tensor | None = None) -> "WelfordState":
+    def from_tensors(cls, x: torch.Tensor, weights: torch.Tensor | None = None) -> WelfordState:
         """The state of the rows of ``x [U, *shape]`` (float64), by two passes."""
         if x.shape[0] == 0:
             raise ValueError("from_tensors: expected at least one row, got 0.")
         return cls(*two_pass_moments(x, weights))
 
-    def update(self, x: torch.Tensor, weight: float = 1.0) -> "WelfordState":
+    def update(self, x: torch.Tensor, weight: float = 1.0) -> WelfordState:
         r"""Add one value with weight w (West's weighted Welford step), in place.
 
         .. math:: W' = W + w,\ \delta = x - \mu,\ \mu' = \mu + \frac{w}{W'}\delta,\
@@ -61,7 +61,7 @@ class WelfordState:
         self.W, self.mean = W, mean
         return self
 
-    def merge(self, other: "WelfordState") -> "WelfordState":
+    def merge(self, other: WelfordState) -> WelfordState:
         r"""Chan's parallel merge, returning a new state.
 
         .. math:: W = W_a + W_b,\ \delta = \mu_b - \mu_a,\ \mu = \mu_a + \delta\,W_b/W,\

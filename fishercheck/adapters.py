@@ -40,7 +40,8 @@ _FUNCTIONS = {  # capability -> fisher_fast functions it needs
 
 def resolve(spec: str):
     """An adapter from a short name (``fisher_fast``, ``fisher_fast32``, ``fisher_ref``) or a
-    ``package.module:object`` spec."""
+    ``package.module:object`` spec.
+    """
     return load_adapter(ALIASES.get(spec, spec))
 
 
@@ -143,7 +144,8 @@ def _to(x, device):
 
 class FisherFastCudaAdapter(FisherFastAdapter):
     """fisher_fast on a CUDA device (float64): each call runs on a CUDA copy of the model and
-    batches, so the harness checks the GPU path against the CPU oracle."""
+    batches, so the harness checks the GPU path against the CPU oracle.
+    """
 
     name = "fisher_fast (cuda, float64)"
 

@@ -17,7 +17,6 @@ from pathlib import Path
 
 import torch
 
-
 _EPILOG = """\
 examples:
   fishercheck run --out report/                     # embedded tiny GPT-2 and two tasks

@@ -1,5 +1,6 @@
 """The main job's inputs: the model (embedded default or a local HF checkpoint), its
-tokenizer, and the two tasks' texts turned into HF-style causal-LM batches."""
+tokenizer, and the two tasks' texts turned into HF-style causal-LM batches.
+"""
 
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ class CharTokenizer:
         self.newline = self.index["\n"]
 
     @classmethod
-    def from_dir(cls, path: Path) -> "CharTokenizer":
+    def from_dir(cls, path: Path) -> CharTokenizer:
         return cls(json.loads((Path(path) / CHAR_VOCAB).read_text()))
 
     def encode(self, text: str) -> list[int]:
@@ -49,7 +50,8 @@ def load_tokenizer(directory: Path, option: str = "--model"):
     """The tokenizer saved in ``directory``: ``char_vocab.json`` (fishercheck's character
     vocabulary) or what ``tokenizer.save_pretrained`` writes, loaded with
     ``local_files_only=True``. Never downloads; a directory without tokenizer files is an
-    error (transformers would otherwise build an empty tokenizer for some model types)."""
+    error (transformers would otherwise build an empty tokenizer for some model types).
+    """
     import transformers as tf
 
     if (directory / CHAR_VOCAB).exists():
@@ -75,7 +77,8 @@ def load_model(path: str | None, tokenizer_path: str | None = None) -> Inputs:
     """The embedded default (``path=None``) or a local HF causal-LM checkpoint (no download).
 
     The tokenizer comes from ``tokenizer_path`` when given, else from the checkpoint
-    directory (see :func:`load_tokenizer`)."""
+    directory (see :func:`load_tokenizer`).
+    """
     import transformers as tf
 
     directory = DATA if path is None else Path(path)
@@ -132,7 +135,8 @@ def _check_causal(model, directory) -> None:
 
 def model_max_length(model) -> int | None:
     """The model's number of positions (``n_positions`` / ``max_position_embeddings``), if it
-    has absolute ones."""
+    has absolute ones.
+    """
     config = getattr(model, "config", None)
     for key in ("n_positions", "max_position_embeddings"):
         value = getattr(config, key, None)
@@ -189,7 +193,8 @@ def _encode(tokenizer, text: str) -> list[int]:
 
 def make_batch(tokenizer, texts: list[str], prefix: str, max_length: int, source=None) -> dict:
     """Right-padded causal-LM batch; ids ``f"{prefix}_{k}"``; labels -100 on padding.
-    ``source`` (the task file) names where a text that cannot be encoded came from."""
+    ``source`` (the task file) names where a text that cannot be encoded came from.
+    """
     rows = []
     for k, t in enumerate(texts):
         try:
@@ -216,7 +221,8 @@ def default_tasks() -> tuple[Path, Path]:
 
 def check_batch(batch: dict, model: torch.nn.Module, path) -> None:
     """Token ids the model can embed, and at least one row with a label to predict (two or
-    more tokens: the causal-LM loss shifts by one)."""
+    more tokens: the causal-LM loss shifts by one).
+    """
     vocab = model.get_input_embeddings().num_embeddings
     top = int(batch["input_ids"].max())
     if top >= vocab:

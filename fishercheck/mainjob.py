@@ -102,9 +102,10 @@ FLOOR = 1e-6
 
 
 def relative_difference(fast_values: dict, ref_values: dict) -> float:
-    """max over parameters of max|fast - ref| / max|ref| (normwise, so small entries do not
+    """Max over parameters of max|fast - ref| / max|ref| (normwise, so small entries do not
     explode); a parameter whose max|ref| is below FLOOR times the largest of all parameters
-    (or 0) is scaled by that largest value."""
+    (or 0) is scaled by that largest value.
+    """
     ref = {k: torch.as_tensor(v).double().cpu() for k, v in ref_values.items()}
     overall = max((float(r.abs().max()) for r in ref.values() if r.numel()), default=0.0)
     worst = 0.0

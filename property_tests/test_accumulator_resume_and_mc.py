@@ -1,6 +1,7 @@
 """The streaming accumulator's state: resuming from ``state_dict`` or a saved file gives
 bit-identical results to not stopping, and ``labels="mc"`` streams equal the oracle's
-``mc_fisher`` on the whole batch, for any split into ``update`` calls and any chunk size."""
+``mc_fisher`` on the whole batch, for any split into ``update`` calls and any chunk size.
+"""
 
 from __future__ import annotations
 

@@ -21,26 +21,31 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
 import fisher_fast.losses as fl
 import fisher_ref.losses as rl
-from fisher_fast.conflicts import TIE_ATOL, conflicts as fast_conflicts
+from fisher_fast.attention.layouts import attention_layout as fast_layout
+from fisher_fast.attention.slicing import BLOCKS
+from fisher_fast.attention.slicing import head_group_ids as fast_group_ids
+from fisher_fast.attention.slicing import qkov_mask as fast_mask
+from fisher_fast.conflicts import TIE_ATOL
+from fisher_fast.conflicts import conflicts as fast_conflicts
 from fisher_fast.contributions import per_sample_contributions as fast_contributions
 from fisher_fast.interference import interference as fast_interference
-from fisher_fast.attention.layouts import attention_layout as fast_layout
-from fisher_fast.attention.slicing import BLOCKS, head_group_ids as fast_group_ids, qkov_mask as fast_mask
 from fisher_ref.conflicts import conflicts as ref_conflicts
 from fisher_ref.contributions import per_sample_contributions as ref_contributions
 from fisher_ref.interference import interference as ref_interference
 from fisher_ref.layouts import attention_layout as ref_layout
-from fisher_ref.slicing import head_group_ids as ref_group_ids, qkov_mask as ref_mask
-from fisher_ref.units import per_sample_gradients
+from fisher_ref.slicing import head_group_ids as ref_group_ids
+from fisher_ref.slicing import qkov_mask as ref_mask
 from fisher_ref.testing.batches import random_batch
 from fisher_ref.testing.compare import assert_dicts_close
 from fisher_ref.testing.models import TinyConfig, build_model, loss_kind
 from fisher_ref.testing.strategies import estimator_options
 from fisher_ref.testing.tolerances import tolerance
+from fisher_ref.units import per_sample_gradients
 
 RTOL, ATOL = tolerance("float64-paths")
 NULL_RTOL, NULL_ATOL = tolerance("null-summary")
@@ -73,7 +78,8 @@ LOSS_CLASSES = {"causal": "CausalLMLoss", "mlm": "MaskedLMLoss", "cls": "Sequenc
 
 def _batches(cfg, n_a, n_b, seed, empty_a=False, reduction=None):
     """Tasks A and B; ``empty_a``: A's second row is empty (listed, never a unit);
-    ``reduction``: the losses' reduction (None: the built-in mean losses)."""
+    ``reduction``: the losses' reduction (None: the built-in mean losses).
+    """
     kind = loss_kind(cfg.arch)
     a = random_batch(kind=kind, vocab_size=cfg.vocab_size, batch_size=n_a, seq_len=5, seed=seed,
                      sample_ids=[f"a_{i}" for i in range(n_a)],
@@ -171,7 +177,8 @@ def _oracle_p_with_exact_ties(res, n_a, n_b):
 
 def _degenerate(model, batches, ref_loss):
     """Parameters whose gradient is zero in exact arithmetic and rounding noise in floats
-    (a key bias: softmax ignores a shift of every score): their cosines are noise."""
+    (a key bias: softmax ignores a shift of every score): their cosines are noise.
+    """
     grads = [per_sample_gradients(model, b, loss_fn=ref_loss).tensors for b in batches]
     scale = max(float(t.abs().max()) for g in grads for t in g.values())
     return {n for n in grads[0] if max(float(g[n].abs().max()) for g in grads) <= 1e-12 * scale}
@@ -180,7 +187,8 @@ def _degenerate(model, batches, ref_loss):
 def _noise_groups(model, degenerate: set, groups: str, names) -> set:
     """The groups made of degenerate tensors: the parameters themselves, or the heads' slices
     of a degenerate Q/K/V/O tensor (a BERT of hidden size 2, whose LayerNorm maps every token
-    to ±(1, −1), has attention gradients ~1e-36 of the largest: every slice is noise)."""
+    to ±(1, −1), has attention gradients ~1e-36 of the largest: every slice is noise).
+    """
     if groups == "parameters":
         return set(degenerate)
     lay = ref_layout(model)

@@ -18,7 +18,7 @@ import fisher_fast as ff
 import fisher_ref as fr
 from fisher_ref.testing.compare import assert_dicts_close
 from fisher_ref.testing.models import build_model
-from fisher_ref.testing.strategies import float64_tolerance_kind, fisher_cases, loss_for, take_rows
+from fisher_ref.testing.strategies import fisher_cases, float64_tolerance_kind, loss_for, take_rows
 from fisher_ref.testing.tolerances import tolerance
 
 REORDER_RTOL, REORDER_ATOL = tolerance("float64-reorder")

@@ -1,5 +1,6 @@
 """group_fisher equals the oracle for generic and per-head groups, with or without the
-Gram-product path (which the accumulator's elements=False allows)."""
+Gram-product path (which the accumulator's elements=False allows).
+"""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import fisher_fast as ff
 import fisher_ref as fr
 from fisher_ref.testing.compare import assert_dicts_close
 from fisher_ref.testing.models import build_model
-from fisher_ref.testing.strategies import float64_tolerance_kind, fisher_cases, loss_for, take_rows
+from fisher_ref.testing.strategies import fisher_cases, float64_tolerance_kind, loss_for, take_rows
 from fisher_ref.testing.tolerances import tolerance
 
 STATS = ("mean", "variance", "stderr", "n")

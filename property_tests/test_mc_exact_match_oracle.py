@@ -1,5 +1,6 @@
 """mc_fisher and exact_fisher equal the oracle: the seeded draws match bit for bit, so the
-MC estimates agree to float64 rounding, for any chunk size and row order."""
+MC estimates agree to float64 rounding, for any chunk size and row order.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import fisher_fast as ff
 import fisher_ref as fr
 from fisher_ref.testing.compare import assert_dicts_close
 from fisher_ref.testing.models import build_model
-from fisher_ref.testing.strategies import float64_tolerance_kind, batches, chunk_sizes, loss_for, tiny_configs
+from fisher_ref.testing.strategies import batches, chunk_sizes, float64_tolerance_kind, loss_for, tiny_configs
 from fisher_ref.testing.tolerances import tolerance
 
 

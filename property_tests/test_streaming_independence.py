@@ -1,5 +1,6 @@
 """Results do not depend on the chunk size or on how the rows are split into updates
-(SPEC §8): two accumulators with different splits and chunks agree to Welford rounding."""
+(SPEC §8): two accumulators with different splits and chunks agree to Welford rounding.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +11,14 @@ from hypothesis import strategies as st
 import fisher_fast as ff
 from fisher_ref.testing.compare import assert_dicts_close
 from fisher_ref.testing.models import build_model
-from fisher_ref.testing.strategies import float64_tolerance_kind, chunk_sizes, fisher_cases, loss_for, row_splits, take_rows
+from fisher_ref.testing.strategies import (
+    chunk_sizes,
+    fisher_cases,
+    float64_tolerance_kind,
+    loss_for,
+    row_splits,
+    take_rows,
+)
 from fisher_ref.testing.tolerances import tolerance
 
 

@@ -55,7 +55,7 @@ class LayerAttention:
 
     @property
     def group_size(self) -> int:
-        """r = H / H_kv: query heads per key/value head (HF ``repeat_kv``)."""
+        """R = H / H_kv: query heads per key/value head (HF ``repeat_kv``)."""
         return self.num_heads // self.num_kv_heads
 
 

@@ -52,7 +52,8 @@ def _check_token_axes(tensors: dict) -> None:
 def all_finite(tensors) -> bool:
     """All entries of all ``tensors`` finite. Fast path: a finite sum of each (one pass, no
     copy) proves it; only a non-finite sum (a non-finite entry, or finite ones overflowing)
-    is checked entry-wise. One host sync on a GPU."""
+    is checked entry-wise. One host sync on a GPU.
+    """
     tensors = list(tensors)
     if not tensors:
         return True
@@ -64,7 +65,8 @@ def all_finite(tensors) -> bool:
 def check_token_ids(model, tensors: dict) -> None:
     """``input_ids`` within the model's input embedding table, where the model names one
     (``get_input_embeddings``): an id past it would be an IndexError on the CPU and a
-    device-side assert (a lost CUDA context) on a GPU. One host sync per batch on a GPU."""
+    device-side assert (a lost CUDA context) on a GPU. One host sync per batch on a GPU.
+    """
     ids = tensors.get("input_ids")
     get = getattr(model, "get_input_embeddings", None)
     if ids is None or ids.numel() == 0 or not callable(get):

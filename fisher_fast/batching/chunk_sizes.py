@@ -81,7 +81,8 @@ def _tied_numel(model) -> int:
 
 def row_activations(model, tensors: dict) -> int:
     """Activation elements of one forward row, T (Σ_hooked (d_in + d_out) + 3 C): the size
-    of a row's share of a forward/backward pass."""
+    of a row's share of a forward/backward pass.
+    """
     seq = max((v.shape[1] for v in tensors.values() if v.dim() >= 2), default=1)
     total, widest = _widths(model)
     return seq * (total + 3 * widest)
@@ -90,7 +91,8 @@ def row_activations(model, tensors: dict) -> int:
 def rows_per_chunk(model, tensors: dict, budget: int, n_units: int) -> int:
     """How many forward rows a chunk takes: at most what fits half of ``budget`` (at least
     1), balanced over the chunks the units need (16 units of which 14 fit: two chunks of
-    8, not 14 + 2, whose small tail would run the model at a fraction of its speed)."""
+    8, not 14 + 2, whose small tail would run the model at a fraction of its speed).
+    """
     b = max(next(model.parameters()).element_size(), 4)
     per_row = 4 * b * row_activations(model, tensors) + b * _tied_numel(model)
     fit = int(max(1, min(n_units, (budget // 2) // per_row)))

@@ -89,6 +89,7 @@ def draw_label_sets(logits: torch.Tensor, u: torch.Tensor, active: torch.Tensor 
 def draw_labels(logits: torch.Tensor, u: torch.Tensor, active: torch.Tensor | None = None,
                 *, fill: int = 0, slice_bytes: int = SLICE_BYTES) -> torch.Tensor:
     """One draw per position: ``logits [..., C]``, ``u [...]`` -> LongTensor ``[...]`` on
-    the logits' device (``draw_label_sets`` with K = 1)."""
+    the logits' device (``draw_label_sets`` with K = 1).
+    """
     return draw_label_sets(logits, u.unsqueeze(-1), active, fill=fill,
                            slice_bytes=slice_bytes).squeeze(-1)

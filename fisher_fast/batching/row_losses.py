@@ -59,7 +59,8 @@ def chunk_losses(model, loss, sub: dict, units, uniforms: torch.Tensor | None):
 def shared_class_losses(logits, units):
     """``([n, q], [n, q])``: each token row's NLL of the q classes it carries (classes
     ``units.draw + j``; an index past C repeats class C − 1, whose weight is then 0) and
-    their weights ``w p_c`` (float64, on the logits' device), from one forward."""
+    their weights ``w p_c`` (float64, on the logits' device), from one forward.
+    """
     q, C = units.n_draws, units.total_draws
     ar = torch.arange(logits.shape[0], device=logits.device)
     z = logits[ar, units.pos.to(logits.device)]  # [n, C]

@@ -40,7 +40,8 @@ class Units:
 
     def draw_weights(self) -> torch.Tensor:
         """Each row's weight ``[U]``, or ``[U, n_draws]`` per carried draw (0 for a draw
-        index past K, which a row's block of draws may reach at its unit's end)."""
+        index past K, which a row's block of draws may reach at its unit's end).
+        """
         if not self.n_draws:
             return self.weights
         valid = (self.draw[:, None] + torch.arange(self.n_draws)) < self.total_draws
@@ -49,7 +50,7 @@ class Units:
     def __len__(self) -> int:
         return int(self.rows.numel())
 
-    def take(self, start: int, stop: int) -> "Units":
+    def take(self, start: int, stop: int) -> Units:
         cut = (lambda t: None if t is None else t[start:stop])
         return replace(self, rows=self.rows[start:stop], weights=self.weights[start:stop],
                        ids=self.ids[start:stop], pos=cut(self.pos), draw=cut(self.draw),
@@ -58,7 +59,8 @@ class Units:
 
 def aligned_targets(loss, model, tensors: dict) -> torch.Tensor:
     """The loss's aligned targets ``[B, T]``: from the labels when the loss says how,
-    otherwise from a no-grad ``logits_and_targets`` call."""
+    otherwise from a no-grad ``logits_and_targets`` call.
+    """
     if hasattr(loss, "targets"):
         return loss.targets(tensors)
     with torch.no_grad():
@@ -68,7 +70,8 @@ def aligned_targets(loss, model, tensors: dict) -> torch.Tensor:
 def plan_units(model, tensors: dict, ids: list, loss, unit: str, weighting: str,
                allow_empty: bool = False) -> Units:
     """The units of a batch; empty rows are dropped and listed; no unit left is an error
-    (unless ``allow_empty``: a streaming update may consist of empty rows only)."""
+    (unless ``allow_empty``: a streaming update may consist of empty rows only).
+    """
     B = len(ids)
     if has_token_protocol(loss):
         counts = loss.token_counts(tensors).to("cpu").long()
@@ -101,13 +104,15 @@ def with_draws(units: Units, n_samples: int) -> Units:
 
 def with_shared_draws(units: Units, n_samples: int) -> Units:
     """Ask for ``n_samples`` label draws per unit, laid out on forward rows by the engine
-    (``draw_layout``) once it knows how many rows a chunk holds."""
+    (``draw_layout``) once it knows how many rows a chunk holds.
+    """
     return replace(units, total_draws=n_samples)
 
 
 def with_shared_classes(units: Units, n_classes: int) -> Units:
     """Ask for each token unit's ``n_classes`` classes as draws 0 .. C − 1 (exact_fisher),
-    laid out on forward rows like label draws (``draw_layout``)."""
+    laid out on forward rows like label draws (``draw_layout``).
+    """
     return replace(units, total_draws=n_classes, classes=True)
 
 
@@ -151,7 +156,8 @@ def unshared(units: Units) -> Units:
 
 def with_classes(units: Units, n_classes: int) -> Units:
     """Each token unit repeated once per class c (unit-major); weights are scaled by p_c at
-    run time."""
+    run time.
+    """
     c = torch.arange(n_classes).repeat(len(units))
     rep = lambda t: None if t is None else t.repeat_interleave(n_classes)  # noqa: E731
     return replace(units, rows=rep(units.rows), weights=rep(units.weights),

@@ -42,7 +42,8 @@ PART_BYTES = 4 << 20
 def cache_blocks(device: torch.device) -> bool:
     """Whether weights are formed in cache-sized blocks on ``device`` (the CPU); elsewhere a
     weight is one block and a tied weight keeps the whole-slice path (the GPU's choice,
-    made without measurement; tests switch this off to run those paths on the CPU)."""
+    made without measurement; tests switch this off to run those paths on the CPU).
+    """
     return device.type == "cpu"
 
 
@@ -76,7 +77,8 @@ class Capture:
         closures hold the capture and the saved activations, and a tensor's hooks live in
         autograd's C++ graph, where Python's garbage collector cannot see the cycle
         (capture -> roots -> tensor -> hook -> capture). Runs on success, on an exception
-        and on ``KeyboardInterrupt`` alike."""
+        and on ``KeyboardInterrupt`` alike.
+        """
         for h in self.handles + self.tensor_handles:
             h.remove()
         self.handles, self.tensor_handles = [], []
@@ -178,7 +180,8 @@ class Capture:
         weight is also formed block by block, into its per-row buffer. On the CPU a block of
         a slice holds about ``PART_BYTES``, so that forming it, shifting, squaring and
         summing it stay in cache (the head of a 50257-token vocabulary: 2.5x faster than
-        whole slices); elsewhere one block is the whole weight."""
+        whole slices); elsewhere one block is the whole weight.
+        """
         name = entry.names.get("weight")
         if name is None or not hasattr(rule, "weight_part") or not self._wanted(name):
             return None
@@ -211,7 +214,8 @@ class Capture:
     def _sparse(self, entry, rule) -> bool:
         """Embedding statistics from (row, token) pairs when the weight has this one use (a
         tied use, e.g. an lm_head, makes its per-row gradient dense anyway) and the sink
-        takes pairs for it."""
+        takes pairs for it.
+        """
         name = entry.names.get("weight")
         takes = getattr(self.sink, "takes_pairs", None)
         return (name is not None and hasattr(rule, "pairs") and self.uses.get(name, 0) == 1
@@ -220,7 +224,8 @@ class Capture:
     def _ghost_plan(self, entry, rule, saved, dy):
         """Gram products for the weight when the sink needs only its group values, the
         groups depend on one axis of the weight (output units, heads of Q/K/V, heads of an
-        O projection's inputs, ...), and T (d_in + d_out) < d_in d_out; else ``None``."""
+        O projection's inputs, ...), and T (d_in + d_out) < d_in d_out; else ``None``.
+        """
         name = entry.names.get("weight")
         if name is None or not hasattr(rule, "ghost") or self.uses.get(name, 0) != 1:
             return None
@@ -256,7 +261,8 @@ class Capture:
     def _flush(self, name, buf):
         """A reused parameter's per-row gradients, summed over its uses, to the sink: on the
         CPU block by block of its first axis when the sink takes blocks (a tied
-        ``[n, V, d]`` head at once would run every pass from main memory)."""
+        ``[n, V, d]`` head at once would run every pass from main memory).
+        """
         takes = getattr(self.sink, "takes_parts", None)
         if not cache_blocks(buf.device) or buf.dim() < 2 or takes is None or not takes(name):
             self.sink.add(name, buf, 0)
@@ -271,7 +277,8 @@ class Capture:
     def backward(self, losses: torch.Tensor, retain_graph: bool = False) -> None:
         """Back-propagate ``losses.sum()`` to the roots, then flush tied parameters and give
         zero gradients to parameters the loss does not reach. ``retain_graph`` keeps the
-        forward's graph for another backward (the next label draw)."""
+        forward's graph for another backward (the next label draw).
+        """
         roots = [r for r in self.roots if r.requires_grad] or None
         if roots is None:
             raise ValueError("per-sample capture: expected the loss to depend on a hooked "

@@ -74,5 +74,6 @@ def build_plan(model: torch.nn.Module) -> Plan:
 def capture_plan(model: torch.nn.Module) -> dict[str, list[str]]:
     """Report, per trainable parameter, the module(s) and capture path that compute its
     per-row gradients: ``linear``, ``conv1d``, ``embedding``, ``layernorm``, ``rmsnorm`` or
-    ``functorch``. RMS norms are verified on the first forward; see ``Plan.fallbacks``."""
+    ``functorch``. RMS norms are verified on the first forward; see ``Plan.fallbacks``.
+    """
     return build_plan(model).describe()

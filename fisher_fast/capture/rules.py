@@ -64,7 +64,8 @@ class LinearRule:
     def weight_part(self, module, x, dy, sl, dtype, part: slice):
         """Rows ``sl`` of the weight's per-row gradient, block ``part`` of its first axis
         only (``[s, *weight.shape[part]]``): the head of a large vocabulary block by block,
-        so that each block stays in cache and no ``[s, V, d]`` tensor is formed."""
+        so that each block stays in cache and no ``[s, V, d]`` tensor is formed.
+        """
         xs, ds = _rows(x, sl, dtype), _rows(dy, sl, dtype)
         return self._weight_part(xs, ds, part)
 
@@ -127,7 +128,8 @@ class EmbeddingRule:
     def add_into(self, out: torch.Tensor, module, ids, dy) -> torch.Tensor:
         """Add each row's gradient into ``out`` (``[n, V, d]``, e.g. the per-row buffer of a
         tied weight, which already holds the head's share): a scatter of δ, no dense
-        per-row tensor of its own."""
+        per-row tensor of its own.
+        """
         n, d, V = dy.shape[0], dy.shape[-1], module.num_embeddings
         idx = ids.reshape(n, -1)
         ds = dy.reshape(n, -1, d).to(out.dtype)
@@ -162,7 +164,8 @@ class EmbeddingRule:
 
 class LayerNormRule:
     """``LayerNorm``: weight and bias gradients from the normalised input x̂ (recomputed per
-    slice from the saved input, which autograd keeps anyway)."""
+    slice from the saved input, which autograd keeps anyway).
+    """
 
     name = "layernorm"
     attrs = ("weight", "bias")
@@ -192,7 +195,7 @@ def rms_eps(module):
 
 
 def rms_normalise(x: torch.Tensor, eps: float, upcast: bool) -> torch.Tensor:
-    """x / rms(x), computed as LLaMA-style norms do (in float32 when ``upcast``)."""
+    """X / rms(x), computed as LLaMA-style norms do (in float32 when ``upcast``)."""
     h = x.to(torch.float32) if upcast else x
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
     return h.to(x.dtype)
@@ -239,7 +242,8 @@ class RMSNormRule:
 class FunctorchRule:
     """Any other module: ``vmap(grad)`` of ``<f(x_n; θ), δ_n>`` over rows, with
     ``torch.func.functional_call``. Tensor arguments with the batch's leading size are
-    mapped over; everything else is passed unchanged."""
+    mapped over; everything else is passed unchanged.
+    """
 
     name = "functorch"
     attrs = None  # whatever direct parameters the plan assigns

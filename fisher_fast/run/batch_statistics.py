@@ -12,12 +12,12 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
+from ..batching.checks import all_finite
+from ..batching.units import plan_units, unshared
 from ..run.chunks import model_device, run_chunks
 from ..stats.micro_batches import MicroBatchState
 from ..stats.sinks import MomentSink, PerUnitSink
 from ..stats.task_state import TaskState
-from ..batching.units import plan_units, unshared
-from ..batching.checks import all_finite
 
 
 @dataclass

@@ -13,11 +13,11 @@ import contextlib
 
 import torch
 
-from ..capture.hooks import Capture
+from ..batching.checks import check_memory_budget
 from ..batching.chunk_sizes import default_budget, rows_per_chunk, rows_per_pass, slice_bytes
 from ..batching.row_losses import chunk_losses, chunk_rows
 from ..batching.units import draw_layout
-from ..batching.checks import check_memory_budget
+from ..capture.hooks import Capture
 
 
 def model_device(model) -> torch.device:
@@ -46,7 +46,8 @@ def check_autocast(autocast) -> torch.dtype | None:
 
 def forward_context(device: torch.device, autocast):
     """A fresh context for one forward: ``torch.autocast`` with ``autocast`` (the bf16 fast
-    path) or nothing."""
+    path) or nothing.
+    """
     return torch.autocast(device.type, dtype=autocast) if autocast else contextlib.nullcontext()
 
 
@@ -79,7 +80,8 @@ def _check_shape(losses: torch.Tensor, units, n: int) -> None:
 def _check_finite(losses: torch.Tensor, bad: torch.Tensor, units, n: int) -> None:
     """Raise on a non-finite loss. Called after the backward, so that reading the flag (a
     host sync) does not stall the device between the forward and the backward; a failed
-    chunk's statistics are discarded anyway."""
+    chunk's statistics are discarded anyway.
+    """
     if bool(bad.any()):
         j = int(torch.nonzero(bad)[0][0])
         value = float(losses.detach().reshape(n, -1)[j].min())
@@ -120,7 +122,8 @@ def run_chunks(model, plan, loss, tensors, units, *, dtype, chunk_size=None, mem
 def _run_chunk(model, plan, loss, tensors, part, sink, *, device, dtype, budget, uniforms,
                autocast) -> None:
     """One chunk's forward and backward(s) into ``sink``; every hook and reference the
-    capture took is released when this returns or raises."""
+    capture took is released when this returns or raises.
+    """
     n = len(part)
     sub = chunk_rows(tensors, part.rows, device)
     # host-to-device copy of the weights before the forward is queued: a pageable

@@ -79,7 +79,7 @@ def group_ids_tensor(spec: GroupSpec, shape) -> torch.Tensor:
 
 
 def reduce_squares(spec: GroupSpec, g: torch.Tensor) -> torch.Tensor:
-    """f = R(g²) per row: ``g [s, *shape] -> [s, n_groups]``."""
+    """F = R(g²) per row: ``g [s, *shape] -> [s, n_groups]``."""
     sq = g.square()
     s = sq.shape[0]
     if spec.kind == "rows":
@@ -97,9 +97,10 @@ def reduce_squares(spec: GroupSpec, g: torch.Tensor) -> torch.Tensor:
 
 def reduce_squares_pairs(spec: GroupSpec, rows: torch.Tensor, cols: torch.Tensor,
                          values: torch.Tensor, n: int, shape) -> torch.Tensor:
-    """f = R(g²) per row, ``[n, n_groups]``, of per-row tensors ``[n, *shape]`` given as
+    """F = R(g²) per row, ``[n, n_groups]``, of per-row tensors ``[n, *shape]`` given as
     distinct (row, index along axis 0) pairs with ``values [P, *shape[1:]]`` (zero
-    elsewhere; see ``Moments.of_pairs``)."""
+    elsewhere; see ``Moments.of_pairs``).
+    """
     sq = values.square().reshape(values.shape[0], -1)
     G = spec.n_groups
     out = torch.zeros(n * G, dtype=values.dtype, device=values.device)
@@ -151,7 +152,8 @@ def resolve_groups(model: torch.nn.Module, groups="generic", layout=None) -> dic
 def axis_map(spec: GroupSpec, shape, out_axis: int):
     """``(axis, group of each unit)`` when the groups of a 2-D weight depend on one axis only
     (``"out"``: the output units, ``"in"``: the input units), else ``None``. Such groups can
-    be computed from per-unit norms (Gram products) and summed into groups."""
+    be computed from per-unit norms (Gram products) and summed into groups.
+    """
     if len(shape) != 2:
         return None
     in_axis = 1 - out_axis

@@ -31,11 +31,11 @@ class MicroBatchState:
     seen: int = 0  # units so far
 
     @staticmethod
-    def zeros(b, shape, dtype, device) -> "MicroBatchState":
+    def zeros(b, shape, dtype, device) -> MicroBatchState:
         z = torch.zeros(shape, dtype=dtype, device=device)
         return MicroBatchState(b, z, z.clone(), torch.zeros((), dtype=dtype, device=device))
 
-    def add(self, g: torch.Tensor, w: torch.Tensor) -> "MicroBatchState":
+    def add(self, g: torch.Tensor, w: torch.Tensor) -> MicroBatchState:
         """A new state with units ``g [s, *shape]`` (weights ``w [s]``) appended."""
         s = g.shape[0]
         closed, open_sum, open_w = self.closed, self.open_sum, self.open_w

@@ -28,12 +28,12 @@ class Moments:
     m2: torch.Tensor
 
     @staticmethod
-    def zeros(shape, dtype, device) -> "Moments":
+    def zeros(shape, dtype, device) -> Moments:
         z = torch.zeros(shape, dtype=dtype, device=device)
         return Moments(torch.zeros((), dtype=dtype, device=device), z, z.clone())
 
     @staticmethod
-    def of(values: torch.Tensor, w: torch.Tensor) -> "Moments":
+    def of(values: torch.Tensor, w: torch.Tensor) -> Moments:
         """Two-pass moments of ``values [s, *shape]`` with weights ``w [s]``."""
         W = w.sum()
         tiny = torch.finfo(W.dtype).tiny  # W = 0 only when every w is 0, then Σ w x = 0 too
@@ -44,7 +44,7 @@ class Moments:
 
     @staticmethod
     def of_pairs(w: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, values: torch.Tensor,
-                 shape) -> "Moments":
+                 shape) -> Moments:
         r"""Two-pass moments of s per-unit tensors ``[s, *shape]`` that are zero except along
         axis 0 at the pairs (unit ``rows[p]``, index ``cols[p]``) with ``values[p]``
         (distinct pairs; the sparse per-row gradients of an embedding):
@@ -81,13 +81,13 @@ class Moments:
         mean[touched], m2[touched] = mean_t, m2_t
         return Moments(W, mean, m2)
 
-    def merge(self, other: "Moments") -> "Moments":
+    def merge(self, other: Moments) -> Moments:
         W = self.W + other.W
         r = other.W / W.clamp(min=torch.finfo(W.dtype).tiny)  # 0 when both are empty
         delta = other.mean - self.mean
         return Moments(W, self.mean + delta * r, self.m2 + other.m2 + delta.square() * self.W * r)
 
-    def merge_(self, other: "Moments") -> "Moments":
+    def merge_(self, other: Moments) -> Moments:
         """``merge`` computed in ``self``'s tensors (which must be owned by the caller)."""
         W = self.W + other.W
         r = other.W / W.clamp(min=torch.finfo(W.dtype).tiny)
@@ -101,7 +101,7 @@ class Moments:
         """The per-element arrays of the state (for checks)."""
         return (self.mean, self.m2)
 
-    def to(self, device) -> "Moments":
+    def to(self, device) -> Moments:
         return Moments(self.W.to(device), self.mean.to(device), self.m2.to(device))
 
     def second_moment(self) -> torch.Tensor:
@@ -116,7 +116,7 @@ class Moments:
         return {f"{prefix}.W": self.W, f"{prefix}.mean": self.mean, f"{prefix}.m2": self.m2}
 
     @staticmethod
-    def from_tensors(d: dict, prefix: str) -> "Moments":
+    def from_tensors(d: dict, prefix: str) -> Moments:
         return Moments(d[f"{prefix}.W"], d[f"{prefix}.mean"], d[f"{prefix}.m2"])
 
 
@@ -135,21 +135,22 @@ class SecondMoment:
 
     @staticmethod
     def of_pairs(w: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, values: torch.Tensor,
-                 shape) -> "SecondMoment":
+                 shape) -> SecondMoment:
         """As ``Moments.of_pairs``: ``f_v = Σ_{p: c_p = v} w_{r_p} x_p² / W`` (units that
-        miss v add 0)."""
+        miss v add 0).
+        """
         W = w.sum()
         wp = w[rows].reshape(-1, *([1] * (values.dim() - 1)))
         f = torch.zeros(shape, dtype=values.dtype, device=values.device)
         f.index_add_(0, cols, values.square().mul_(wp))
         return SecondMoment(W, f.div_(W.clamp(min=torch.finfo(W.dtype).tiny)))
 
-    def merge(self, other: "SecondMoment") -> "SecondMoment":
+    def merge(self, other: SecondMoment) -> SecondMoment:
         W = self.W + other.W
         tiny = torch.finfo(W.dtype).tiny
         return SecondMoment(W, (self.f * self.W + other.f * other.W) / W.clamp(min=tiny))
 
-    def merge_(self, other: "SecondMoment") -> "SecondMoment":
+    def merge_(self, other: SecondMoment) -> SecondMoment:
         """``merge`` computed in ``self.f`` (which must be owned by the caller)."""
         W = self.W + other.W
         r = other.W / W.clamp(min=torch.finfo(W.dtype).tiny)
@@ -164,5 +165,5 @@ class SecondMoment:
     def arrays(self) -> tuple:
         return (self.f,)
 
-    def to(self, device) -> "SecondMoment":
+    def to(self, device) -> SecondMoment:
         return SecondMoment(self.W.to(device), self.f.to(device))

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import torch
 
-from ..stats.moments import SecondMoment
 from ..results import FisherResult
+from ..stats.moments import SecondMoment
 from ..stats.task_state import TaskState
 
 
@@ -38,7 +38,8 @@ def mean_gradient(state: TaskState) -> FisherResult:
 
 def empirical_fisher(state: TaskState, discard: bool = False) -> FisherResult:
     """``discard``: the state is thrown away after this call (the functional API), so a
-    ``SecondMoment``'s array may be handed out instead of copied."""
+    ``SecondMoment``'s array may be handed out instead of copied.
+    """
     def f(m):
         return m.second_moment(copy=False) if isinstance(m, SecondMoment) and discard \
             else m.second_moment()

@@ -54,7 +54,8 @@ class _BlockSums:
     """Bookkeeping shared by the chunk sums: slices of rows arrive whole or as blocks of the
     parameter's first axis (``part``), possibly over several backward passes (MC draws);
     W counts each slice once (with its block that starts at 0), and the first slice of a
-    block is told so (it overwrites the block's sums, which therefore need no zeroing)."""
+    block is told so (it overwrites the block's sums, which therefore need no zeroing).
+    """
 
     def __init__(self, dtype, device):
         self.W = torch.zeros((), dtype=dtype, device=device)
@@ -93,7 +94,8 @@ class ShiftedSums(_BlockSums):
     def add(self, g: torch.Tensor, w: torch.Tensor, part: slice | None = None,
             owned: bool = False) -> None:
         """More rows of the chunk, ``g: [s, *shape]`` (or ``[s, *shape[part]]``), weights
-        ``w``. ``owned``: ``g`` may be overwritten (saves a copy)."""
+        ``w``. ``owned``: ``g`` may be overwritten (saves a copy).
+        """
         K, S1, S2 = _block(self.K, part), _block(self.S1, part), _block(self.S2, part)
         first = self._begin(w, part)
         if first:
@@ -114,7 +116,8 @@ class ShiftedSums(_BlockSums):
 
 class SquareSums(_BlockSums):
     """Per-element ``W = Σ w`` and ``S = Σ w g²`` of a chunk (``SecondMoment`` states), added
-    like ``ShiftedSums``; no shift is needed (the terms are non-negative)."""
+    like ``ShiftedSums``; no shift is needed (the terms are non-negative).
+    """
 
     def __init__(self, shape, dtype, device):
         super().__init__(dtype, device)
@@ -153,7 +156,8 @@ class MomentSink(_Sink):
 
     def take_moments(self) -> dict[str, Moments]:
         """Per-element Welford states of the chunk (from the shifted sums and the pairs),
-        computed in the sums' tensors: call once, at the end of the chunk."""
+        computed in the sums' tensors: call once, at the end of the chunk.
+        """
         out = {name: sums.moments() for name, sums in self.sums.items()}
         self.sums = {}
         for name, m in self.pair_moments.items():
@@ -162,12 +166,14 @@ class MomentSink(_Sink):
 
     def takes_pairs(self, name) -> bool:
         """Sparse (row, index) pairs serve per-element and group moments, not the
-        micro-batch states of ``batch_squared_gradient`` (those need dense rows)."""
+        micro-batch states of ``batch_squared_gradient`` (those need dense rows).
+        """
         return not any(name in st for st in self.micro.values())
 
     def add_pairs(self, name, rows, cols, values, shape):
         """The whole chunk's per-row gradients of ``name`` as distinct (row, index) pairs
-        (zero elsewhere): ``Moments.of_pairs`` and ``reduce_squares_pairs``."""
+        (zero elsewhere): ``Moments.of_pairs`` and ``reduce_squares_pairs``.
+        """
         w = self.w.to(values.dtype)
         self.got.add(name)
         if name in self.full:
@@ -196,13 +202,15 @@ class MomentSink(_Sink):
 
     def takes_parts(self, name) -> bool:
         """Blocks of a parameter's first axis (``add_part``) serve its per-element moments
-        only: not its groups, nor ``batch_squared_gradient``'s states."""
+        only: not its groups, nor ``batch_squared_gradient``'s states.
+        """
         return (name in self.full and name not in self.groups
                 and not any(name in st for st in self.micro.values()))
 
     def add_part(self, name, g, start, part: slice, shape):
         """Rows ``start, ...`` of block ``part`` of the first axis of a parameter of
-        ``shape``; ``g`` (``[s, *shape[part]]``) is the caller's and is overwritten."""
+        ``shape``; ``g`` (``[s, *shape[part]]``) is the caller's and is overwritten.
+        """
         w = self.w[start:start + g.shape[0]].to(g.dtype)
         self.got.add(name)
         self._sums(name, shape, g).add(g, w, part, owned=True)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 
-
 from ..stats.micro_batches import MicroBatchState
 from ..stats.moments import Moments, SecondMoment
 from ..stats.task_state import TaskState

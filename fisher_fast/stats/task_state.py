@@ -18,10 +18,11 @@ class TaskState:
     group_moments: dict = field(default_factory=dict)  # name -> Moments (per group)
     micro: dict = field(default_factory=dict)  # b -> {name -> MicroBatchState}
 
-    def merged(self, other: "TaskState", in_place: bool = False) -> "TaskState":
+    def merged(self, other: TaskState, in_place: bool = False) -> TaskState:
         """``self`` followed by ``other`` (micro-batch states: ``other``'s, which continue
         ``self``'s). ``in_place``: merge into ``self``'s tensors (only for a state nobody
-        else holds, e.g. a batch's delta while it is being built)."""
+        else holds, e.g. a batch's delta while it is being built).
+        """
         def merge(a: dict, b: dict) -> dict:
             return {k: (a[k].merge_(b[k]) if in_place else a[k].merge(b[k]))
                     if k in a and k in b else a[k] if k in a else b[k] for k in {**a, **b}}
@@ -32,7 +33,7 @@ class TaskState:
             merge(self.group_moments, other.group_moments),
             other.micro if other.micro else self.micro)
 
-    def to(self, device) -> "TaskState":
+    def to(self, device) -> TaskState:
         mv = (lambda m: m.to(device))
         mb = (lambda s: MicroBatchState(s.b, s.closed.to(device), s.open_sum.to(device),
                                         s.open_w.to(device), s.seen))

@@ -219,7 +219,8 @@ class ContributionStore:
         tier above its own that has room (never down, never over a budget). Records do not
         move up on their own; this is the one way up. All or nothing (a failed read leaves
         the store as it was); a shard emptied by the moves is removed. Returns how many
-        records moved."""
+        records moved.
+        """
         from safetensors import safe_open
 
         usage, moves = self.usage(), {}

@@ -6,8 +6,15 @@ import torch
 from hypothesis import strategies as st
 
 from fisher_ref.conformance.adapter import provided
-from fisher_ref.conformance.cases import (build_case_model, data_specs, describe_case,
-                                          describe_model, split_batch, splits, tiny_configs)
+from fisher_ref.conformance.cases import (
+    build_case_model,
+    data_specs,
+    describe_case,
+    describe_model,
+    split_batch,
+    splits,
+    tiny_configs,
+)
 from fisher_ref.conformance.engine import Context, PropertyResult, not_provided, run_property
 from fisher_ref.conformance.outputs import block_tensors, bool_masks
 from fisher_ref.losses import causal_lm_loss

@@ -96,7 +96,8 @@ class ReferenceAdapter:
 
 def _pvalues(result) -> dict:
     """``{group: p}`` from a conflicts result: a mapping group -> record with a ``p`` entry,
-    or an object/mapping whose ``groups`` and ``p`` fields align."""
+    or an object/mapping whose ``groups`` and ``p`` fields align.
+    """
     groups = result.get("groups") if isinstance(result, dict) else getattr(result, "groups", None)
     if groups is not None and not hasattr(groups, "items"):
         p = result["p"] if isinstance(result, dict) else result.p
@@ -104,6 +105,6 @@ def _pvalues(result) -> dict:
     source = groups if groups is not None else result
     out = {}
     for g, rec in source.items():
-        p = rec["p"] if isinstance(rec, dict) else getattr(rec, "p")
+        p = rec["p"] if isinstance(rec, dict) else rec.p
         out[str(g)] = float(p)
     return out

@@ -161,7 +161,8 @@ def splits(draw, n_rows: int) -> list[int]:
 
 def duplicate(spec_batch: dict) -> dict:
     """The batch with every row twice; the copies get fresh ids (int ids + 1000, str ids
-    with ``"#dup"`` appended)."""
+    with ``"#dup"`` appended).
+    """
     ids = spec_batch["sample_ids"]
     copy_ids = [i + 1000 if isinstance(i, int) else f"{i}#dup" for i in ids]
     copy = dict(spec_batch, sample_ids=copy_ids)
@@ -170,7 +171,8 @@ def duplicate(spec_batch: dict) -> dict:
 
 def config_code(config: TinyConfig) -> str:
     """``TinyConfig(...)`` with the fields that differ from the defaults: pasted into
-    ``fisher_ref.testing.models.build_model`` it rebuilds the model (weights seeded)."""
+    ``fisher_ref.testing.models.build_model`` it rebuilds the model (weights seeded).
+    """
     default = TinyConfig(arch=config.arch)
     fields = [f"arch={config.arch!r}"] + [
         f"{f.name}={getattr(config, f.name)!r}" for f in dataclasses.fields(config)

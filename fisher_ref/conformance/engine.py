@@ -79,7 +79,8 @@ class Context:
 
     def memo(self, key, compute):
         """``compute()`` once per ``key``: oracle results depend on the model and rows only
-        (never on the split), so shrinking a split reuses them."""
+        (never on the split), so shrinking a split reuses them.
+        """
         if key not in self.cache:
             self.cache[key] = compute()
         return self.cache[key]
@@ -88,7 +89,8 @@ class Context:
         """(rtol, atol) for comparing an adapter's results on ``config``'s model with the
         oracle's (or with its own on another split): float64 adapters get the float64 row of
         that architecture (HF RMS norms compute in float32 even in a float64 model), float32
-        adapters the float32 row."""
+        adapters the float32 row.
+        """
         if self.dtype == torch.float64:
             kind = "float64-paths" if config is None else float64_tolerance_kind(config)
             return tolerance(kind, torch.float64)

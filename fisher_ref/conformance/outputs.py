@@ -46,7 +46,8 @@ def per_unit(result, what: str = "per_sample_contributions") -> tuple[list, dict
 
 def group_means(result, what: str = "group_fisher") -> dict[str, torch.Tensor]:
     """Per parameter, the 1-D group means: values may be tensors, dicts with "mean", or
-    objects with a ``.mean`` attribute."""
+    objects with a ``.mean`` attribute.
+    """
     if not hasattr(result, "items"):
         raise AssertionError(f"{what}: expected a dict keyed by parameter, got {type(result).__name__}.")
     out = {}

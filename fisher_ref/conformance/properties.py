@@ -14,8 +14,15 @@ from hypothesis import strategies as st
 from fisher_ref.conformance import attention_properties as attn
 from fisher_ref.conformance import statistics_properties as stats
 from fisher_ref.conformance.adapter import provided
-from fisher_ref.conformance.cases import (build_case_model, data_specs, describe_case, duplicate,
-                                          split_batch, splits, tiny_configs)
+from fisher_ref.conformance.cases import (
+    build_case_model,
+    data_specs,
+    describe_case,
+    duplicate,
+    split_batch,
+    splits,
+    tiny_configs,
+)
 from fisher_ref.conformance.engine import Context, PropertyResult, not_provided, run_property
 from fisher_ref.conformance.outputs import ScaledLoss, group_means, per_unit, tensor_dict
 from fisher_ref.losses import causal_lm_loss

@@ -12,7 +12,8 @@ from fisher_ref.conformance.engine import FAIL, NOT_PROVIDED, PASS, PropertyResu
 @dataclass
 class ConformanceReport:
     """Verdicts of one adapter. ``passed``: no property failed and at least one passed ("not
-    provided" is no pass, so a run where nothing was provided does not pass a gate)."""
+    provided" is no pass, so a run where nothing was provided does not pass a gate).
+    """
 
     adapter: str
     profile: str
@@ -56,7 +57,8 @@ class ConformanceReport:
 
 def format_table(report: ConformanceReport, width: int = 100) -> str:
     """A fixed-width table: property, verdict, and for failures the message and the minimal
-    counterexample underneath."""
+    counterexample underneath.
+    """
     name_w = max([len("property")] + [len(r.name) for r in report.results]) + 2
     lines = [f"fishercheck conformance: {report.adapter} (profile {report.profile})",
              f"{'property':<{name_w}}{'verdict':<14}{'examples':>9}{'seconds':>9}",
@@ -84,7 +86,8 @@ def _overall(report: ConformanceReport) -> str:
 def _wrap(label: str, text: str, width: int, max_lines: int = 8) -> list[str]:
     """``text`` under ``label``, each of its own lines wrapped separately (a message listing
     parameters keeps one parameter per line); at most ``max_lines`` source lines, the rest
-    counted (the JSON report has the full text)."""
+    counted (the JSON report has the full text).
+    """
     source = [line.strip() for line in text.splitlines() if line.strip()]
     shown = source[:max_lines]
     if len(source) > max_lines:

@@ -14,8 +14,13 @@ from __future__ import annotations
 
 import time
 
-from fisher_ref.conformance.adapter import (adapter_architectures, adapter_dtype, adapter_name,
-                                            adapter_option, provided)
+from fisher_ref.conformance.adapter import (
+    adapter_architectures,
+    adapter_dtype,
+    adapter_name,
+    adapter_option,
+    provided,
+)
 from fisher_ref.conformance.engine import FAIL, Context, PropertyResult
 from fisher_ref.conformance.properties import PROPERTIES
 from fisher_ref.conformance.report import ConformanceReport

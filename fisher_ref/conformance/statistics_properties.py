@@ -8,8 +8,7 @@ import numpy as np
 from hypothesis import strategies as st
 
 from fisher_ref.conformance.adapter import provided
-from fisher_ref.conformance.cases import (DataSpec, build_case_model, data_specs, describe_model,
-                                          tiny_configs)
+from fisher_ref.conformance.cases import DataSpec, build_case_model, data_specs, describe_model, tiny_configs
 from fisher_ref.conformance.engine import Context, PropertyResult, not_provided, run_property
 from fisher_ref.losses import causal_lm_loss
 from fisher_ref.testing.tolerances import tolerance
@@ -37,7 +36,8 @@ def _distinct_tasks(draw, ctx: Context):
 
 def pvalues_positive(adapter, ctx: Context) -> PropertyResult:
     """Permutation p-values are never 0: p >= 1 / (P + 1) and p <= 1, even when the tasks
-    differ so much that no permutation reaches the observed statistic."""
+    differ so much that no permutation reaches the observed statistic.
+    """
     name, needs = "pvalues_positive", ("conflict_pvalues",)
     if needs[0] not in provided(adapter):
         return not_provided(name, needs)
@@ -61,7 +61,8 @@ def pvalues_positive(adapter, ctx: Context) -> PropertyResult:
 
 def pvalues_calibrated(adapter, ctx: Context) -> PropertyResult:
     """Under the null (both tasks' rows drawn from one distribution) p-values are not
-    piled up at 0 or 1: over 8 repeats, their mean lies in [0.2, 0.8]."""
+    piled up at 0 or 1: over 8 repeats, their mean lies in [0.2, 0.8].
+    """
     name, needs = "pvalues_calibrated", ("conflict_pvalues",)
     if needs[0] not in provided(adapter):
         return not_provided(name, needs)

@@ -134,7 +134,8 @@ FLOAT32_NORM_ARCHS = ("llama", "mistral", "qwen2", "phi3")
 def float64_tolerance_kind(cfg: TinyConfig) -> str:
     """The tolerance-table row for comparing two float64 paths on ``cfg``'s model:
     "float64-float32-norm" where the model's RMS norms compute in float32 even in float64
-    (see the table's reason), else "float64-paths"."""
+    (see the table's reason), else "float64-paths".
+    """
     return "float64-float32-norm" if cfg.arch in FLOAT32_NORM_ARCHS else "float64-paths"
 
 

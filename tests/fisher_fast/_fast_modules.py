@@ -19,7 +19,8 @@ class Scale(nn.Module):
 
 class OnePlusNorm(nn.Module):
     """Looks like an RMS norm (weight, eps) but computes x / rms(x) * (1 + w) (Gemma):
-    the run-time check must send it to functorch."""
+    the run-time check must send it to functorch.
+    """
 
     def __init__(self, d):
         super().__init__()
@@ -32,7 +33,8 @@ class OnePlusNorm(nn.Module):
 
 class TinyLM(nn.Module):
     """ids -> Embedding(padding_idx=0) + positions -> LayerNorm -> Linear -> RMSNorm -> Scale
-    -> OnePlusNorm -> Conv1D logits; ``tied`` adds an output Linear sharing the embedding."""
+    -> OnePlusNorm -> Conv1D logits; ``tied`` adds an output Linear sharing the embedding.
+    """
 
     def __init__(self, V=7, d=4, T=6, tied=False, seed=0, rms=True):
         super().__init__()

@@ -1,5 +1,6 @@
 """fisher_fast.conflicts: hand-worked statistics, the permutation/bootstrap conventions against
-a plain loop, opposed gradients, exact ties, GQA-shared slices, q-values, bad input."""
+a plain loop, opposed gradients, exact ties, GQA-shared slices, q-values, bad input.
+"""
 
 from __future__ import annotations
 
@@ -7,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
+from fisher_fast.attention.layouts import AttentionLayout, LayerAttention
 from fisher_fast.conflicts import conflicts_from_units
 from fisher_fast.fdr import bh_qvalues, by_qvalues
-from fisher_fast.attention.layouts import AttentionLayout, LayerAttention
 from fisher_fast.results import PerUnit
 from fisher_ref.testing.tolerances import tolerance
 
@@ -159,9 +160,9 @@ def test_bad_input(kwargs, message):
 
 
 def test_model_heads_group_is_the_masked_gradient():
+    from fisher_fast.attention.slicing import qkov_mask
     from fisher_fast.conflicts import conflicts
     from fisher_fast.per_sample import per_sample_gradients
-    from fisher_fast.attention.slicing import qkov_mask
     from fisher_ref.testing.batches import random_batch
     from fisher_ref.testing.models import TinyConfig, build_model
 

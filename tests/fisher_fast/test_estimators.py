@@ -7,7 +7,8 @@ import fisher_fast as ff
 from fisher_ref.testing.batches import concat_batches
 from fisher_ref.testing.compare import assert_dicts_close
 from fisher_ref.testing.tolerances import tolerance
-from tests.fisher_fast._fast_modules import TinyLM as _TinyLM, tiny_batch
+from tests.fisher_fast._fast_modules import TinyLM as _TinyLM
+from tests.fisher_fast._fast_modules import tiny_batch
 
 TOL = dict(zip(("rtol", "atol"), tolerance("float64-paths")))
 GHOST = dict(zip(("rtol", "atol"), tolerance("ghost-norm")))

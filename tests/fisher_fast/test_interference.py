@@ -1,5 +1,6 @@
 """fisher_fast.interference: a hand-worked 2 x 2 example, the identities of SPEC §6, the F̂ and
-ε options, top-k order and ids, the store path, bad input."""
+ε options, top-k order and ids, the store path, bad input.
+"""
 
 from __future__ import annotations
 
@@ -8,10 +9,10 @@ import os
 import pytest
 import torch
 
-from fisher_fast.store.contribution_store import ContributionStore
-from fisher_fast.interference import interference_from_units
 from fisher_fast.attention.layouts import AttentionLayout, LayerAttention
+from fisher_fast.interference import interference_from_units
 from fisher_fast.results import PerUnit
+from fisher_fast.store.contribution_store import ContributionStore
 from fisher_ref.testing.tolerances import tolerance
 
 RTOL, ATOL = tolerance("float64-paths")
@@ -187,9 +188,9 @@ def _llama_case():
 
 
 def test_model_identity_and_ids_with_empty_rows():
+    from fisher_fast.attention.slicing import qkov_mask
     from fisher_fast.interference import interference
     from fisher_fast.per_sample import per_sample_gradients
-    from fisher_fast.attention.slicing import qkov_mask
 
     model, a, b = _llama_case()
     res = interference(model, a, b, eps=0.0, dtype=torch.float64)

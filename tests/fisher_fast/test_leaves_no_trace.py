@@ -117,7 +117,8 @@ def _hook_dicts(module: torch.nn.Module) -> dict:
 def model_state(model: torch.nn.Module) -> dict:
     """Everything a call may not change: hooks (module, global, parameter), training mode,
     requires_grad, dtype, device and ``.grad`` of every parameter, the grad mode, the TF32
-    switches and the global random state."""
+    switches and the global random state.
+    """
     from torch.nn.modules import module as mod
 
     grads = {n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters()}
@@ -141,7 +142,8 @@ def model_state(model: torch.nn.Module) -> dict:
 
 def _prepared_model():
     """A model with a user's own state on it: a frozen parameter, a ``.grad`` field, one
-    forward hook of the user's, a submodule in training mode (dropout 0: rows independent)."""
+    forward hook of the user's, a submodule in training mode (dropout 0: rows independent).
+    """
     model = _model()
     params = dict(model.named_parameters())
     params["transformer.wpe.weight"].requires_grad_(False)
@@ -173,7 +175,8 @@ def _nan_loss(model, batch):
 
 class _Interrupt:
     """A per-row loss whose backward raises ``KeyboardInterrupt`` (as Ctrl-C would) when it
-    reaches the logits, in the middle of fisher_fast's backward."""
+    reaches the logits, in the middle of fisher_fast's backward.
+    """
 
     def __call__(self, model, batch):
         keys = {k: v for k, v in batch.items() if k != "labels"}
@@ -227,7 +230,8 @@ def test_failure_leaves_the_model_untouched_and_retains_nothing(case):
 
 def test_tf32_switch_is_the_callers_between_chunks():
     """``iter_unit_gradients`` turns TF32 off for its own matmuls only, not while the caller
-    holds a chunk."""
+    holds a chunk.
+    """
     model, (a, _) = _model(), _batches()
     old = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = True
@@ -267,7 +271,8 @@ def _resident_bytes() -> int:
 def test_soak_resident_memory_stays_bounded(tmp_path):
     """300 calls of the heaviest entry points: the resident set after the last hundred is
     within 64 MiB of where it stood after the first hundred (a leak of one capture per call,
-    as before the fix, grows it by hundreds of MiB)."""
+    as before the fix, grows it by hundreds of MiB).
+    """
     if not os.path.exists("/proc/self/statm"):
         pytest.fail("the soak test reads the resident set from /proc (Linux only)")
     model = build_model(TinyConfig(arch="gpt2", num_layers=2, num_heads=4, head_dim=32, max_positions=32),

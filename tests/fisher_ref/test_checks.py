@@ -4,7 +4,9 @@ import pytest
 import torch
 
 from fisher_ref.gradient_moments import (
-    batch_squared_gradient, empirical_fisher, gradient_variance,
+    batch_squared_gradient,
+    empirical_fisher,
+    gradient_variance,
 )
 from fisher_ref.groups import group_fisher
 from fisher_ref.losses import sequence_classification_loss as cls_loss

@@ -1,15 +1,20 @@
 """F, S, V, the mean gradient and the legacy batch-squared estimator: closed forms worked
-by hand, and the identities of SPEC §2."""
+by hand, and the identities of SPEC §2.
+"""
 
 import numpy as np
 import pytest
 import torch
 
 from fisher_ref.gradient_moments import (
-    batch_squared_gradient, empirical_fisher, gradient_variance, mean_gradient,
+    batch_squared_gradient,
+    empirical_fisher,
+    gradient_variance,
+    mean_gradient,
     squared_mean_gradient,
 )
-from fisher_ref.losses import causal_lm_loss, sequence_classification_loss as cls_loss
+from fisher_ref.losses import causal_lm_loss
+from fisher_ref.losses import sequence_classification_loss as cls_loss
 from fisher_ref.testing.batches import concat_batches, random_batch
 from fisher_ref.testing.compare import assert_dicts_close
 from fisher_ref.testing.models import TinyConfig, build_model

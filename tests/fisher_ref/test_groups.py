@@ -1,5 +1,6 @@
 """Generic roles and group reduction (SPEC §3): output units of Linear rows and Conv1D
-columns checked through the forward pass; R linear and total-preserving; group stats."""
+columns checked through the forward pass; R linear and total-preserving; group stats.
+"""
 
 import pytest
 import torch

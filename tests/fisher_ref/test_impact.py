@@ -4,7 +4,11 @@ import pytest
 import torch
 
 from fisher_ref.impact import (
-    estimator_impact, kendall, pruning_mask_jaccard, spearman, topk_jaccard,
+    estimator_impact,
+    kendall,
+    pruning_mask_jaccard,
+    spearman,
+    topk_jaccard,
 )
 
 A = torch.arange(1.0, 11.0)  # 1..10

@@ -4,7 +4,11 @@ import pytest
 import torch
 
 from fisher_ref.losses import (
-    CausalLMLoss, MaskedLMLoss, SequenceClassificationLoss, causal_lm_loss, masked_lm_loss,
+    CausalLMLoss,
+    MaskedLMLoss,
+    SequenceClassificationLoss,
+    causal_lm_loss,
+    masked_lm_loss,
     sequence_classification_loss,
 )
 from fisher_ref.testing.batches import random_batch

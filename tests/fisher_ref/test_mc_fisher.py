@@ -1,5 +1,6 @@
 """mc_fisher and exact_fisher: the class enumeration by hand, the label-drawing convention
-by hand, and Monte-Carlo convergence to the exact Fisher."""
+by hand, and Monte-Carlo convergence to the exact Fisher.
+"""
 
 import copy
 import zlib
@@ -9,7 +10,8 @@ import pytest
 import torch
 
 from fisher_ref.gradient_moments import empirical_fisher
-from fisher_ref.losses import causal_lm_loss, sequence_classification_loss as cls_loss
+from fisher_ref.losses import causal_lm_loss
+from fisher_ref.losses import sequence_classification_loss as cls_loss
 from fisher_ref.mc_fisher import draw_labels, exact_fisher, mc_fisher
 from fisher_ref.testing.batches import random_batch
 from fisher_ref.testing.compare import assert_dicts_close
@@ -113,7 +115,8 @@ def test_exact_fisher_reports_empty_rows():
 
 def test_causal_mc_fisher_draws_the_next_token_label():
     """Drawn targets are aligned (logits at t draw the label at t + 1): rebuild unshifted
-    labels from the documented draws and average F over them."""
+    labels from the documented draws and average F over them.
+    """
     model = build_model(TinyConfig(arch="gpt2", num_layers=1))
     batch = random_batch(kind="causal", batch_size=3, seq_len=4, empty_rows=(1,), seed=24,
                          sample_ids=["p", "q", "r"])

@@ -110,7 +110,8 @@ def _shifted_heads(model):
 
 def _q_k_swapped(model):
     """Q and K slices exchanged (biases included): in a fused layout without GQA both move
-    exactly head h, so only the query-bias test can tell them apart."""
+    exactly head h, so only the query-bias test can tell them apart.
+    """
     swap = {"Q": "K", "K": "Q", "V": "V", "O": "O"}
     return lambda layer, head, block: qkov_mask(model, layer, head, swap[block], include_bias=True)
 
@@ -212,7 +213,8 @@ def _blind_gpt2():
     """GPT-2 without position embeddings, fed one token repeated: every position of every
     layer holds the same hidden state, so keys and values coincide over positions. Causal
     patterns then stay uniform over each prefix whatever Q and K are, and the O-projection
-    input is the (common) value whatever the pattern: Q and K cannot be tested, V and O can."""
+    input is the (common) value whatever the pattern: Q and K cannot be tested, V and O can.
+    """
     model = build_model(TinyConfig(arch="gpt2", num_layers=1))
     with torch.no_grad():
         model.transformer.wpe.weight.zero_()

@@ -7,7 +7,11 @@ import pytest
 import torch
 
 from fisher_ref.losses import (
-    CausalLMLoss, MaskedLMLoss, causal_lm_loss, masked_lm_loss, sequence_classification_loss,
+    CausalLMLoss,
+    MaskedLMLoss,
+    causal_lm_loss,
+    masked_lm_loss,
+    sequence_classification_loss,
 )
 from fisher_ref.testing.batches import random_batch
 from fisher_ref.testing.compare import assert_dicts_close
@@ -185,7 +189,8 @@ def _first_row_gradient(model, batch):
 def test_oracle_runs_the_models_own_attention_whose_eager_softmax_is_float32():
     """The documented caveat (definitions §0): LLaMA's eager attention takes its softmax in
     float32 even in float64. The oracle runs the model as given; with SDPA it equals an eager
-    reference whose softmax stays float64 (its RMSNorm upcasts to float32 in both)."""
+    reference whose softmax stays float64 (its RMSNorm upcasts to float32 in both).
+    """
     model = build_model(TinyConfig(arch="llama", num_layers=2)).double()
     batch = random_batch(kind="causal", batch_size=3, seed=12)
     with float64_softmax():

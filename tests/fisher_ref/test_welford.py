@@ -2,10 +2,11 @@
 
 import numpy as np
 import torch
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
-from fisher_ref.welford import WelfordState, two_pass_moments
 from fisher_ref.testing.tolerances import tolerance
+from fisher_ref.welford import WelfordState, two_pass_moments
 
 RTOL, ATOL = tolerance("welford")
 VARIANCE = dict(zip(("rtol", "atol"), tolerance("variance-by-subtraction")))

@@ -49,7 +49,8 @@ def test_relative_difference_floors_a_parameter_float32_cannot_resolve():
 
 def test_main_job_retains_nothing_and_leaves_the_model_untouched():
     """Two tasks through the whole main job, three times: no fisher_fast object or tensor
-    outlives a run, and the model has no hook left."""
+    outlives a run, and the model has no hook left.
+    """
     from fisher_ref.testing.batches import random_batch
     from fisher_ref.testing.models import TinyConfig, build_model
     from fishercheck.mainjob import run

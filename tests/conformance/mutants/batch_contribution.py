@@ -1,5 +1,6 @@
 """Defect: the contribution of a sample is taken from the batch's gradient (one backward
-per batch), so every sample of a batch gets the whole batch's squared gradient."""
+per batch), so every sample of a batch gets the whole batch's squared gradient.
+"""
 
 import torch
 

@@ -1,5 +1,6 @@
 """Defect: an exponential moving average of per-batch Fisher estimates, initialised to the
-first batch's value and then bias-corrected as if it had started at zero (Adam style)."""
+first batch's value and then bias-corrected as if it had started at zero (Adam style).
+"""
 
 from .collector import CollectorAdapter, FisherCollector
 

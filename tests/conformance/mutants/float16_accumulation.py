@@ -1,5 +1,6 @@
 """Defect: squared gradients accumulated in a float16 buffer (to halve memory); small
-squares underflow to 0 and sums lose all but three digits."""
+squares underflow to 0 and sums lose all but three digits.
+"""
 
 import torch
 

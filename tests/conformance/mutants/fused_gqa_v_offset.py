@@ -1,5 +1,6 @@
 """Defect: in a fused QKV projection with grouped-query attention (Phi-3), V is assumed to
-start after H key heads instead of H_kv."""
+start after H key heads instead of H_kv.
+"""
 
 from .collector import CollectorAdapter, _rows, head_geometry, qkov_mask
 

@@ -1,5 +1,6 @@
 """Defect: GPT-2's output projection sliced by columns, as for a torch Linear, although HF
-Conv1D stores it [in, out] so a head's entries are rows."""
+Conv1D stores it [in, out] so a head's entries are rows.
+"""
 
 from .collector import CollectorAdapter, _cols, head_geometry, qkov_mask
 

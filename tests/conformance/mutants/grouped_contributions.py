@@ -1,5 +1,6 @@
 """Defect: contributions are stored after group reduction (one number per output unit),
-to save memory, instead of at full parameter shape."""
+to save memory, instead of at full parameter shape.
+"""
 
 from .collector import CollectorAdapter, FisherCollector
 

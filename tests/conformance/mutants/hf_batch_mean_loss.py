@@ -1,6 +1,7 @@
 """Defect: per-sample gradients read off the HF batch-mean loss (sum of all token NLLs over
 the batch's token count, counted from the attention mask, i.e. without the shift) and
-rescaled by the batch size: row i gets weight B * K_i / sum_j T_j instead of 1."""
+rescaled by the batch size: row i gets weight B * K_i / sum_j T_j instead of 1.
+"""
 
 import torch
 

@@ -1,6 +1,7 @@
 """Defect: sample ids parsed as "<document>_<chunk>" by splitting on "_", and contributions
 merged per document, so "doc_a_1" and "doc_2" are confused and ids with several "_" lose
-their tail."""
+their tail.
+"""
 
 import torch
 

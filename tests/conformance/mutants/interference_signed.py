@@ -1,5 +1,6 @@
 """Defect: interference always uses the signed gradient of task B (phi = identity), also
-in the default abs mode."""
+in the default abs mode.
+"""
 
 from .collector import CollectorAdapter
 

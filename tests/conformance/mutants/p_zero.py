@@ -1,5 +1,6 @@
 """Defect: permutation p-value #{null <= observed} / P, which is 0 when no permutation
-reaches the observed statistic (instead of (1 + #) / (P + 1))."""
+reaches the observed statistic (instead of (1 + #) / (P + 1)).
+"""
 
 import numpy as np
 

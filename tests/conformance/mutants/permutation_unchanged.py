@@ -1,5 +1,6 @@
 """Defect: the permutation test shuffles a copy of the labels but recomputes the statistic
-on the original split, so every permuted statistic equals the observed one and p = 1."""
+on the original split, so every permuted statistic equals the observed one and p = 1.
+"""
 
 import numpy as np
 

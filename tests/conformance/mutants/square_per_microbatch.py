@@ -1,5 +1,6 @@
 """Defect: square the mean gradient of micro-batches of b = 2 (the legacy batch-squared
-estimator presented as the empirical Fisher)."""
+estimator presented as the empirical Fisher).
+"""
 
 import torch
 

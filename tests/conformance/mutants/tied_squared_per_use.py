@@ -1,6 +1,7 @@
 """Defect: a tied weight (GPT-2's wte = lm_head) is handled per module, as a hook-based
 collector sees it: each use's per-sample gradient is squared separately and the squares are
-added, instead of summing the uses' gradients and then squaring."""
+added, instead of summing the uses' gradients and then squaring.
+"""
 
 import torch
 

@@ -1,5 +1,6 @@
 """Defect: normalise the averaged squared gradient by the number of tokens as well, "so that
-long documents do not dominate"; duplicating the data halves F."""
+long documents do not dominate"; duplicating the data halves F.
+"""
 
 from .collector import CollectorAdapter, FisherCollector, active_label_counts
 

@@ -1,5 +1,6 @@
 """Defect: per-token and per-sequence units confused: asked for per-sample units, the
-collector takes one gradient per token (of its NLL) and averages their squares."""
+collector takes one gradient per token (of its NLL) and averages their squares.
+"""
 
 import torch
 

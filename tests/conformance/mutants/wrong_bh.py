@@ -1,5 +1,6 @@
 """Defect: Benjamini-Hochberg q-values computed as p * m / rank without the step-up
-(running minimum from the largest p down), so q-values are not monotone in p."""
+(running minimum from the largest p down), so q-values are not monotone in p.
+"""
 
 import numpy as np
 

@@ -1,5 +1,6 @@
 """fisher_fast.attention.slicing: QK-OV masks checked against the model's forward pass, partitions,
-group ids, per-head sums, bad input."""
+group ids, per-head sums, bad input.
+"""
 
 from __future__ import annotations
 

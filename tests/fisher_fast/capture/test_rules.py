@@ -6,7 +6,6 @@ import torch
 import fisher_fast as ff
 from fisher_ref.testing.compare import assert_dicts_close
 from fisher_ref.testing.tolerances import tolerance
-
 from tests.fisher_fast._fast_modules import TinyLM, row_gradients, tiny_batch
 
 GHOST = dict(zip(("rtol", "atol"), tolerance("ghost-norm")))
@@ -45,9 +44,9 @@ def test_rms_lookalike_that_is_not_rms_falls_back_to_functorch():
     model = TinyLM()
     assert ff.capture_plan(model)["gemma.weight"] == ["gemma:rmsnorm"]  # by its attributes
     plan = build_plan(model)
+    from fisher_fast.batching.units import plan_units
     from fisher_fast.run.chunks import run_chunks
     from fisher_fast.stats.sinks import PerUnitSink
-    from fisher_fast.batching.units import plan_units
     batch = tiny_batch(B=2)
     units = plan_units(model, batch, [0, 1], ff.causal_lm_loss, "sample", "sample")
     sink = PerUnitSink(plan.params, 2, torch.float64, "cpu")

@@ -3,8 +3,7 @@
 import pytest
 import torch
 
-from fisher_fast.stats.groups import (GroupSpec, generic_groups, group_ids_tensor, ids_spec,
-                                     reduce_squares)
+from fisher_fast.stats.groups import GroupSpec, generic_groups, group_ids_tensor, ids_spec, reduce_squares
 from fisher_ref.testing.tolerances import tolerance
 from tests.fisher_fast._fast_modules import TinyLM
 

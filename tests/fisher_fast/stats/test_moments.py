@@ -61,7 +61,8 @@ def test_shifted_chunk_sums_equal_two_pass_moments():
 
 def _fed_by_blocks(kind, seed, offset, split):
     """Chunk sums of ``kind`` fed x [2 passes, 7 rows, 5, 3] by row slices (0-4, 4-7) and
-    blocks of axis 0 (the later block first), as the capture does for MC draws."""
+    blocks of axis 0 (the later block first), as the capture does for MC draws.
+    """
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(2, 7, 5, 3, generator=g, dtype=torch.float64) + offset
     w = torch.rand(2, 7, generator=g, dtype=torch.float64) + 0.1

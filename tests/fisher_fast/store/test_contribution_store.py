@@ -1,5 +1,6 @@
 """ContributionStore: round trips, tiers and oldest-first spilling, budgets, all-or-nothing
-writes, opaque ids, deletion."""
+writes, opaque ids, deletion.
+"""
 
 from __future__ import annotations
 
@@ -276,7 +277,6 @@ def test_return_tensors_false_needs_a_store():
 
 def test_unit_gradient_chunks_fit_the_budget_and_carry_the_empty_rows():
     from fisher_fast.per_sample import iter_unit_gradients, per_sample_gradients
-
     from fisher_ref.testing.batches import random_batch
 
     model, _ = _model_case()
