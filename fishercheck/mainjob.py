@@ -26,7 +26,6 @@ import torch
 
 import fisher_fast
 from fisher_ref.impact import estimator_impact
-from fishercheck.adapters import fast
 
 BLOCKS = ("Q", "K", "V", "O")
 _LAYER = re.compile(r"\.(?:h|layers|layer|blocks)\.(\d+)\.")
@@ -74,7 +73,7 @@ def head_groups(model, F: dict, layout) -> np.ndarray:
     for la in layout.layers:
         for h in range(la.num_heads):
             for b, block in enumerate(BLOCKS):
-                masks = fast("qkov_mask")(model, la.index, h, block)
+                masks = fisher_fast.qkov_mask(model, la.index, h, block)
                 out[la.index, h, b] = sum(float(F[n].double()[m.to(F[n].device)].sum())
                                           for n, m in masks.items())
     return out
@@ -139,10 +138,10 @@ def oracle_check(model, batch_a: dict, batch_b: dict, *, n: int, n_permutations:
     out["empirical_fisher"] = relative_difference(fa, fisher_ref.empirical_fisher(ref_model, ra))
     out["squared_mean_gradient"] = relative_difference(
         sa, fisher_ref.squared_mean_gradient(ref_model, ra))
-    fi = fast("interference")(model, a, b, dtype=dtype)
+    fi = fisher_fast.interference(model, a, b, dtype=dtype)
     ri = ref_interference(ref_model, ra, rb)
     out["interference"] = relative_difference(dict(fi), dict(ri))
-    fc = fast("conflicts")(model, a, b, n_permutations=n_permutations, seed=seed,
+    fc = fisher_fast.conflicts(model, a, b, n_permutations=n_permutations, seed=seed,
                            n_bootstrap=100, dtype=dtype)
     rc = ref_conflicts(ref_model, ra, rb, n_permutations=n_permutations, seed=seed,
                        n_bootstrap=100)
@@ -157,7 +156,7 @@ def run(model, batch_a: dict, batch_b: dict, *, n_pairs: int = 32, n_permutation
         chunk_rows: int = 32) -> dict:
     """Every quantity of the main job, as plain Python data (see the module docstring)."""
     timings, results = {}, {"tasks": {}}
-    layout = fast("attention_layout")(model)
+    layout = fisher_fast.attention_layout(model)
     t0 = time.perf_counter()
     groups = {}
     for task, batch in (("A", batch_a), ("B", batch_b)):
@@ -173,10 +172,10 @@ def run(model, batch_a: dict, batch_b: dict, *, n_pairs: int = 32, n_permutation
     t0 = time.perf_counter()
     a, b = rows(batch_a, n_pairs), rows(batch_b, n_pairs)
     pairs_used = {"A": int(a["input_ids"].shape[0]), "B": int(b["input_ids"].shape[0])}
-    results["interference"] = interference_summary(fast("interference")(model, a, b, dtype=dtype))
+    results["interference"] = interference_summary(fisher_fast.interference(model, a, b, dtype=dtype))
     timings["interference_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    conf = fast("conflicts")(model, a, b, groups="heads", n_permutations=n_permutations, seed=seed,
+    conf = fisher_fast.conflicts(model, a, b, groups="heads", n_permutations=n_permutations, seed=seed,
                              dtype=dtype)
     results["conflicts"] = conflicts_summary(conf)
     timings["conflicts_s"] = time.perf_counter() - t0

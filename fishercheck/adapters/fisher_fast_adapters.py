@@ -1,66 +1,22 @@
-"""Conformance adapters for fisher_fast, and the short names ``fishercheck conform`` accepts.
+"""fisher_fast behind the conformance adapter protocol.
 
 ``FisherFastAdapter`` drives fisher_fast the way a user would: the per-parameter
 estimators stream the batches through one ``FisherAccumulator`` (so the harness's split and
 micro-batch properties test the real streaming path), everything else calls fisher_fast's
 functions on the joined batches. ``dtype=float64`` (the default adapter) compares at
 float64 tolerance; ``FisherFast32Adapter`` checks the default float32 path at the float32
-tolerance. A capability fisher_fast does not export is reported as "not provided".
+tolerance.
 """
 
 from __future__ import annotations
 
 import copy
-import importlib
-import types
 
 import torch
 
 import fisher_fast
-from fisher_ref.conformance.adapter import load_adapter
 from fisher_ref.losses import CausalLMLoss as RefCausalLMLoss
 from fisher_ref.testing.batches import concat_batches
-
-ALIASES = {
-    "fisher_fast": "fishercheck.adapters:FisherFastAdapter",
-    "fisher_fast32": "fishercheck.adapters:FisherFast32Adapter",
-    "fisher_fast_cuda": "fishercheck.adapters:FisherFastCudaAdapter",
-    "fisher_ref": "fisher_ref.conformance.builtin_adapters:ReferenceAdapter",
-}
-
-_FUNCTIONS = {  # capability -> fisher_fast functions it needs
-    "group_fisher": ("FisherAccumulator",),
-    "per_sample_contributions": ("per_sample_contributions",),
-    "qkov_mask": ("qkov_mask",),
-    "interference": ("interference",),
-    "conflict_pvalues": ("conflicts",),
-    "fdr_qvalues": ("bh_qvalues", "by_qvalues"),
-}
-
-
-def resolve(spec: str):
-    """An adapter from a short name (``fisher_fast``, ``fisher_fast32``, ``fisher_ref``) or a
-    ``package.module:object`` spec.
-    """
-    return load_adapter(ALIASES.get(spec, spec))
-
-
-def fast(name: str):
-    """fisher_fast's public ``name``, from the package or the module that defines it."""
-    for module in ("", ".contributions", ".interference", ".conflicts", ".fdr", ".slicing",
-                   ".layouts"):
-        obj = getattr(importlib.import_module(f"fisher_fast{module}"), name, None)
-        if callable(obj) and not isinstance(obj, types.ModuleType):
-            return obj
-    raise AttributeError(f"fisher_fast has no public function {name!r}")
-
-
-def _has(name: str) -> bool:
-    try:
-        fast(name)
-        return True
-    except (AttributeError, ImportError):
-        return False
 
 
 def fast_loss(loss_fn):
@@ -77,11 +33,6 @@ class FisherFastAdapter:
     units = ("sample", "token")
     weightings = ("sample", "token")
     dtype = torch.float64
-
-    def __init__(self):
-        for capability, needs in _FUNCTIONS.items():
-            if not all(_has(n) for n in needs):
-                setattr(self, capability, None)  # not provided
 
     def _accumulate(self, model, batches, loss_fn, **options):
         acc = fisher_fast.FisherAccumulator(model, loss_fn=fast_loss(loss_fn), dtype=self.dtype,
@@ -103,20 +54,20 @@ class FisherFastAdapter:
         return self._accumulate(model, batches, loss_fn, groups="heads").group_fisher()
 
     def per_sample_contributions(self, model, batches, *, loss_fn):
-        pu = fast("per_sample_contributions")(model, concat_batches(batches),
+        pu = fisher_fast.per_sample_contributions(model, concat_batches(batches),
                                               loss_fn=fast_loss(loss_fn), dtype=self.dtype)
         return pu.ids, pu.tensors
 
     def qkov_mask(self, model, layer, head, block):
-        return fast("qkov_mask")(model, layer, head, block, include_bias=False)
+        return fisher_fast.qkov_mask(model, layer, head, block, include_bias=False)
 
     def interference(self, model, batches_a, batches_b, *, loss_fn, signed=False, eps=1e-12):
-        return fast("interference")(model, concat_batches(batches_a), concat_batches(batches_b),
+        return fisher_fast.interference(model, concat_batches(batches_a), concat_batches(batches_b),
                                     loss_fn=fast_loss(loss_fn), fisher="a", signed=signed,
                                     eps=eps, dtype=self.dtype)
 
     def conflict_pvalues(self, model, batches_a, batches_b, *, loss_fn, n_permutations, seed):
-        result = fast("conflicts")(model, concat_batches(batches_a), concat_batches(batches_b),
+        result = fisher_fast.conflicts(model, concat_batches(batches_a), concat_batches(batches_b),
                                    loss_fn=fast_loss(loss_fn), n_permutations=n_permutations,
                                    seed=seed, n_bootstrap=10, dtype=self.dtype)
         return {str(g): float(rec["p"]) for g, rec in result.items()}
@@ -124,7 +75,7 @@ class FisherFastAdapter:
     def fdr_qvalues(self, pvalues, *, method="bh"):
         if method not in ("bh", "by"):
             raise ValueError(f"method: expected 'bh' or 'by', got {method!r}.")
-        return fast(f"{method}_qvalues")(pvalues)
+        return (fisher_fast.bh_qvalues if method == "bh" else fisher_fast.by_qvalues)(pvalues)
 
 
 class FisherFast32Adapter(FisherFastAdapter):
