@@ -9,16 +9,18 @@ rounding.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 
 import torch
 
-from .batching.checks import check_choice, check_positive_int, resolve_loss, split_batch
+from .batching.checks import check_choice, check_positive_int, check_seed, split_batch
 from .batching.label_draws import row_uniforms
 from .batching.units import aligned_targets, with_shared_draws
 from .capture.plan import build_plan
 from .losses import has_token_protocol
-from .run.batch_statistics import Config, accumulate_batch
-from .run.chunks import check_autocast, check_dtype, model_device
+from .run.batch_statistics import Keep, accumulate_batch
+from .run.chunks import model_device
+from .run.options import Options, check_device
 from .stats import readout
 from .stats.groups import resolve_groups
 from .stats.task_state import TaskState
@@ -82,33 +84,37 @@ class FisherAccumulator:
                  labels="true", n_samples=1, seed=0, statistics="all"):
         self.model = model
         check_choice("labels", labels, LABELS)
-        self.labels = labels
         check_choice("statistics", statistics, STATISTICS)
-        self.statistics = statistics
-        self.loss = resolve_loss(loss_fn, unit=unit, weighting=weighting,
-                                 needs_protocol="labels='mc'" if labels == "mc" else None)
-        check_positive_int("n_samples", n_samples)
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise ValueError(f"seed: expected an int, got {seed!r}.")
+        self.labels, self.statistics = labels, statistics
+        self.options = Options.of(loss_fn, unit, weighting, dtype, chunk_size, memory_budget,
+                                  allow_tf32, autocast,
+                                  needs_protocol="labels='mc'" if labels == "mc" else None)
+        self.n_samples = check_positive_int("n_samples", n_samples)
+        self.seed = check_seed(seed)
         if labels == "mc" and micro_batch_sizes:
             raise ValueError(f"labels='mc': expected no micro_batch_sizes, got "
                              f"{tuple(micro_batch_sizes)}.")
-        self.n_samples, self.seed = n_samples, seed
-        self.dtype = check_dtype(dtype)
-        self.device = torch.device(device) if device is not None else model_device(model)
-        if chunk_size is not None:
-            check_positive_int("chunk_size", chunk_size)
+        self.device = check_device(device) if device is not None else model_device(model)
         for b in micro_batch_sizes:
             check_positive_int("micro_batch_sizes", b)
         if not elements and groups is None:
             raise ValueError("elements=False: expected groups to be given, got None.")
         self.groups = groups
-        specs = {} if groups is None else resolve_groups(model, groups, layout)
-        self.config = Config(self.dtype, unit, weighting, chunk_size, memory_budget, elements,
-                             specs, tuple(sorted(set(micro_batch_sizes))), allow_tf32,
-                             check_autocast(autocast), second_only=statistics == "fisher")
         self.plan = build_plan(model)
+        specs = {} if groups is None else resolve_groups(model, groups, layout, roles=self.plan.roles)
+        self.keep = Keep(elements, specs, tuple(sorted(set(micro_batch_sizes))),
+                         second_only=statistics == "fisher")
         self._tasks: dict[str, TaskState] = {}
+
+    @property
+    def loss(self) -> Callable:
+        """The per-row loss the accumulator uses."""
+        return self.options.loss
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The statistics dtype."""
+        return self.options.dtype
 
     # updating ----------------------------------------------------------------------------
     def update(self, batch, task="default", sample_ids=None) -> int:
@@ -128,7 +134,7 @@ class FisherAccumulator:
             T = aligned_targets(self.loss, self.model, tensors).shape[1]
             extra = dict(uniforms=row_uniforms(self.seed, ids, T, self.n_samples),
                          expand=lambda units: with_shared_draws(units, self.n_samples))
-        delta = accumulate_batch(self.model, self.plan, self.loss, tensors, ids, self.config,
+        delta = accumulate_batch(self.model, self.plan, tensors, ids, self.options, self.keep,
                                  prior, allow_empty=True, **extra).to(self.device)
         self._tasks[task] = prior.merged(delta)  # commit: nothing above changed any state
         return delta.n_units
@@ -216,14 +222,15 @@ class FisherAccumulator:
         return self
 
     def config_summary(self) -> dict:
-        c = self.config
+        """What a saved state must agree on to be loaded (JSON-able)."""
+        c, k = self.options, self.keep
         mc = {"labels": "mc", "n_samples": self.n_samples, "seed": self.seed} \
             if self.labels == "mc" else {}
         stats = {"statistics": self.statistics} if self.statistics != "all" else {}
         return {**mc, **stats, "dtype": str(c.dtype).replace("torch.", ""), "unit": c.unit,
-                "weighting": c.weighting, "elements": c.elements,
-                "groups": {n: _describe_group(g) for n, g in sorted(c.groups.items())},
-                "micro_batch_sizes": list(c.micro_batch_sizes),
+                "weighting": c.weighting, "elements": k.elements,
+                "groups": {n: _describe_group(g) for n, g in sorted(k.groups.items())},
+                "micro_batch_sizes": list(k.micro_batch_sizes),
                 "loss": _describe_loss(self.loss),
                 "autocast": None if c.autocast is None else str(c.autocast).replace("torch.", ""),
                 "params": {n: list(p.shape) for n, p in self.plan.params.items()}}

@@ -39,6 +39,8 @@ from .attention.layouts import AttentionLayout, attention_layout
 from .attention.slicing import BLOCKS, block_params, slice_matrix
 from .fdr import bh_qvalues, by_qvalues
 from .interference import check_same_parameters
+from .per_sample import unit_gradients
+from .run.options import Options
 
 GROUPINGS = ("heads", "parameters")
 _CHUNK_ELEMENTS = 1 << 24   # float64 entries per temporary in the permutation products
@@ -87,14 +89,12 @@ def conflicts(model: torch.nn.Module, batch_a: dict, batch_b: dict, *, groups: s
     Returns:
         ConflictResult.
     """
-    from .contributions import unit_gradients
-
     n_permutations, seed, n_bootstrap = _check_options(groups, n_permutations, seed, n_bootstrap, fdr)
     lay = attention_layout(model, layout) if groups == "heads" else None
-    kw = dict(loss_fn=loss_fn, unit=unit, weighting=weighting, dtype=dtype,
-              params=_slice_names(lay, include_bias) if groups == "heads" else None)
-    ga = unit_gradients(model, batch_a, sample_ids=sample_ids_a, **kw)
-    gb = unit_gradients(model, batch_b, sample_ids=sample_ids_b, **kw)
+    opts = Options.of(loss_fn, unit, weighting, dtype)
+    params = _slice_names(lay, include_bias) if groups == "heads" else None
+    ga = unit_gradients(model, batch_a, sample_ids_a, opts, params)
+    gb = unit_gradients(model, batch_b, sample_ids_b, opts, params)
     return conflicts_from_units(ga, gb, groups=groups, layout=lay, n_permutations=n_permutations,
                                 seed=seed, n_bootstrap=n_bootstrap, include_bias=include_bias, fdr=fdr)
 

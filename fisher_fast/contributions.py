@@ -12,18 +12,8 @@ import contextlib
 
 import torch
 
+from .per_sample import iter_unit_gradients
 from .results import PerUnit
-
-
-def unit_gradients(model, batch, *, loss_fn=None, unit="sample", weighting="sample",
-                   sample_ids=None, dtype=None, params=None) -> PerUnit:
-    """``fisher_fast.per_sample.per_sample_gradients`` (the core's batched capture), of
-    ``params`` only when given.
-    """
-    from .per_sample import per_sample_gradients
-
-    return per_sample_gradients(model, batch, loss_fn=loss_fn, unit=unit, weighting=weighting,
-                                sample_ids=sample_ids, dtype=dtype, params=params)
 
 
 def per_sample_contributions(model: torch.nn.Module, batch: dict, *, loss_fn=None,
@@ -55,8 +45,6 @@ def per_sample_contributions(model: torch.nn.Module, batch: dict, *, loss_fn=Non
         PerUnit with ``tensors[name]`` of shape ``[U, *param.shape]``, the unit ids, the
         weights and the empty rows' ids.
     """
-    from .per_sample import iter_unit_gradients
-
     if store is None and not return_tensors:
         raise ValueError("return_tensors=False: expected a store to file the contributions "
                          "in, got store=None.")
@@ -64,7 +52,8 @@ def per_sample_contributions(model: torch.nn.Module, batch: dict, *, loss_fn=Non
     chunks = iter_unit_gradients(model, batch, loss_fn=loss_fn, unit=unit, weighting=weighting,
                                  sample_ids=sample_ids, dtype=dtype, chunk_size=chunk_size,
                                  memory_budget=memory_budget, params=params)
-    with store.transaction() if store is not None else contextlib.nullcontext():
+    with contextlib.closing(chunks), \
+            store.transaction() if store is not None else contextlib.nullcontext():
         for g in chunks:
             c = {n: t.square_() for n, t in g.tensors.items()}  # the chunk's own tensors
             if store is not None and g.ids:

@@ -5,55 +5,59 @@ units, one batched forward and backward each) and shares its keyword arguments:
 
 Args:
     model: the model (eval mode, rows independent).
-    batch: dict of tensors with a leading batch axis, optionally ``sample_ids``.
-    loss_fn: per-row loss; ``None`` is ``causal_lm_loss`` (mean over active tokens).
+    batch: dict of tensors with a leading batch axis ``[rows, ...]``, optionally
+        ``sample_ids``.
+    loss_fn: per-row loss ``loss_fn(model, batch) -> Tensor[rows]``; ``None`` is
+        ``causal_lm_loss`` (mean over each row's active tokens).
     unit: ``"sample"`` or ``"token"``; weighting: ``"sample"`` or ``"token"`` (SPEC §1).
     sample_ids: one id per row (or ``batch["sample_ids"]``; not both).
     dtype: statistics dtype, float32 (default) or float64.
     chunk_size, memory_budget, allow_tf32, autocast: see ``FisherAccumulator``.
 
-Results are ``FisherResult`` dicts on the model's device, in ``dtype``.
+Results are ``FisherResult`` dicts ``{name: Tensor[*param_shape]}`` on the model's device, in
+``dtype``.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .batching.checks import check_positive_int, resolve_loss, split_batch
+from .batching.checks import check_positive_int, check_seed, split_batch
 from .batching.label_draws import row_uniforms
 from .batching.row_losses import chunk_rows
 from .batching.units import aligned_targets, with_shared_classes, with_shared_draws
 from .capture.plan import build_plan
-from .run.batch_statistics import Config, accumulate_batch
-from .run.chunks import check_autocast, check_dtype
+from .run.batch_statistics import Keep, accumulate_batch
+from .run.options import Options
 from .stats import readout
 from .stats.groups import resolve_groups
 from .stats.task_state import TaskState
 
 
-def _run(model, batch, *, loss_fn, unit, weighting, sample_ids, dtype, chunk_size,
-         memory_budget, allow_tf32, autocast=None, elements=True, groups=None, micro=(), needs=None,
-         expand=None, uniforms=None, second_only=False) -> TaskState:
-    loss = resolve_loss(loss_fn, unit=unit, weighting=weighting, needs_protocol=needs)
-    if chunk_size is not None:
-        check_positive_int("chunk_size", chunk_size)
+def _one_batch(model, batch, sample_ids, opts: Options, keep: Keep, *, plan=None,
+               expand=None, uniforms=None) -> TaskState:
+    """The statistics ``keep`` names of one batch, from a fresh state.
+
+    Args:
+        expand: ``(model, loss, tensors) -> (Units -> Units)``: label draws or classes.
+        uniforms: ``(model, loss, tensors, ids) -> Tensor``: the MC draws' uniforms.
+    """
     tensors, ids = split_batch(batch, sample_ids, model=model)
-    cfg = Config(check_dtype(dtype), unit, weighting, chunk_size, memory_budget, elements,
-                 groups or {}, tuple(micro), allow_tf32, check_autocast(autocast),
-                 second_only=second_only)
     extra = {}
     if uniforms is not None:
-        extra["uniforms"] = uniforms(model, loss, tensors, ids)
+        extra["uniforms"] = uniforms(model, opts.loss, tensors, ids)
     if expand is not None:
-        extra["expand"] = expand(model, loss, tensors)
-    return accumulate_batch(model, build_plan(model), loss, tensors, ids, cfg, TaskState(), **extra)
+        extra["expand"] = expand(model, opts.loss, tensors)
+    return accumulate_batch(model, plan or build_plan(model), tensors, ids, opts, keep,
+                            TaskState(), **extra)
 
 
 def mean_gradient(model, batch, *, loss_fn=None, unit="sample", weighting="sample",
                   sample_ids=None, dtype=None, chunk_size=None, memory_budget=None,
                   allow_tf32=False, autocast=None):
     """Mean gradient :math:`\\bar g = \\sum_u w_u g_u / W`."""
-    return readout.mean_gradient(_run(**locals()))
+    opts = Options.of(loss_fn, unit, weighting, dtype, chunk_size, memory_budget, allow_tf32, autocast)
+    return readout.mean_gradient(_one_batch(model, batch, sample_ids, opts, Keep()))
 
 
 def empirical_fisher(model, batch, *, loss_fn=None, unit="sample", weighting="sample",
@@ -65,14 +69,17 @@ def empirical_fisher(model, batch, *, loss_fn=None, unit="sample", weighting="sa
     Keeps E[g²] alone per element (``moments.SecondMoment``), not the mean and M2 that
     ``FisherAccumulator`` keeps for every estimator.
     """
-    return readout.empirical_fisher(_run(**locals(), second_only=True), discard=True)
+    opts = Options.of(loss_fn, unit, weighting, dtype, chunk_size, memory_budget, allow_tf32, autocast)
+    state = _one_batch(model, batch, sample_ids, opts, Keep(second_only=True))
+    return readout.empirical_fisher(state, discard=True)
 
 
 def squared_mean_gradient(model, batch, *, loss_fn=None, unit="sample", weighting="sample",
                           sample_ids=None, dtype=None, chunk_size=None, memory_budget=None,
                           allow_tf32=False, autocast=None):
     """Squared mean gradient :math:`S = \\bar g^2` ((E[g])²); S ≤ F."""
-    return readout.squared_mean_gradient(_run(**locals()))
+    opts = Options.of(loss_fn, unit, weighting, dtype, chunk_size, memory_budget, allow_tf32, autocast)
+    return readout.squared_mean_gradient(_one_batch(model, batch, sample_ids, opts, Keep()))
 
 
 def gradient_variance(model, batch, *, loss_fn=None, unit="sample", weighting="sample",
@@ -82,9 +89,8 @@ def gradient_variance(model, batch, *, loss_fn=None, unit="sample", weighting="s
     Welford M2 (never negative: M2 is clamped at 0 per chunk against rounding only). ``unbiased=True`` multiplies by
     :math:`W^2 / (W^2 - \\sum_u w_u^2)` (U/(U−1) for unit weights); needs two units.
     """
-    kw = dict(locals())
-    kw.pop("unbiased")
-    return readout.gradient_variance(_run(**kw), unbiased)
+    opts = Options.of(loss_fn, unit, weighting, dtype, chunk_size, memory_budget, allow_tf32, autocast)
+    return readout.gradient_variance(_one_batch(model, batch, sample_ids, opts, Keep()), unbiased)
 
 
 def batch_squared_gradient(model, batch, *, loss_fn=None, unit="sample", weighting="sample",
@@ -97,9 +103,9 @@ def batch_squared_gradient(model, batch, *, loss_fn=None, unit="sample", weighti
     .. warning:: squaring a batch gradient is not the Fisher; this exists for comparison.
     """
     check_positive_int("micro_batch_size", micro_batch_size)
-    kw = dict(locals())
-    kw.pop("micro_batch_size")
-    state = _run(**kw, elements=False, groups=None, micro=(micro_batch_size,))
+    opts = Options.of(loss_fn, unit, weighting, dtype, chunk_size, memory_budget, allow_tf32, autocast)
+    state = _one_batch(model, batch, sample_ids, opts,
+                       Keep(elements=False, micro_batch_sizes=(micro_batch_size,)))
     return readout.batch_squared_gradient(state, micro_batch_size)
 
 
@@ -116,18 +122,16 @@ def mc_fisher(model, batch, *, loss_fn=None, unit="sample", weighting="sample",
     sample id; see ``batching/label_draws.py``), so they do not depend on chunking or batch order.
     """
     check_positive_int("n_samples", n_samples)
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise ValueError(f"seed: expected an int, got {seed!r}.")
+    check_seed(seed)
+    opts = Options.of(loss_fn, unit, weighting, dtype, chunk_size, memory_budget, allow_tf32,
+                      autocast, needs_protocol="mc_fisher")
 
     def uniforms(model, loss, tensors, ids):
         T = aligned_targets(loss, model, tensors).shape[1]
         return row_uniforms(seed, ids, T, n_samples)
 
-    kw = dict(locals())
-    for k in ("n_samples", "seed", "uniforms"):
-        kw.pop(k)
-    state = _run(**kw, needs="mc_fisher", uniforms=uniforms, second_only=True,
-                 expand=lambda *_: (lambda units: with_shared_draws(units, n_samples)))
+    state = _one_batch(model, batch, sample_ids, opts, Keep(second_only=True), uniforms=uniforms,
+                       expand=lambda *_: (lambda units: with_shared_draws(units, n_samples)))
     return readout.empirical_fisher(state, discard=True)
 
 
@@ -146,6 +150,8 @@ def exact_fisher(model, batch, *, loss_fn=None, unit="token", weighting="sample"
     """
     if unit != "token":
         raise ValueError(f"exact_fisher: expected unit='token', got unit={unit!r}.")
+    opts = Options.of(loss_fn, unit, weighting, dtype, chunk_size, memory_budget, allow_tf32,
+                      autocast, needs_protocol="exact_fisher")
 
     def expand(model, loss, tensors):
         with torch.no_grad():
@@ -153,9 +159,7 @@ def exact_fisher(model, batch, *, loss_fn=None, unit="token", weighting="sample"
             C = loss.logits_and_targets(model, first)[0].shape[-1]
         return lambda units: with_shared_classes(units, C)
 
-    kw = dict(locals())
-    kw.pop("expand")
-    state = _run(**kw, needs="exact_fisher", expand=expand, second_only=True)
+    state = _one_batch(model, batch, sample_ids, opts, Keep(second_only=True), expand=expand)
     return readout.empirical_fisher(state, discard=True)
 
 
@@ -175,8 +179,8 @@ def group_fisher(model, batch, *, loss_fn=None, unit="sample", weighting="sample
             dict ``{name: (ids, n_groups)}``.
         layout: attention layout for ``groups="heads"``.
     """
-    specs = resolve_groups(model, groups, layout)
-    kw = dict(locals())
-    for k in ("groups", "layout", "specs"):
-        kw.pop(k)
-    return readout.group_fisher(_run(**kw, elements=False, groups=specs))
+    opts = Options.of(loss_fn, unit, weighting, dtype, chunk_size, memory_budget, allow_tf32, autocast)
+    plan = build_plan(model)
+    specs = resolve_groups(model, groups, layout, roles=plan.roles)
+    state = _one_batch(model, batch, sample_ids, opts, Keep(elements=False, groups=specs), plan=plan)
+    return readout.group_fisher(state)

@@ -20,10 +20,15 @@ K/V results are computed once per kv head and repeated for the query heads that 
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from .attention.layouts import AttentionLayout, attention_layout
 from .attention.slicing import BLOCKS, block_params, kv_index, slice_matrix
+from .batching.checks import check_positive_int
+from .per_sample import unit_gradient_chunks, unit_gradients
+from .run.options import Options
 
 FISHER_CHOICES = ("a", "b", "pooled")
 
@@ -65,7 +70,7 @@ def interference(model: torch.nn.Module, batch_a: dict, batch_b: dict, *, fisher
                  top_k: int = 100, layout=None, loss_fn=None, unit: str = "sample",
                  weighting: str = "sample", store=None, include_bias: bool = False,
                  dtype=None, task_a="a", chunk_size: int | None = None, sample_ids_a=None,
-                 sample_ids_b=None) -> InterferenceResult:
+                 sample_ids_b=None, score_rows: int | None = None) -> InterferenceResult:
     """QK-OV interference M^B[i, j, l, h] of task A (``batch_a``) on task B (``batch_b``).
 
     Args:
@@ -77,33 +82,35 @@ def interference(model: torch.nn.Module, batch_a: dict, batch_b: dict, *, fisher
         eps, ridge_rel: ε_slice = eps + ridge_rel · median(F̂ over the slice).
         top_k: how many of the largest entries to list.
         loss_fn, unit, weighting: as for every estimator (docs/architecture.md).
-        store: a ``ContributionStore``: A's contributions C_A are written to it under task
-            ``task_a`` and read back ``chunk_size`` units at a time, so only a chunk of
-            them is on the device at once.
+        store: a ``ContributionStore``: A's contributions C_A are computed ``chunk_size``
+            rows at a time, written to it under task ``task_a`` and read back ``score_rows``
+            units at a time, so only a chunk of them is on the device at once.
         include_bias: also count the Q/K/V bias entries of each slice.
         dtype: dtype of the per-sample gradients (default: the core's, float32).
-        task_a, chunk_size: see ``store``.
+        task_a: see ``store``.
+        chunk_size: forward rows per chunk (as for every estimator; default from memory).
+        score_rows: A's units scored against B at a time (default: all of them without a
+            store; with one, ``chunk_size`` when given, else all).
         sample_ids_a, sample_ids_b: the units' sample ids, if not in the batches.
 
     Returns:
         InterferenceResult.
     """
-    from .contributions import unit_gradients
-
     lay = attention_layout(model, layout)
     _check_options(fisher, signed, eps, ridge_rel, top_k)
+    opts = Options.of(loss_fn, unit, weighting, dtype, chunk_size)
+    if score_rows is None:
+        score_rows = chunk_size if store is not None else None
     names = _layout_names(lay, include_bias)
-    kw = dict(loss_fn=loss_fn, unit=unit, weighting=weighting, dtype=dtype, params=names)
-    opts = dict(fisher=fisher, signed=signed, eps=eps, ridge_rel=ridge_rel, top_k=top_k,
-                include_bias=include_bias, names=names, chunk_size=chunk_size)
-    gb = unit_gradients(model, batch_b, sample_ids=sample_ids_b, **kw)
+    scoring = dict(fisher=fisher, signed=signed, eps=eps, ridge_rel=ridge_rel, top_k=top_k,
+                   include_bias=include_bias, names=names, score_rows=score_rows)
+    gb = unit_gradients(model, batch_b, sample_ids_b, opts, names)
     if store is None:
-        ga = unit_gradients(model, batch_a, sample_ids=sample_ids_a, **kw)
-        return interference_from_units(lay, ga, gb, **opts)
+        ga = unit_gradients(model, batch_a, sample_ids_a, opts, names)
+        return interference_from_units(lay, ga, gb, **scoring)
     with store.transaction():  # A's records stay only if the whole computation succeeds
-        a = _file_task_a(model, batch_a, store, task_a, names, chunk_size,
-                         dict(kw, sample_ids=sample_ids_a))
-        return _scores(lay, a, gb, **opts)
+        a = _file_task_a(model, batch_a, sample_ids_a, opts, store, task_a, names)
+        return _scores(lay, a, gb, **scoring)
 
 
 class _TaskA:
@@ -119,30 +126,30 @@ def _weighted_sums(c: dict, w: torch.Tensor, names) -> dict:
     return {n: torch.tensordot(w.to(c[n].dtype).to(c[n].device), c[n], dims=1) for n in names}
 
 
-def _file_task_a(model, batch_a, store, task_a, names, chunk_size, kw) -> _TaskA:
-    """A's contributions computed a chunk at a time (``iter_unit_gradients``), filed in the
+def _file_task_a(model, batch_a, sample_ids_a, opts: Options, store, task_a, names) -> _TaskA:
+    """A's contributions computed a chunk at a time (``unit_gradient_chunks``), filed in the
     store and summed into Σ w C as they go: only one chunk of A's gradients is in memory.
     """
-    from .per_sample import iter_unit_gradients
-
     ids, W, sums = [], None, {}
-    for g in iter_unit_gradients(model, batch_a, chunk_size=chunk_size, **kw):
-        c = {n: g.tensors[n].square_() for n in names}  # the chunk's own tensors
-        for n, t in _weighted_sums(c, g.weights, names).items():
-            sums[n] = t if n not in sums else sums[n] + t
-        w = g.weights.sum()
-        W = w if W is None else W + w
-        store.add(task_a, g.ids, c)
-        ids += g.ids
+    chunks = unit_gradient_chunks(model, batch_a, sample_ids_a, opts, names)
+    with contextlib.closing(chunks):
+        for g in chunks:
+            c = {n: g.tensors[n].square_() for n in names}  # the chunk's own tensors
+            for n, t in _weighted_sums(c, g.weights, names).items():
+                sums[n] = t if n not in sums else sums[n] + t
+            w = g.weights.sum()
+            W = w if W is None else W + w
+            store.add(task_a, g.ids, c)
+            ids += g.ids
     return _TaskA(ids, W, sums,
                   lambda rows, dev: store.get_stacked(task_a, ids[rows], device=dev))
 
 
 def interference_from_units(lay: AttentionLayout, ga, gb, *, fisher="a", signed=False, eps=1e-12,
                             ridge_rel=0.0, top_k=100, include_bias=False, names=None,
-                            store=None, task_a="a", chunk_size=None) -> InterferenceResult:
+                            store=None, task_a="a", score_rows=None) -> InterferenceResult:
     """Interference from per-unit gradients (``PerUnit``-like: ``tensors``, ``ids``, ``weights``).
-    With ``store``, A's contributions are filed there and read back ``chunk_size`` at a time.
+    With ``store``, A's contributions are filed there and read back ``score_rows`` at a time.
     """
     _check_options(fisher, signed, eps, ridge_rel, top_k)
     check_same_parameters(ga.tensors, gb.tensors)
@@ -153,12 +160,12 @@ def interference_from_units(lay: AttentionLayout, ga, gb, *, fisher="a", signed=
     ca = {n: ga.tensors[n].square() for n in names}
     w = ga.weights
     W = w.to(ca[names[0]].dtype).to(ca[names[0]].device).sum()
-    opts = dict(fisher=fisher, signed=signed, eps=eps, ridge_rel=ridge_rel, top_k=top_k,
-                include_bias=include_bias, names=names, chunk_size=chunk_size)
+    scoring = dict(fisher=fisher, signed=signed, eps=eps, ridge_rel=ridge_rel, top_k=top_k,
+                   include_bias=include_bias, names=names, score_rows=score_rows)
     if store is None:
         a = _TaskA(ga.ids, W, _weighted_sums(ca, w, names),
                    lambda rows, dev: {n: t[rows] for n, t in ca.items()})
-        return _scores(lay, a, gb, **opts)
+        return _scores(lay, a, gb, **scoring)
     a = _TaskA(ga.ids, W, _weighted_sums(ca, w, names),
                lambda rows, dev: store.get_stacked(task_a, ga.ids[rows], device=dev))
 
@@ -167,11 +174,11 @@ def interference_from_units(lay: AttentionLayout, ga, gb, *, fisher="a", signed=
         ca.clear()
 
     with store.transaction():
-        return _scores(lay, a, gb, **opts, before_reads=file_them)
+        return _scores(lay, a, gb, **scoring, before_reads=file_them)
 
 
 def _scores(lay: AttentionLayout, a: _TaskA, gb, *, fisher, signed, eps, ridge_rel, top_k,
-            include_bias, names, chunk_size, before_reads=None) -> InterferenceResult:
+            include_bias, names, score_rows, before_reads=None) -> InterferenceResult:
     heads = {la.num_heads for la in lay.layers}
     if len(heads) != 1:
         raise ValueError(f"interference: expected the same number of heads in every layer, got {sorted(heads)}.")
@@ -189,9 +196,7 @@ def _scores(lay: AttentionLayout, a: _TaskA, gb, *, fisher, signed, eps, ridge_r
                 (f.shape[0],), float(eps), dtype=f.dtype, device=f.device)
             inv[(la.index, B)] = 1.0 / (f + e[:, None])     # inf where F̂ + ε = 0
             eps_out[B][la.index] = e[kv_index(la, e.device)] if B in ("K", "V") else e
-    chunk = n_a if chunk_size is None else int(chunk_size)
-    if chunk < 1:
-        raise ValueError(f"chunk_size: expected a positive int, got {chunk_size!r}.")
+    chunk = n_a if score_rows is None else check_positive_int("score_rows", score_rows)
     if before_reads is not None:
         before_reads()
     phi = {(la.index, B): slice_matrix(phi_b, la, B, include_bias).permute(1, 2, 0)   # [heads, m, N_B]

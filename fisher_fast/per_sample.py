@@ -9,32 +9,40 @@ alone with plain autograd, curvlinops' ``_checks.py`` idea), else ``ValueError``
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from dataclasses import replace
+
 import torch
 
-from .batching.checks import resolve_loss, split_batch
+from .batching.checks import split_batch
 from .batching.chunk_sizes import default_budget, rows_per_chunk
 from .batching.units import plan_units
 from .capture.plan import build_plan
 from .results import PerUnit
-from .run.chunks import check_autocast, check_dtype, forward_context, model_device, run_chunks
+from .run.chunks import forward_context, model_device, run_chunks
+from .run.options import Options, check_flag
 from .stats.sinks import PerUnitSink
 
 
-def per_sample_gradients(model, batch, *, loss_fn=None, unit="sample", weighting="sample",
-                         sample_ids=None, dtype=None, chunk_size=None, memory_budget=None,
-                         check=False, allow_tf32=False, autocast=None, params=None) -> PerUnit:
+def per_sample_gradients(model: torch.nn.Module, batch: dict, *, loss_fn: Callable | None = None,
+                         unit: str = "sample", weighting: str = "sample", sample_ids=None,
+                         dtype: torch.dtype | None = None, chunk_size: int | None = None,
+                         memory_budget: int | float | None = None, check: bool = False,
+                         allow_tf32: bool = False, autocast: torch.dtype | None = None,
+                         params: list[str] | None = None) -> PerUnit:
     """Every unit's gradient ``g_u`` at full parameter shape.
 
     Args:
         model: any module whose rows do not interact (eval mode).
-        batch: dict of tensors with a leading batch axis, optionally ``sample_ids``.
+        batch: dict of tensors with a leading batch axis ``[rows, ...]``, optionally
+            ``sample_ids``.
         loss_fn: per-row loss; ``None`` is ``causal_lm_loss`` (mean over the row's tokens).
         unit: ``"sample"`` (one unit per non-empty row) or ``"token"`` (per active token).
         weighting: ``"sample"`` (w_u = 1) or ``"token"`` (w_u = K_i for sample units).
         sample_ids: one id per row (or in the batch; not both); default ``0..B-1``.
         dtype: float32 (default) or float64, the dtype of the returned gradients.
         chunk_size: forward rows per chunk; default from ``memory_budget``.
-        memory_budget: bytes; default a fraction of free device memory (``batching/chunk_sizes.py``).
+        memory_budget: bytes; default a fraction of free device memory (``chunk_sizes.py``).
         check: also recompute the first and last units alone and compare (rows independent).
         allow_tf32: let CUDA matmuls use TF32 (off by default).
         autocast: ``None`` or ``torch.bfloat16`` (see ``FisherAccumulator``).
@@ -43,70 +51,89 @@ def per_sample_gradients(model, batch, *, loss_fn=None, unit="sample", weighting
             interference).
 
     Returns:
-        ``PerUnit(tensors={name: [U, *shape]}, ids, weights [U], empty_ids)`` on the
-        model's device.
+        ``PerUnit(tensors={name: Tensor[units, *param_shape]}, ids, weights: Tensor[units],
+        empty_ids)`` on the model's device.
     """
-    run = _Run(model, batch, loss_fn, unit, weighting, sample_ids, dtype, params)
-    sink = PerUnitSink(run.params, len(run.units), run.dtype, run.device)
+    opts = Options.of(loss_fn, unit, weighting, dtype, chunk_size, memory_budget, allow_tf32, autocast)
+    return unit_gradients(model, batch, sample_ids, opts, params, check=check_flag("check", check))
+
+
+def unit_gradients(model: torch.nn.Module, batch: dict, sample_ids, opts: Options,
+                   params: list[str] | None = None, *, check: bool = False) -> PerUnit:
+    """``per_sample_gradients`` with checked ``opts``: what the public calls of fisher_fast
+    that need every unit's gradient (interference, conflicts) share.
+    """
+    run = _Batch(model, batch, sample_ids, opts, params)
+    sink = PerUnitSink(run.params, len(run.units), opts.dtype, run.device)
 
     def new_sink(start, n):
         sink.offset = start
         return sink
 
-    for _ in run.chunks(chunk_size, memory_budget, new_sink, allow_tf32, autocast):
+    for _ in run.chunks(opts, new_sink):
         pass
-    result = PerUnit(sink.out, list(run.units.ids), run.units.weights.to(run.device, run.dtype),
+    result = PerUnit(sink.out, list(run.units.ids), run.units.weights.to(run.device, opts.dtype),
                      list(run.units.empty_ids))
     if check:
-        check_rows_independent(model, run.loss, run.tensors, run.units, result,
-                               autocast=check_autocast(autocast))
+        check_rows_independent(model, opts.loss, run.tensors, run.units, result,
+                               autocast=opts.autocast)
     return result
 
 
-def iter_unit_gradients(model, batch, *, loss_fn=None, unit="sample", weighting="sample",
-                        sample_ids=None, dtype=None, chunk_size=None, memory_budget=None,
-                        allow_tf32=False, autocast=None, params=None):
+def iter_unit_gradients(model: torch.nn.Module, batch: dict, *, loss_fn: Callable | None = None,
+                        unit: str = "sample", weighting: str = "sample", sample_ids=None,
+                        dtype: torch.dtype | None = None, chunk_size: int | None = None,
+                        memory_budget: int | float | None = None, allow_tf32: bool = False,
+                        autocast: torch.dtype | None = None,
+                        params: list[str] | None = None) -> Iterator[PerUnit]:
     """``per_sample_gradients`` one chunk at a time: yields a ``PerUnit`` per chunk (its units'
-    gradients ``[n, *shape]``, ids and weights; the empty rows' ids with the first; a batch
-    of empty rows only is a ``ValueError``, as for ``per_sample_gradients``), so that
-    only one chunk's gradients exist at once. The default chunk holds at most half of the
-    memory budget's worth of per-unit gradients (n · Σ numel · bytes), besides the
+    gradients ``Tensor[n, *param_shape]``, ids and weights; the empty rows' ids with the
+    first; a batch of empty rows only is a ``ValueError``, as for ``per_sample_gradients``),
+    so that only one chunk's gradients exist at once. The default chunk holds at most half
+    of the memory budget's worth of per-unit gradients (n · Σ numel · bytes), besides the
     activation bound of ``per_sample_gradients``; the yielded tensors are the caller's.
     """
-    run = _Run(model, batch, loss_fn, unit, weighting, sample_ids, dtype, params)
-    if chunk_size is None:
-        budget = default_budget(run.device) if memory_budget is None else int(memory_budget)
+    opts = Options.of(loss_fn, unit, weighting, dtype, chunk_size, memory_budget, allow_tf32, autocast)
+    return unit_gradient_chunks(model, batch, sample_ids, opts, params)
+
+
+def unit_gradient_chunks(model: torch.nn.Module, batch: dict, sample_ids, opts: Options,
+                         params: list[str] | None = None) -> Iterator[PerUnit]:
+    """``iter_unit_gradients`` with checked ``opts`` (what interference and contributions
+    share). Checks the batch before the first chunk is asked for.
+    """
+    run = _Batch(model, batch, sample_ids, opts, params)
+    if opts.chunk_size is None:
+        budget = default_budget(run.device) if opts.memory_budget is None else int(opts.memory_budget)
         per_unit = sum(p.numel() for p in run.params.values()) * \
-            torch.finfo(run.dtype).bits // 8
+            torch.finfo(opts.dtype).bits // 8
         fit = rows_per_chunk(model, run.tensors, budget, max(len(run.units), 1))
-        chunk_size = max(1, min(fit, (budget // 2) // max(per_unit, 1)))
+        opts = replace(opts, chunk_size=max(1, min(fit, (budget // 2) // max(per_unit, 1))))
+    return _chunks_of(run, opts)
+
+
+def _chunks_of(run: _Batch, opts: Options) -> Iterator[PerUnit]:
     empty = list(run.units.empty_ids)
-    for start, part, sink in run.chunks(
-            chunk_size, memory_budget,
-            lambda s, n: PerUnitSink(run.params, n, run.dtype, run.device),
-            allow_tf32, autocast):
-        yield PerUnit(sink.out, list(part.ids), part.weights.to(run.device, run.dtype),
+    for _, part, sink in run.chunks(
+            opts, lambda s, n: PerUnitSink(run.params, n, opts.dtype, run.device)):
+        yield PerUnit(sink.out, list(part.ids), part.weights.to(run.device, opts.dtype),
                       empty or [])
         empty = None
 
 
-class _Run:
+class _Batch:
     """A batch planned into units, ready for ``run_chunks``."""
 
-    def __init__(self, model, batch, loss_fn, unit, weighting, sample_ids, dtype, params=None):
-        self.model, self.dtype = model, check_dtype(dtype)
-        self.loss = resolve_loss(loss_fn, unit=unit, weighting=weighting)
+    def __init__(self, model, batch, sample_ids, opts: Options, params=None):
+        self.model = model
         self.tensors, ids = split_batch(batch, sample_ids, model=model)
-        self.units = plan_units(model, self.tensors, ids, self.loss, unit, weighting)
+        self.units = plan_units(model, self.tensors, ids, opts.loss, opts.unit, opts.weighting)
         self.plan = build_plan(model)
         self.device = model_device(model)
         self.params = self.plan.params if params is None else _select(self.plan.params, params)
 
-    def chunks(self, chunk_size, memory_budget, new_sink, allow_tf32, autocast):
-        return run_chunks(self.model, self.plan, self.loss, self.tensors, self.units,
-                          dtype=self.dtype, chunk_size=chunk_size, memory_budget=memory_budget,
-                          new_sink=new_sink, allow_tf32=allow_tf32,
-                          autocast=check_autocast(autocast))
+    def chunks(self, opts: Options, new_sink):
+        return run_chunks(self.model, self.plan, self.tensors, self.units, opts, new_sink=new_sink)
 
 
 def _select(params: dict, names) -> dict:

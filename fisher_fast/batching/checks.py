@@ -10,7 +10,8 @@ UNITS = ("sample", "token")
 WEIGHTINGS = ("sample", "token")
 
 
-def check_choice(name: str, value, choices) -> None:
+def check_choice(name: str, value: object, choices) -> None:
+    """``value`` is one of ``choices``."""
     if value not in choices:
         raise ValueError(f"{name}: expected one of {tuple(choices)}, got {value!r}.")
 
@@ -85,16 +86,6 @@ def check_token_ids(model, tensors: dict) -> None:
                          f"{lo if lo < 0 else hi}.")
 
 
-def check_memory_budget(memory_budget) -> None:
-    """``None`` (a fraction of free memory) or a number of bytes >= 1."""
-    if memory_budget is None:
-        return
-    if isinstance(memory_budget, bool) or not isinstance(memory_budget, (int, float)) \
-            or not memory_budget >= 1:
-        raise ValueError(f"memory_budget: expected None or a number of bytes >= 1, got "
-                         f"{memory_budget!r}.")
-
-
 def split_batch(batch, sample_ids=None, *, id_offset: int = 0, model=None):
     """``(tensors, ids)``: the model's tensors and one sample id per row.
 
@@ -147,6 +138,15 @@ def split_batch(batch, sample_ids=None, *, id_offset: int = 0, model=None):
     return tensors, ids
 
 
-def check_positive_int(name: str, value) -> None:
+def check_positive_int(name: str, value: int) -> int:
+    """A positive int (not a bool)."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name}: expected a positive int, got {value!r}.")
+    return value
+
+
+def check_seed(seed: int) -> int:
+    """An int seed (not a bool)."""
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"seed: expected an int, got {seed!r}.")
+    return seed

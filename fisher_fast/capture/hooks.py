@@ -149,16 +149,16 @@ class Capture:
             self.sink.add_pairs(entry.names["weight"], rows, tokens, values,
                                 tuple(module.weight.shape))
             return None
-        ghost = self._ghost_plan(entry, rule, saved, dy)  # (axis, unit -> group) or None
-        parts = None if ghost else self._parts(entry, rule, dy)
-        full_attrs = tuple(a for a in attrs if not ((ghost or parts) and a == "weight"))
+        gram = self._gram_plan(entry, rule, saved, dy)  # (axis, unit -> group) or None
+        parts = None if gram else self._parts(entry, rule, dy)
+        full_attrs = tuple(a for a in attrs if not ((gram or parts) and a == "weight"))
         was = self.paused
         self.paused = True  # functorch re-runs the module: its children must not be captured
         try:
             for sl in self._slices(entry):
-                if ghost:
-                    axis, groups, n_groups = ghost
-                    norms = rule.ghost(module, saved, dy, sl, self.dtype, axis)
+                if gram:
+                    axis, groups, n_groups = gram
+                    norms = rule.gram_norms(module, saved, dy, sl, self.dtype, axis)
                     f = torch.zeros((norms.shape[0], n_groups), dtype=norms.dtype,
                                     device=norms.device)
                     f.index_add_(1, groups, norms)
@@ -221,29 +221,29 @@ class Capture:
         return (name is not None and hasattr(rule, "pairs") and self.uses.get(name, 0) == 1
                 and takes is not None and takes(name))
 
-    def _ghost_plan(self, entry, rule, saved, dy):
+    def _gram_plan(self, entry, rule, saved, dy):
         """Gram products for the weight when the sink needs only its group values, the
         groups depend on one axis of the weight (output units, heads of Q/K/V, heads of an
         O projection's inputs, ...), and T (d_in + d_out) < d_in d_out; else ``None``.
         """
         name = entry.names.get("weight")
-        if name is None or not hasattr(rule, "ghost") or self.uses.get(name, 0) != 1:
+        if name is None or not hasattr(rule, "gram_norms") or self.uses.get(name, 0) != 1:
             return None
         full, spec = self.sink.wants(name)
         if full or spec is None:
             return None
         device = entry.module.weight.device
-        hit = self.plan.ghost_maps.get((name, id(spec)))
+        hit = self.plan.gram_maps.get((name, id(spec)))
         if hit is None or hit[0] is not spec or hit[2] != device:  # once per plan and spec
             mapped = axis_map(spec, tuple(entry.module.weight.shape), rule.out_axis)
             if mapped is not None:
                 mapped = (mapped[0], mapped[1].to(device))
-            hit = self.plan.ghost_maps[(name, id(spec))] = (spec, mapped, device)
+            hit = self.plan.gram_maps[(name, id(spec))] = (spec, mapped, device)
         mapped = hit[1]
         if mapped is None:
             return None
-        materialise, gram = rule.ghost_cost(entry.module, saved, dy)
-        return (*mapped, spec.n_groups) if gram < materialise else None
+        materialise, via_gram = rule.gram_cost(entry.module, saved, dy)
+        return (*mapped, spec.n_groups) if via_gram < materialise else None
 
     def _deliver(self, name, g, sl):
         if self.uses.get(name, 0) == 1:

@@ -26,13 +26,29 @@ class Entry:
     names: dict[str, str]
 
 
+@dataclass(frozen=True)
+class Role:
+    """What holds a parameter first (in ``named_modules`` order): the capture rule's name
+    (``"linear"``, ``"conv1d"``, ``"embedding"``, ``"layernorm"``, ``"rmsnorm"``, or ``None`` for
+    a module of no known kind), the attribute, and the module's class name. The group specs
+    of ``stats.groups`` read a parameter's default groups from it.
+    """
+
+    rule: str | None
+    attr: str
+    module_type: str
+
+
 @dataclass
 class Plan:
+    """Every hooked module (``entries``) and the trainable parameters they cover."""
+
     entries: list[Entry]
     params: dict[str, torch.nn.Parameter]  # trainable, named_parameters() order, tied once
+    roles: dict[str, Role] = field(default_factory=dict)  # parameter name -> first owner
     fallbacks: set = field(default_factory=set)  # module names switched to functorch at run time
     # (name, id(spec)) -> (spec, Gram-path axis map, its device), filled on first use
-    ghost_maps: dict = field(default_factory=dict)
+    gram_maps: dict = field(default_factory=dict)
 
     def describe(self) -> dict[str, list[str]]:
         """``{parameter name: ["module_name:path", ...]}`` (several entries for tied parameters)."""
@@ -45,6 +61,7 @@ class Plan:
 
 
 def build_plan(model: torch.nn.Module) -> Plan:
+    """The capture plan of every trainable parameter of ``model``."""
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     name_of = {id(p): n for n, p in params.items()}
     known, owners = [], {}
@@ -68,7 +85,11 @@ def build_plan(model: torch.nn.Module) -> Plan:
             continue
         mname, module, attr, _ = uses[0]
         fallback.setdefault(mname, Entry(mname, module, FUNCTORCH, {})).names[attr] = pname
-    return Plan(known + list(fallback.values()), params)
+    roles = {}
+    for pid, uses in owners.items():
+        _, module, attr, rule = uses[0]
+        roles[name_of[pid]] = Role(getattr(rule, "name", None), attr, type(module).__name__)
+    return Plan(known + list(fallback.values()), params, roles)
 
 
 def capture_plan(model: torch.nn.Module) -> dict[str, list[str]]:

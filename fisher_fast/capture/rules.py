@@ -72,12 +72,12 @@ class LinearRule:
     def _weight_part(self, xs, ds, part):
         return self._weight(xs, ds[..., part])
 
-    def ghost_cost(self, module, x, dy) -> tuple[int, int]:
+    def gram_cost(self, module, x, dy) -> tuple[int, int]:
         """(materialise, Gram) multiply-adds per row for the weight's group norms."""
         T, i, o = x[0].numel() // x.shape[-1], x.shape[-1], dy.shape[-1]
         return T * i * o, T * T * (i + o)
 
-    def ghost(self, module, x, dy, sl, dtype, axis: str = "out"):
+    def gram_norms(self, module, x, dy, sl, dtype, axis: str = "out"):
         r"""Per-row squared norms of the weight's output units (``axis="out"``) or input
         units (``"in"``), from T x T Gram products, without forming per-row gradients:
 

@@ -1,8 +1,8 @@
 """The loop over chunks: forward, check, backward with capture, hand the sink over.
 
 ``run_chunks`` never loops over samples: each chunk of units is one batched forward and one
-backward of ``losses.sum()``. TF32 is switched off for the run (``allow_tf32=True`` keeps
-the global setting) and restored afterwards. ``autocast=torch.bfloat16`` runs each chunk's
+backward of ``losses.sum()``. TF32 is switched off for each chunk's own work
+(``allow_tf32=True`` keeps the global setting) and restored before the chunk is handed over. ``autocast=torch.bfloat16`` runs each chunk's
 forward under ``torch.autocast`` (the bf16 fast path; the backward follows the forward's
 dtypes, per-row products and statistics stay in the statistics dtype).
 """
@@ -13,35 +13,19 @@ import contextlib
 
 import torch
 
-from ..batching.checks import check_memory_budget
 from ..batching.chunk_sizes import default_budget, rows_per_chunk, rows_per_pass, slice_bytes
 from ..batching.row_losses import chunk_losses, chunk_rows
 from ..batching.units import draw_layout
 from ..capture.hooks import Capture
+from .options import Options
 
 
-def model_device(model) -> torch.device:
+def model_device(model: torch.nn.Module) -> torch.device:
+    """The device of the model's first parameter (a model without any is an error)."""
     p = next(model.parameters(), None)
     if p is None:
         raise ValueError("model: expected at least one parameter, got none.")
     return p.device
-
-
-def check_dtype(dtype) -> torch.dtype:
-    dtype = torch.float32 if dtype is None else dtype
-    if dtype not in (torch.float32, torch.float64):
-        raise ValueError(f"dtype: expected torch.float32 or torch.float64, got {dtype}.")
-    return dtype
-
-
-AUTOCAST = (None, torch.bfloat16)
-
-
-def check_autocast(autocast) -> torch.dtype | None:
-    if autocast not in AUTOCAST:
-        raise ValueError(f"autocast: expected None or torch.bfloat16, got {autocast!r} "
-                         "(float16 would need loss scaling against underflow; not offered).")
-    return autocast
 
 
 def forward_context(device: torch.device, autocast):
@@ -89,38 +73,37 @@ def _check_finite(losses: torch.Tensor, bad: torch.Tensor, units, n: int) -> Non
                          f"{units.ids[j]!r}.")
 
 
-def run_chunks(model, plan, loss, tensors, units, *, dtype, chunk_size=None, memory_budget=None,
-               uniforms=None, new_sink, allow_tf32=False, autocast=None):
+def run_chunks(model: torch.nn.Module, plan, tensors: dict, units, opts: Options, *, new_sink,
+               uniforms: torch.Tensor | None = None):
     """For each chunk of ``units``: ``sink = new_sink(start, n)``, forward, backward into the
     sink, then ``yield (start, chunk_units, sink)``.
 
-    Label draws (mc_fisher, ``units.total_draws = K``) are laid out on forward rows once the
-    chunk size is known (``units.draw_layout``); a row carrying q draws has its chunk's
-    forward run once and the graph kept for q backward passes, one per draw, each
-    delivering the rows' gradients under that draw to the same sink.
+    ``opts`` (checked by the public call) gives the loss, the statistics dtype, the chunk
+    size or the memory budget it follows, TF32 and autocast. Label draws (mc_fisher,
+    ``units.total_draws = K``) are laid out on forward rows once the chunk size is known
+    (``units.draw_layout``); a row carrying q draws has its chunk's forward run once and the
+    graph kept for q backward passes, one per draw, each delivering the rows' gradients
+    under that draw to the same sink.
     """
     device = model_device(model)
-    check_memory_budget(memory_budget)
-    budget = default_budget(device) if memory_budget is None else int(memory_budget)
+    budget = default_budget(device) if opts.memory_budget is None else int(opts.memory_budget)
     U = len(units)
-    if chunk_size is None:
-        chunk_size = rows_per_chunk(model, tensors, budget, U * max(units.total_draws, 1))
-    elif isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size: expected a positive int, got {chunk_size!r}.")
+    chunk_size = opts.chunk_size or rows_per_chunk(model, tensors, budget,
+                                                   U * max(units.total_draws, 1))
     if units.total_draws and units.draw is None:
         units = draw_layout(units, chunk_size, rows_per_pass(model, tensors))
         U = len(units)
     for start in range(0, U, chunk_size):
         part = units.take(start, min(start + chunk_size, U))
         sink = new_sink(start, len(part))
-        with tf32(allow_tf32):  # per chunk: the caller's setting holds between chunks
-            _run_chunk(model, plan, loss, tensors, part, sink, device=device, dtype=dtype,
-                       budget=budget, uniforms=uniforms, autocast=autocast)
+        with tf32(opts.allow_tf32):  # per chunk: the caller's setting holds between chunks
+            _run_chunk(model, plan, tensors, part, sink, opts, device=device,
+                       slice_limit=slice_bytes(budget), uniforms=uniforms)
         yield start, part, sink
 
 
-def _run_chunk(model, plan, loss, tensors, part, sink, *, device, dtype, budget, uniforms,
-               autocast) -> None:
+def _run_chunk(model, plan, tensors, part, sink, opts: Options, *, device, slice_limit,
+               uniforms) -> None:
     """One chunk's forward and backward(s) into ``sink``; every hook and reference the
     capture took is released when this returns or raises.
     """
@@ -128,10 +111,11 @@ def _run_chunk(model, plan, loss, tensors, part, sink, *, device, dtype, budget,
     sub = chunk_rows(tensors, part.rows, device)
     # host-to-device copy of the weights before the forward is queued: a pageable
     # copy waits for the stream, and would otherwise wait for the forward
+    dtype = opts.dtype
     unit_weights = part.draw_weights().to(device=device, dtype=dtype)
-    with Capture(plan, n, dtype, sink, slice_bytes(budget)) as cap:
-        with forward_context(device, autocast):
-            losses, weights = chunk_losses(model, loss, sub, part, uniforms)
+    with Capture(plan, n, dtype, sink, slice_limit) as cap:
+        with forward_context(device, opts.autocast):
+            losses, weights = chunk_losses(model, opts.loss, sub, part, uniforms)
         _check_shape(losses, part, n)
         bad = ~torch.isfinite(losses.detach())
         weights = unit_weights if weights is part.weights else \

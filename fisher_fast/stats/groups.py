@@ -1,6 +1,6 @@
 """Group layouts of docs/architecture.md "Groups" and the reduction R of g² to groups.
 
-``generic_groups(model)`` assigns each parameter the group kind of its role: Linear weight
+``generic_groups(params, roles)`` assigns each parameter the group kind of its role: Linear weight
 rows (``"rows"``), HF Conv1D weight columns (``"columns"``), bias / norm elements
 (``"elements"``), embedding rows (``"rows"``), anything else one group (``"single"``);
 ``"ids"`` carries an explicit LongTensor of group ids shaped like the parameter (attention
@@ -13,8 +13,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-
-from ..capture.rules import rule_for
 
 
 @dataclass(frozen=True)
@@ -36,27 +34,26 @@ def _spec(kind: str, shape, ids=None, n=None) -> GroupSpec:
     return GroupSpec("ids", int(n), ids)
 
 
-def generic_groups(model: torch.nn.Module) -> dict[str, GroupSpec]:
-    """The default group of every trainable parameter, keyed by ``named_parameters()`` name."""
-    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    name_of = {id(p): n for n, p in params.items()}
-    kinds: dict[str, str] = {}
-    for _, module in model.named_modules():
-        rule = rule_for(module)
-        for attr, p in module._parameters.items():
-            if p is None or id(p) not in name_of or name_of[id(p)] in kinds:
-                continue
-            rname = getattr(rule, "name", None)
-            if attr == "bias" or rname in ("layernorm", "rmsnorm") or "Norm" in type(module).__name__:
-                kind = "elements"
-            elif rname in ("linear", "embedding") and attr == "weight":
-                kind = "rows"
-            elif rname == "conv1d" and attr == "weight":
-                kind = "columns"
-            else:
-                kind = "single"
-            kinds[name_of[id(p)]] = kind
-    return {n: _spec(kinds.get(n, "single"), tuple(p.shape)) for n, p in params.items()}
+def generic_groups(params: dict, roles: dict) -> dict[str, GroupSpec]:
+    """The default group of every parameter in ``params`` (``{name: Tensor}``), from the role
+    of the module that holds it first (``roles``: ``{name: Role}`` of the capture plan,
+    ``fisher_fast.capture.plan.Role``).
+    """
+    specs = {}
+    for n, p in params.items():
+        role = roles.get(n)
+        if role is None:
+            kind = "single"
+        elif role.attr == "bias" or role.rule in ("layernorm", "rmsnorm") or "Norm" in role.module_type:
+            kind = "elements"
+        elif role.rule in ("linear", "embedding") and role.attr == "weight":
+            kind = "rows"
+        elif role.rule == "conv1d" and role.attr == "weight":
+            kind = "columns"
+        else:
+            kind = "single"
+        specs[n] = _spec(kind, tuple(p.shape))
+    return specs
 
 
 def ids_spec(ids: torch.Tensor, n_groups: int) -> GroupSpec:
@@ -113,17 +110,20 @@ def reduce_squares_pairs(spec: GroupSpec, rows: torch.Tensor, cols: torch.Tensor
 GROUPINGS = ("generic", "heads")
 
 
-def resolve_groups(model: torch.nn.Module, groups="generic", layout=None) -> dict[str, GroupSpec]:
+def resolve_groups(model: torch.nn.Module, groups="generic", layout=None, *,
+                   roles: dict) -> dict[str, GroupSpec]:
     """Group specs of every trainable parameter.
 
     Args:
+        roles: ``{name: Role}`` from the capture plan (``build_plan(model).roles``).
         groups: ``"generic"`` (roles above), ``"heads"`` (attention parameters one group per
             head, from ``fisher_fast.attention.slicing.head_group_ids``; the rest generic), or a dict
             ``{name: (LongTensor ids shaped like the parameter, n_groups)}`` overriding the
             generic groups of the parameters it names.
         layout: attention layout for ``"heads"`` (``None``: detected).
     """
-    specs = generic_groups(model)
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    specs = generic_groups(params, roles)
     if isinstance(groups, dict):
         override = groups
     elif groups == "heads":

@@ -11,7 +11,7 @@ from tests.fisher_fast._fast_modules import TinyLM as _TinyLM
 from tests.fisher_fast._fast_modules import tiny_batch
 
 TOL = dict(zip(("rtol", "atol"), tolerance("float64-paths")))
-GHOST = dict(zip(("rtol", "atol"), tolerance("ghost-norm")))
+GRAM = dict(zip(("rtol", "atol"), tolerance("ghost-norm")))
 VARIANCE = dict(zip(("rtol", "atol"), tolerance("variance-by-subtraction")))
 F64 = dict(dtype=torch.float64)
 
@@ -58,12 +58,12 @@ def test_mc_draws_do_not_depend_on_row_order_or_chunks():
     assert_dicts_close(a, c, **TOL)
 
 
-def test_ghost_group_norms_equal_reduced_per_row_gradients(monkeypatch):
+def test_gram_group_norms_equal_reduced_per_row_gradients(monkeypatch):
     from fisher_fast.capture.rules import LinearRule
 
     calls = []
-    original = LinearRule.ghost
-    monkeypatch.setattr(LinearRule, "ghost", lambda *a: calls.append(1) or original(*a))
+    original = LinearRule.gram_norms
+    monkeypatch.setattr(LinearRule, "gram_norms", lambda *a: calls.append(1) or original(*a))
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Embedding(5, 16), torch.nn.Linear(16, 16),
                                 torch.nn.Tanh(), torch.nn.Linear(16, 5)).double()
@@ -73,7 +73,7 @@ def test_ghost_group_norms_equal_reduced_per_row_gradients(monkeypatch):
     pu = ff.per_sample_gradients(model, batch, loss_fn=fwd, **F64)
     assert calls, "the Gram path was not taken"
     want = pu.tensors["1.weight"].square().sum(-1).mean(0)  # rows of a Linear weight
-    torch.testing.assert_close(got["1.weight"]["mean"], want, **GHOST)
+    torch.testing.assert_close(got["1.weight"]["mean"], want, **GRAM)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
@@ -90,8 +90,8 @@ def test_gram_path_for_groups_along_one_axis(monkeypatch, axis):
     from fisher_fast.capture.rules import LinearRule
 
     calls = []
-    original = LinearRule.ghost
-    monkeypatch.setattr(LinearRule, "ghost", lambda *a: calls.append(a[-1]) or original(*a))
+    original = LinearRule.gram_norms
+    monkeypatch.setattr(LinearRule, "gram_norms", lambda *a: calls.append(a[-1]) or original(*a))
     torch.manual_seed(1)
     model = torch.nn.Sequential(torch.nn.Embedding(5, 16), torch.nn.Linear(16, 16),
                                 torch.nn.Tanh(), torch.nn.Linear(16, 5)).double()
@@ -102,7 +102,7 @@ def test_gram_path_for_groups_along_one_axis(monkeypatch, axis):
     g2 = ff.per_sample_gradients(model, batch, loss_fn=fwd, **F64).tensors["1.weight"].square()
     want = g2.reshape(3, 4, 4, 16).sum((2, 3)) if axis == 0 else g2.reshape(3, 16, 4, 4).sum((1, 3))
     assert calls[-1] == ("out" if axis == 0 else "in")  # backward reaches layer 1 last
-    torch.testing.assert_close(got["1.weight"]["mean"], want.mean(0), **GHOST)
+    torch.testing.assert_close(got["1.weight"]["mean"], want.mean(0), **GRAM)
 
 
 def test_mc_fisher_runs_one_forward_for_all_draws():

@@ -142,7 +142,7 @@ def test_ridge_uses_the_slice_median():
 def test_store_path_matches_and_fills_store(tmp_path):
     store = ContributionStore(tmp_path, device="cpu", device_bytes=0, host_bytes=40)
     plain = interference_from_units(_layout(), GA, GB)
-    stored = interference_from_units(_layout(), GA, GB, store=store, task_a="A", chunk_size=1)
+    stored = interference_from_units(_layout(), GA, GB, store=store, task_a="A", score_rows=1)
     for b in "QKVO":
         torch.testing.assert_close(stored[b], plain[b], rtol=0, atol=0)
     assert store.ids("A") == ["a_0", "a_1"] and store.tier_of("A", "a_0") == "disk"
@@ -254,3 +254,20 @@ def test_a_failed_streamed_interference_leaves_the_store_unchanged(tmp_path):
         interference(model, a, b, dtype=torch.float64, fisher={"nope": torch.zeros(1)},
                      store=store, chunk_size=1)  # fails after A's chunks were filed
     assert (sorted(os.listdir(tmp_path)), store.tasks(), store.usage()) == before
+
+
+def test_score_rows_is_the_scoring_step_and_chunk_size_the_forward_chunk(tmp_path):
+    """``score_rows`` (A's units scored at a time) and ``chunk_size`` (forward rows) are two
+    options: any of either gives the same scores, with and without a store."""
+    from fisher_fast.interference import interference
+
+    model, a, b = _llama_case()
+    plain = interference(model, a, b, dtype=torch.float64)
+    for kw in (dict(score_rows=1), dict(chunk_size=1), dict(chunk_size=2, score_rows=3),
+               dict(store=ContributionStore(tmp_path / "s", device="cpu"), chunk_size=3,
+                    score_rows=1)):
+        got = interference(model, a, b, dtype=torch.float64, **kw)
+        for blk in "QKVO":
+            torch.testing.assert_close(got[blk], plain[blk], rtol=RTOL, atol=ATOL)
+    with pytest.raises(ValueError, match="score_rows: expected a positive int"):
+        interference(model, a, b, score_rows=0)

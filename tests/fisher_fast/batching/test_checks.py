@@ -56,7 +56,7 @@ CASES = [
     pytest.param(ff.empirical_fisher, dict(batch=BATCH, unit="word"), "unit: expected one of", id="unit"),
     pytest.param(ff.empirical_fisher, dict(batch=BATCH, weighting="x"), "weighting: expected", id="weighting"),
     pytest.param(ff.empirical_fisher, dict(batch=BATCH, dtype=torch.float16), "dtype: expected", id="dtype"),
-    pytest.param(ff.empirical_fisher, dict(batch=BATCH, chunk_size=0), "chunk_size: expected a positive int", id="chunk0"),
+    pytest.param(ff.empirical_fisher, dict(batch=BATCH, chunk_size=0), "chunk_size: expected None or a positive int", id="chunk0"),
     pytest.param(ff.empirical_fisher, dict(batch=[1, 2]), "batch: expected a dict", id="not-dict"),
     pytest.param(ff.empirical_fisher, dict(batch=_half_ragged()), "same leading batch size", id="ragged"),
     pytest.param(ff.empirical_fisher, dict(batch=_short_labels()), "batch['labels']: expected the shape of input_ids", id="labels-shape"),

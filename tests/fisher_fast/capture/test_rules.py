@@ -8,7 +8,7 @@ from fisher_ref.testing.compare import assert_dicts_close
 from fisher_ref.testing.tolerances import tolerance
 from tests.fisher_fast._fast_modules import TinyLM, row_gradients, tiny_batch
 
-GHOST = dict(zip(("rtol", "atol"), tolerance("ghost-norm")))
+GRAM = dict(zip(("rtol", "atol"), tolerance("ghost-norm")))
 
 
 @pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
@@ -46,11 +46,12 @@ def test_rms_lookalike_that_is_not_rms_falls_back_to_functorch():
     plan = build_plan(model)
     from fisher_fast.batching.units import plan_units
     from fisher_fast.run.chunks import run_chunks
+    from fisher_fast.run.options import Options
     from fisher_fast.stats.sinks import PerUnitSink
     batch = tiny_batch(B=2)
     units = plan_units(model, batch, [0, 1], ff.causal_lm_loss, "sample", "sample")
     sink = PerUnitSink(plan.params, 2, torch.float64, "cpu")
-    list(run_chunks(model, plan, ff.causal_lm_loss, batch, units, dtype=torch.float64,
+    list(run_chunks(model, plan, batch, units, Options.of(dtype=torch.float64),
                     new_sink=lambda s, n: sink))
     assert plan.describe()["gemma.weight"] == ["gemma:functorch"]
 
@@ -61,19 +62,19 @@ def test_tied_parameter_appears_once_with_both_uses():
     assert "out.weight" not in plan
 
 
-def test_ghost_norms_equal_materialised_row_norms():
+def test_gram_norms_equal_materialised_row_norms():
     from fisher_fast.capture.rules import CONV1D, LINEAR
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(3, 5, 4, generator=g, dtype=torch.float64)
     dy = torch.randn(3, 5, 6, generator=g, dtype=torch.float64)
     full = torch.einsum("nto,nti->noi", dy, x)  # [n, out, in] by definition
-    rows = LINEAR.ghost(None, x, dy, slice(0, 3), torch.float64)
-    cols = CONV1D.ghost(None, x, dy, slice(0, 3), torch.float64)
-    inputs = LINEAR.ghost(None, x, dy, slice(0, 3), torch.float64, "in")
-    torch.testing.assert_close(rows, full.square().sum(-1), **GHOST)
-    torch.testing.assert_close(cols, full.square().sum(-1), **GHOST)
-    torch.testing.assert_close(inputs, full.square().sum(-2), **GHOST)
+    rows = LINEAR.gram_norms(None, x, dy, slice(0, 3), torch.float64)
+    cols = CONV1D.gram_norms(None, x, dy, slice(0, 3), torch.float64)
+    inputs = LINEAR.gram_norms(None, x, dy, slice(0, 3), torch.float64, "in")
+    torch.testing.assert_close(rows, full.square().sum(-1), **GRAM)
+    torch.testing.assert_close(cols, full.square().sum(-1), **GRAM)
+    torch.testing.assert_close(inputs, full.square().sum(-2), **GRAM)
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama", "bert", "gpt_neox", "phi3"])

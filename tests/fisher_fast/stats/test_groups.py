@@ -10,8 +10,16 @@ from tests.fisher_fast._fast_modules import TinyLM
 ULPS = dict(zip(("rtol", "atol"), tolerance("float64-ulps")))
 
 
+def _generic(model):
+    """The default groups, from the roles the capture plan reads off the model."""
+    from fisher_fast.capture.plan import build_plan
+
+    plan = build_plan(model)
+    return generic_groups(plan.params, plan.roles)
+
+
 def test_generic_group_kinds_by_role():
-    kinds = {n: s.kind for n, s in generic_groups(TinyLM()).items()}
+    kinds = {n: s.kind for n, s in _generic(TinyLM()).items()}
     assert kinds["lin.weight"] == "rows" and kinds["emb.weight"] == "rows"
     assert kinds["conv.weight"] == "columns"
     assert kinds["lin.bias"] == kinds["ln.weight"] == kinds["rms.weight"] == "elements"
