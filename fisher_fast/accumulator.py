@@ -30,12 +30,12 @@ STATISTICS = ("all", "fisher")
 
 
 class FisherAccumulator:
-    """Streaming diagonal Fisher statistics, per task.
+    r"""Streaming diagonal Fisher statistics, per task.
 
     .. math::
 
-        W = \\sum_u w_u, \\quad \\bar g = \\frac{1}{W}\\sum_u w_u g_u, \\quad
-        F = \\frac{1}{W}\\sum_u w_u g_u^2, \\quad S = \\bar g^2, \\quad V = F - S
+        W = \sum_u w_u, \quad \bar g = \frac{1}{W}\sum_u w_u g_u, \quad
+        F = \frac{1}{W}\sum_u w_u g_u^2, \quad S = \bar g^2, \quad V = F - S
 
     kept as Welford/Chan states (W, mean, M2) per parameter element (and per group with
     ``groups``). In float32, |F̂ − F| / F ≤ 2 ε_g + (s + m + 4) · 2⁻²⁴ for per-unit gradients
@@ -65,7 +65,7 @@ class FisherAccumulator:
             drawn ``n_samples`` times from the model's own predictive distribution, seeded
             per sample id exactly as ``mc_fisher`` (docs/architecture.md), so that
             ``empirical_fisher(task)`` is the MC Fisher
-            :math:`\\frac{1}{n}\\sum_k \\frac{1}{W}\\sum_u w_u (\\nabla\\ell_u(\\tilde y^{(k)}))^2`
+            :math:`\frac{1}{n}\sum_k \frac{1}{W}\sum_u w_u (\nabla\ell_u(\tilde y^{(k)}))^2`
             of all the units seen, for any split into updates and any chunk size.
             Only ``empirical_fisher`` and ``group_fisher`` are offered then (the other
             estimators are defined for the true labels), and no ``micro_batch_sizes``.

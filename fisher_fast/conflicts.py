@@ -1,15 +1,15 @@
-"""Cross-task gradient conflicts per group with a permutation test (SPEC §7), vectorised.
+r"""Cross-task gradient conflicts per group with a permutation test (SPEC §7), vectorised.
 
 For a group k (a QK-OV slice ``"L{l}.H{h}.{B}"`` or a parameter tensor) and the pooled units
 ``[A units…, B units…]`` (N = N_A + N_B), the cosine matrix
 
-.. math:: S_k[u, v] = \\frac{\\langle g_u|_k, g_v|_k \\rangle}{\\lVert g_u|_k\\rVert\\,\\lVert g_v|_k\\rVert}
-          \\quad (0 \\text{ when a norm is } 0)
+.. math:: S_k[u, v] = \frac{\langle g_u|_k, g_v|_k \rangle}{\lVert g_u|_k\rVert\,\lVert g_v|_k\rVert}
+          \quad (0 \text{ when a norm is } 0)
 
 is computed once per group from one Gram matrix (a batched matmul over heads). A labelling
 with indicator a ∈ {0,1}^N of pseudo-A (b = 1 − a) has the statistic
 
-.. math:: \\bar c_k(a) = \\frac{a^\\top S_k b + b^\\top S_k a}{2\\, N_A N_B},
+.. math:: \bar c_k(a) = \frac{a^\top S_k b + b^\top S_k a}{2\, N_A N_B},
 
 the mean between-task cosine (both terms are equal in exact arithmetic). All P permutations
 are ``[K, P, N]`` products (in chunks): no gradient is recomputed. A permutation that

@@ -21,11 +21,11 @@ def per_sample_contributions(model: torch.nn.Module, batch: dict, *, loss_fn=Non
                              dtype=None, store=None, task="default", chunk_size=None,
                              memory_budget=None, return_tensors: bool = True,
                              params=None) -> PerUnit:
-    """Per-unit contributions :math:`C_u = g_u \\odot g_u`, full shape, keyed by unit id.
+    r"""Per-unit contributions :math:`C_u = g_u \odot g_u`, full shape, keyed by unit id.
 
-    .. math:: C_u[p] = \\big(\\partial \\ell_u / \\partial \\theta_p\\big)^2
+    .. math:: C_u[p] = \big(\partial \ell_u / \partial \theta_p\big)^2
 
-    No weight is applied: the empirical Fisher is :math:`\\sum_u w_u C_u / W` with the
+    No weight is applied: the empirical Fisher is :math:`\sum_u w_u C_u / W` with the
     returned ``weights``.
 
     Args:

@@ -21,6 +21,7 @@ Results are ``FisherResult`` dicts ``{name: Tensor[*param_shape]}`` on the model
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from .batching.checks import check_positive_int, check_seed, split_batch
 from .batching.label_draws import row_uniforms
@@ -52,18 +53,22 @@ def _one_batch(model, batch, sample_ids, opts: Options, keep: Keep, *, plan=None
                             TaskState(), **extra)
 
 
-def mean_gradient(model, batch, *, loss_fn=None, unit="sample", weighting="sample",
-                  sample_ids=None, dtype=None, chunk_size=None, memory_budget=None,
-                  allow_tf32=False, autocast=None):
-    """Mean gradient :math:`\\bar g = \\sum_u w_u g_u / W`."""
+def mean_gradient(model: nn.Module, batch: dict, *, loss_fn: LossFn | None = None,
+                  unit: str = "sample", weighting: str = "sample", sample_ids: SampleIds | None = None,
+                  dtype: torch.dtype | None = None, chunk_size: int | None = None,
+                  memory_budget: float | None = None, allow_tf32: bool = False,
+                  autocast: torch.dtype | None = None) -> FisherResult:
+    r"""Mean gradient :math:`\bar g = \sum_u w_u g_u / W`."""
     opts = Options.of(loss_fn, unit, weighting, dtype, chunk_size, memory_budget, allow_tf32, autocast)
     return readout.mean_gradient(_one_batch(model, batch, sample_ids, opts, Keep()))
 
 
-def empirical_fisher(model, batch, *, loss_fn=None, unit="sample", weighting="sample",
-                     sample_ids=None, dtype=None, chunk_size=None, memory_budget=None,
-                     allow_tf32=False, autocast=None):
-    """Empirical Fisher diagonal :math:`F = \\sum_u w_u g_u^2 / W` (E[g²]: square each unit's
+def empirical_fisher(model: nn.Module, batch: dict, *, loss_fn: LossFn | None = None,
+                     unit: str = "sample", weighting: str = "sample", sample_ids: SampleIds | None = None,
+                     dtype: torch.dtype | None = None, chunk_size: int | None = None,
+                     memory_budget: float | None = None, allow_tf32: bool = False,
+                     autocast: torch.dtype | None = None) -> FisherResult:
+    r"""Empirical Fisher diagonal :math:`F = \sum_u w_u g_u^2 / W` (E[g²]: square each unit's
     gradient, then average). Scaling every loss by c scales F by c²; ``reduction="sum"``
     makes a row's gradient K_i times its ``"mean"`` gradient. No epsilon is added.
     Keeps E[g²] alone per element (``moments.SecondMoment``), not the mean and M2 that
@@ -74,29 +79,35 @@ def empirical_fisher(model, batch, *, loss_fn=None, unit="sample", weighting="sa
     return readout.empirical_fisher(state, discard=True)
 
 
-def squared_mean_gradient(model, batch, *, loss_fn=None, unit="sample", weighting="sample",
-                          sample_ids=None, dtype=None, chunk_size=None, memory_budget=None,
-                          allow_tf32=False, autocast=None):
-    """Squared mean gradient :math:`S = \\bar g^2` ((E[g])²); S ≤ F."""
+def squared_mean_gradient(model: nn.Module, batch: dict, *, loss_fn: LossFn | None = None,
+                          unit: str = "sample", weighting: str = "sample", sample_ids: SampleIds | None = None,
+                          dtype: torch.dtype | None = None, chunk_size: int | None = None,
+                          memory_budget: float | None = None, allow_tf32: bool = False,
+                          autocast: torch.dtype | None = None) -> FisherResult:
+    r"""Squared mean gradient :math:`S = \bar g^2` ((E[g])²); S ≤ F."""
     opts = Options.of(loss_fn, unit, weighting, dtype, chunk_size, memory_budget, allow_tf32, autocast)
     return readout.squared_mean_gradient(_one_batch(model, batch, sample_ids, opts, Keep()))
 
 
-def gradient_variance(model, batch, *, loss_fn=None, unit="sample", weighting="sample",
-                      sample_ids=None, dtype=None, chunk_size=None, memory_budget=None,
-                      allow_tf32=False, autocast=None, unbiased=False):
-    """Gradient variance :math:`V = F - S = \\sum_u w_u (g_u - \\bar g)^2 / W`, from the
+def gradient_variance(model: nn.Module, batch: dict, *, loss_fn: LossFn | None = None,
+                      unit: str = "sample", weighting: str = "sample", sample_ids: SampleIds | None = None,
+                      dtype: torch.dtype | None = None, chunk_size: int | None = None,
+                      memory_budget: float | None = None, allow_tf32: bool = False,
+                      autocast: torch.dtype | None = None, unbiased: bool = False) -> FisherResult:
+    r"""Gradient variance :math:`V = F - S = \sum_u w_u (g_u - \bar g)^2 / W`, from the
     Welford M2 (never negative: M2 is clamped at 0 per chunk against rounding only). ``unbiased=True`` multiplies by
-    :math:`W^2 / (W^2 - \\sum_u w_u^2)` (U/(U−1) for unit weights); needs two units.
+    :math:`W^2 / (W^2 - \sum_u w_u^2)` (U/(U−1) for unit weights); needs two units.
     """
     opts = Options.of(loss_fn, unit, weighting, dtype, chunk_size, memory_budget, allow_tf32, autocast)
     return readout.gradient_variance(_one_batch(model, batch, sample_ids, opts, Keep()), unbiased)
 
 
-def batch_squared_gradient(model, batch, *, loss_fn=None, unit="sample", weighting="sample",
-                           sample_ids=None, dtype=None, chunk_size=None, memory_budget=None,
-                           allow_tf32=False, autocast=None, micro_batch_size=1):
-    """Legacy estimator :math:`\\sum_m W_m \\bar g_m^2 / W` over micro-batches of
+def batch_squared_gradient(model: nn.Module, batch: dict, *, loss_fn: LossFn | None = None,
+                           unit: str = "sample", weighting: str = "sample", sample_ids: SampleIds | None = None,
+                           dtype: torch.dtype | None = None, chunk_size: int | None = None,
+                           memory_budget: float | None = None, allow_tf32: bool = False,
+                           autocast: torch.dtype | None = None, micro_batch_size: int = 1) -> FisherResult:
+    r"""Legacy estimator :math:`\sum_m W_m \bar g_m^2 / W` over micro-batches of
     ``micro_batch_size`` consecutive units (the last may be shorter). Equals F at b = 1 and
     S at b ≥ U. For measuring the gap only.
 
@@ -109,14 +120,16 @@ def batch_squared_gradient(model, batch, *, loss_fn=None, unit="sample", weighti
     return readout.batch_squared_gradient(state, micro_batch_size)
 
 
-def mc_fisher(model, batch, *, loss_fn=None, unit="sample", weighting="sample",
-              sample_ids=None, dtype=None, chunk_size=None, memory_budget=None,
-              allow_tf32=False, autocast=None, n_samples=1, seed=0):
-    """Monte-Carlo Fisher: F with each unit's labels drawn from the model, averaged over
+def mc_fisher(model: nn.Module, batch: dict, *, loss_fn: LossFn | None = None,
+              unit: str = "sample", weighting: str = "sample", sample_ids: SampleIds | None = None,
+              dtype: torch.dtype | None = None, chunk_size: int | None = None,
+              memory_budget: float | None = None, allow_tf32: bool = False,
+              autocast: torch.dtype | None = None, n_samples: int = 1, seed: int = 0) -> FisherResult:
+    r"""Monte-Carlo Fisher: F with each unit's labels drawn from the model, averaged over
     ``n_samples`` draws.
 
-    .. math:: \\hat F_{MC} = \\frac{1}{n}\\sum_{k=1}^{n} \\frac{1}{W}\\sum_u w_u
-              \\big(\\nabla_\\theta \\ell_u(\\tilde y^{(k)})\\big)^2
+    .. math:: \hat F_{MC} = \frac{1}{n}\sum_{k=1}^{n} \frac{1}{W}\sum_u w_u
+              \big(\nabla_\theta \ell_u(\tilde y^{(k)})\big)^2
 
     Draws follow docs/architecture.md exactly (one CPU generator per row, seeded from the
     sample id; see ``batching/label_draws.py``), so they do not depend on chunking or batch order.
@@ -135,13 +148,15 @@ def mc_fisher(model, batch, *, loss_fn=None, unit="sample", weighting="sample",
     return readout.empirical_fisher(state, discard=True)
 
 
-def exact_fisher(model, batch, *, loss_fn=None, unit="token", weighting="sample",
-                 sample_ids=None, dtype=None, chunk_size=None, memory_budget=None,
-                 allow_tf32=False, autocast=None):
-    """Exact Fisher diagonal for token units, enumerating the C classes:
+def exact_fisher(model: nn.Module, batch: dict, *, loss_fn: LossFn | None = None,
+                 unit: str = "token", weighting: str = "sample", sample_ids: SampleIds | None = None,
+                 dtype: torch.dtype | None = None, chunk_size: int | None = None,
+                 memory_budget: float | None = None, allow_tf32: bool = False,
+                 autocast: torch.dtype | None = None) -> FisherResult:
+    r"""Exact Fisher diagonal for token units, enumerating the C classes:
 
-    .. math:: F_{exact} = \\frac{1}{W}\\sum_u w_u \\sum_c p_{u,c}\\,
-              \\big(\\nabla_\\theta(-\\log p_{u,c})\\big)^2
+    .. math:: F_{exact} = \frac{1}{W}\sum_u w_u \sum_c p_{u,c}\,
+              \big(\nabla_\theta(-\log p_{u,c})\big)^2
 
     (p_{u,c} a weight, not differentiated). Each token's forward row carries its classes
     like ``mc_fisher``'s label draws (one forward, one backward per class; tiny models:
@@ -163,16 +178,18 @@ def exact_fisher(model, batch, *, loss_fn=None, unit="token", weighting="sample"
     return readout.empirical_fisher(state, discard=True)
 
 
-def group_fisher(model, batch, *, loss_fn=None, unit="sample", weighting="sample",
-                 sample_ids=None, dtype=None, chunk_size=None, memory_budget=None,
-                 allow_tf32=False, autocast=None, groups="generic", layout=None):
-    """Per-group statistics of :math:`f_u[k] = \\sum_{p \\in k} g_{u,p}^2`: ``mean``
+def group_fisher(model: nn.Module, batch: dict, *, loss_fn: LossFn | None = None,
+                 unit: str = "sample", weighting: str = "sample", sample_ids: SampleIds | None = None,
+                 dtype: torch.dtype | None = None, chunk_size: int | None = None,
+                 memory_budget: float | None = None, allow_tf32: bool = False,
+                 autocast: torch.dtype | None = None, groups: str | dict = "generic", layout=None) -> FisherResult:
+    r"""Per-group statistics of :math:`f_u[k] = \sum_{p \in k} g_{u,p}^2`: ``mean``
     (= R(F)), ``variance`` (weighted, population), ``stderr`` (sqrt(variance / U)), ``snr``
     (mean / stderr) and ``n`` (U), each a 1-D tensor over the parameter's groups.
 
     Linear and Conv1D weights grouped by output unit take the Gram-product path when it is
     cheaper than materialising per-row gradients (T (d_in + d_out) < d_in d_out):
-    :math:`f_u[o] = \\sum_{t,s} \\delta_{to}\\delta_{so}\\, x_t \\cdot x_s`.
+    :math:`f_u[o] = \sum_{t,s} \delta_{to}\delta_{so}\, x_t \cdot x_s`.
 
     Args:
         groups: ``"generic"``, ``"heads"`` (attention heads via ``fisher_fast.attention.slicing``) or a

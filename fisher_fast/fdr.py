@@ -10,11 +10,11 @@ import numpy as np
 
 
 def bh_qvalues(p) -> np.ndarray:
-    """Benjamini–Hochberg q-values, in the order of ``p``.
+    r"""Benjamini–Hochberg q-values, in the order of ``p``.
 
-    With p sorted ascending, :math:`p_{(1)} \\le \\dots \\le p_{(m)}`,
+    With p sorted ascending, :math:`p_{(1)} \le \dots \le p_{(m)}`,
 
-    .. math:: q_{(i)} = \\min\\Big(1, \\min_{k \\ge i} \\frac{m}{k} p_{(k)}\\Big).
+    .. math:: q_{(i)} = \min\Big(1, \min_{k \ge i} \frac{m}{k} p_{(k)}\Big).
 
     Args:
         p: 1-D p-values in [0, 1] (tensor, array or list).
@@ -26,10 +26,10 @@ def bh_qvalues(p) -> np.ndarray:
 
 
 def by_qvalues(p) -> np.ndarray:
-    """Benjamini–Yekutieli q-values (valid under any dependence), in the order of ``p``.
+    r"""Benjamini–Yekutieli q-values (valid under any dependence), in the order of ``p``.
 
-    .. math:: q_{(i)} = \\min\\Big(1, \\min_{k \\ge i} \\frac{m\\, c_m}{k} p_{(k)}\\Big),
-        \\quad c_m = \\sum_{j=1}^{m} 1/j.
+    .. math:: q_{(i)} = \min\Big(1, \min_{k \ge i} \frac{m\, c_m}{k} p_{(k)}\Big),
+        \quad c_m = \sum_{j=1}^{m} 1/j.
     """
     m = np.asarray(p).size
     return _step_up(p, correction=float(np.sum(1.0 / np.arange(1, m + 1))) if m else 1.0)

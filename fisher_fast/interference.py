@@ -1,20 +1,20 @@
-"""QK-OV interference between two tasks (SPEC §6), as one batched matmul per (layer, block).
+r"""QK-OV interference between two tasks (SPEC §6), as one batched matmul per (layer, block).
 
 For task-A units i, task-B units j, layer l, query head h and block B,
 
 .. math::
 
-    M^B[i, j, l, h] = \\sum_{p \\in I(l, h, B)} \\frac{C^A_i[p]}{\\hat F[p] + \\varepsilon_{l,h,B}}
-                      \\, \\varphi(g^B_j[p]),
-    \\qquad \\varepsilon_{l,h,B} = \\mathrm{eps} + \\mathrm{ridge\\_rel} \\cdot
-            \\operatorname{median}_{p \\in I(l,h,B)} \\hat F[p],
+    M^B[i, j, l, h] = \sum_{p \in I(l, h, B)} \frac{C^A_i[p]}{\hat F[p] + \varepsilon_{l,h,B}}
+                      \, \varphi(g^B_j[p]),
+    \qquad \varepsilon_{l,h,B} = \mathrm{eps} + \mathrm{ridge\_rel} \cdot
+            \operatorname{median}_{p \in I(l,h,B)} \hat F[p],
 
 with :math:`C^A_i = (g^A_i)^2`, φ = abs (default) or identity (``signed=True``). With the
 per-head views of :mod:`fisher_fast.attention.slicing` (``[units, heads, m]``) this is, per block,
 
 ``M = bmm((C_A * 1/(F̂+ε)).permute(1, 0, 2), φ(g_B).permute(1, 2, 0))``  →  ``[heads, N_A, N_B]``,
 
-costing :math:`O(N_A N_B \\cdot |\\text{slice}|)` flops and no Python loop over units or heads.
+costing :math:`O(N_A N_B \cdot |\text{slice}|)` flops and no Python loop over units or heads.
 K/V results are computed once per kv head and repeated for the query heads that share it.
 """
 

@@ -1,4 +1,4 @@
-"""Built-in per-row losses implementing the token-loss protocol of docs/architecture.md.
+r"""Built-in per-row losses implementing the token-loss protocol of docs/architecture.md.
 
 Each loss object ``loss`` offers
 
@@ -10,8 +10,8 @@ Each loss object ``loss`` offers
 
 .. math::
 
-    \\ell_i = \\frac{1}{K_i^{[\\text{mean}]}} \\sum_{t:\\,y_{it} \\neq -100} -\\log
-    \\operatorname{softmax}(z_{it})_{y_{it}}
+    \ell_i = \frac{1}{K_i^{[\text{mean}]}} \sum_{t:\,y_{it} \neq -100} -\log
+    \operatorname{softmax}(z_{it})_{y_{it}}
 
 Half-precision logits are promoted to float32 before the log-softmax.
 """

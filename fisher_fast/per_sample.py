@@ -1,6 +1,6 @@
-"""Per-unit gradients and contributions, all units of a batch at once.
+r"""Per-unit gradients and contributions, all units of a batch at once.
 
-.. math:: g_u = \\nabla_\\theta \\ell_u
+.. math:: g_u = \nabla_\theta \ell_u
 
 computed by one batched forward and one backward per chunk (``capture/hooks.py``); rows never
 interact (SPEC §0), which ``check=True`` verifies on the first and last unit (each computed

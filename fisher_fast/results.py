@@ -1,10 +1,19 @@
-"""Result containers shared by every estimator (docs/architecture.md "Results")."""
+"""Result containers shared by every estimator (docs/architecture.md "Results"), and the
+type aliases of the public signatures.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
+
+#: A per-row loss: ``loss_fn(model, batch) -> Tensor[rows]`` (the built-in losses also
+#: offer the token-loss protocol, docs/architecture.md).
+LossFn = Callable[[torch.nn.Module, dict], torch.Tensor]
+#: Sample ids, one per row: str or int ids, or an int tensor / array of them.
+SampleIds = Sequence[int | str] | torch.Tensor
 
 
 class FisherResult(dict):

@@ -95,9 +95,9 @@ def slice_matrix(tensors: dict, la: LayerAttention, block: str,
 
 def per_head_sum(tensors: dict, la: LayerAttention, block: str,
                  include_bias: bool = False) -> torch.Tensor:
-    """``[*lead, H]``: the sum over each query head's slice I(l, h, B) (K/V shared by kv head).
+    r"""``[*lead, H]``: the sum over each query head's slice I(l, h, B) (K/V shared by kv head).
 
-    .. math:: R_B(x)[h] = \\sum_{p \\in I(l, h, B)} x[p]
+    .. math:: R_B(x)[h] = \sum_{p \in I(l, h, B)} x[p]
     """
     s = slice_matrix(tensors, la, block, include_bias).sum(-1)
     if block in ("K", "V"):

@@ -1,15 +1,15 @@
-"""Chunk sizes from a memory budget.
+r"""Chunk sizes from a memory budget.
 
 The budget (bytes) defaults to half the free memory of a CUDA device
 (``torch.cuda.mem_get_info`` plus the allocator's reserved-but-unused cache, which a chunk
 reuses) or a quarter of the available RAM on CPU (``MemAvailable``).
 Half of it goes to the forward/backward of a chunk, estimated per forward row as
 
-.. math:: 4 \\cdot b \\cdot T \\cdot \\Big(\\sum_{\\text{hooked modules}} (d_\\text{in} +
-          d_\\text{out}) + 3\\, C\\Big)
+.. math:: 4 \cdot b \cdot T \cdot \Big(\sum_{\text{hooked modules}} (d_\text{in} +
+          d_\text{out}) + 3\, C\Big)
 
 (activations, their gradients and the saved inputs; C the widest output, the logits), with b
-the bytes per element, plus :math:`b \\cdot N_\\text{tied}` for the per-row buffer of every
+the bytes per element, plus :math:`b \cdot N_\text{tied}` for the per-row buffer of every
 parameter used more than once (a tied head's per-row gradients are summed over its uses
 for the whole chunk before squaring: ``[n, V, d]``).
 

@@ -1,4 +1,4 @@
-"""Per-sample gradient formulas, one rule per module kind.
+r"""Per-sample gradient formulas, one rule per module kind.
 
 A rule keeps what it needs from the forward pass (``save``) and, given the gradient ``dy`` of
 the module's output for a slice of rows, returns each row's gradient of the module's own
@@ -7,7 +7,7 @@ n's activations:
 
 .. math::
 
-    \\text{Linear: } g_n(W) = \\sum_t \\delta_{nt} x_{nt}^\\top, \\quad g_n(b) = \\sum_t \\delta_{nt}
+    \text{Linear: } g_n(W) = \sum_t \delta_{nt} x_{nt}^\top, \quad g_n(b) = \sum_t \delta_{nt}
 
 (HF ``Conv1D`` stores ``W`` as ``[in, out]``: the transpose), Embedding: ``g_n(E)[v] =
 sum_{t: id_nt = v} delta_nt``, norms: ``g_n(w) = sum_t delta_nt * xhat_nt`` with the

@@ -1,9 +1,9 @@
-"""Streaming state of ``batch_squared_gradient(b)``: micro-batches of b consecutive units.
+r"""Streaming state of ``batch_squared_gradient(b)``: micro-batches of b consecutive units.
 
 .. math::
 
-    \\text{BSG}_b = \\frac{1}{W}\\sum_m W_m\\, \\bar g_m^2 = \\frac{1}{W}\\sum_m
-    \\frac{(\\sum_{u \\in m} w_u g_u)^2}{W_m}
+    \text{BSG}_b = \frac{1}{W}\sum_m W_m\, \bar g_m^2 = \frac{1}{W}\sum_m
+    \frac{(\sum_{u \in m} w_u g_u)^2}{W_m}
 
 The state keeps the closed sum, and the open (last, possibly short) micro-batch's Σw and
 Σw·g, so units may arrive in slices of any size as long as they arrive in order.

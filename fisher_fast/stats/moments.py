@@ -1,11 +1,11 @@
-"""Weighted Welford/Chan moment states (W, mean, M2) that merge exactly (SPEC §8).
+r"""Weighted Welford/Chan moment states (W, mean, M2) that merge exactly (SPEC §8).
 
 A state summarises weighted values x_u (a per-element gradient, or a group's f_u):
 
 .. math::
 
-    W = \\sum_u w_u, \\qquad \\bar x = \\frac{1}{W}\\sum_u w_u x_u, \\qquad
-    M_2 = \\sum_u w_u (x_u - \\bar x)^2
+    W = \sum_u w_u, \qquad \bar x = \frac{1}{W}\sum_u w_u x_u, \qquad
+    M_2 = \sum_u w_u (x_u - \bar x)^2
 
 and two states merge by Chan's formula
 ``mean = mean_a + δ W_b / W``, ``M2 = M2_a + M2_b + δ² W_a W_b / W`` (δ = mean_b − mean_a),

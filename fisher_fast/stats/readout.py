@@ -1,10 +1,10 @@
-"""Estimators from a task's moment states (docs/architecture.md conventions).
+r"""Estimators from a task's moment states (docs/architecture.md conventions).
 
 .. math::
 
-    \\bar g = \\text{mean}, \\quad F = \\frac{M_2}{W} + \\bar g^2, \\quad S = \\bar g^2,
-    \\quad V = \\frac{M_2}{W} \\;\\Big(\\times \\frac{W^2}{W^2 - \\sum_u w_u^2}
-    \\text{ if unbiased}\\Big)
+    \bar g = \text{mean}, \quad F = \frac{M_2}{W} + \bar g^2, \quad S = \bar g^2,
+    \quad V = \frac{M_2}{W} \;\Big(\times \frac{W^2}{W^2 - \sum_u w_u^2}
+    \text{ if unbiased}\Big)
 
 V comes straight from the sum of squared deviations M2, so it is never negative and needs
 no clamp. Group statistics: mean = R(F), variance = M2_f / W of f_u = R(g_u²),
