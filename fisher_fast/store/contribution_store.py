@@ -16,12 +16,23 @@ Writes are all-or-nothing: ``add`` validates everything, then builds the new pla
 (copies and new shard files) beside the old one, and only swaps it in when every copy and
 file write succeeded. A failed ``add`` (bad input, budget exhausted, I/O error) raises and
 leaves the store exactly as it was, with no stray files.
+
+A store with a directory survives its process: every committed write ends with an atomic
+``manifest.json`` naming the records on disk and each shard's size and SHA-256
+(``store/manifest.py``), so ``ContributionStore.open(directory)`` in another process gives
+back every record that was on disk, after checking each shard (a truncated, missing, altered
+or foreign shard is a ``ValueError`` naming the file). Records in the device and host tiers
+live in memory: ``flush()`` (or leaving a ``with`` block, or ``close()``) writes them to the
+disk tier first. ``open(directory, read_only=True)`` gives a store that refuses every write.
+A kill -9 at any moment leaves the last committed state readable.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import itertools
+import json
 import os
 import uuid
 from collections import OrderedDict
@@ -30,6 +41,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from ..batching.checks import all_finite
+from . import manifest as mf
 
 TIERS = ("device", "host", "disk")
 
@@ -53,9 +65,54 @@ class ContributionStore:
         pin_memory: pin host-tier tensors (default: whether CUDA is available).
     """
 
-    def __init__(self, directory=None, *, device_bytes: int | None = None,
-                 host_bytes: int | None = None, disk_bytes: int | None = None,
-                 device=None, pin_memory: bool | None = None):
+    def __init__(self, directory: str | os.PathLike | None = None, *,
+                 device_bytes: int | None = None, host_bytes: int | None = None,
+                 disk_bytes: int | None = None, device: str | torch.device | None = None,
+                 pin_memory: bool | None = None):
+        self._setup(directory, device_bytes, host_bytes, disk_bytes, device, pin_memory)
+        if self.directory is not None:
+            if os.path.exists(os.path.join(self.directory, mf.MANIFEST)):
+                self._release()
+                raise ValueError(f"directory: expected a folder without a store, got "
+                                 f"{self.directory!r}, which holds one (reopen it with "
+                                 "ContributionStore.open(directory)).")
+            self._write_manifest()
+
+    @classmethod
+    def open(cls, directory: str | os.PathLike, *, read_only: bool = False,
+             device_bytes: int | None = None, host_bytes: int | None = None,
+             disk_bytes: int | None = None, device: str | torch.device | None = None,
+             pin_memory: bool | None = None) -> ContributionStore:
+        """The store saved in ``directory`` (by this or another process), every record on its
+        disk tier, each shard checked against the manifest's size and SHA-256 first.
+
+        Args:
+            directory: the folder the store was created in.
+            read_only: refuse every write (``add``, ``delete``, ``promote``, ``flush``); such
+                a store takes no lock, so several processes may read one directory.
+            device_bytes: as for the constructor (budgets are the opener's, not saved).
+            host_bytes: as for the constructor.
+            disk_bytes: as for the constructor.
+            device: as for the constructor.
+            pin_memory: as for the constructor.
+
+        Raises:
+            ValueError: no manifest, a manifest of another format, a missing, truncated,
+                altered or foreign shard (naming the file), or the directory held by
+                another writer.
+        """
+        store = cls.__new__(cls)
+        store._setup(directory, device_bytes, host_bytes, disk_bytes, device, pin_memory,
+                     read_only=read_only, exists=True)
+        try:
+            store._load(mf.read_manifest(store.directory))
+        except BaseException:
+            store._release()
+            raise
+        return store
+
+    def _setup(self, directory, device_bytes, host_bytes, disk_bytes, device, pin_memory, *,
+               read_only=False, exists=False):
         for name, b in (("device_bytes", device_bytes), ("host_bytes", host_bytes),
                         ("disk_bytes", disk_bytes)):
             if b is not None and (not isinstance(b, int) or b < 0):
@@ -64,13 +121,22 @@ class ContributionStore:
                                    else ("cuda" if torch.cuda.is_available() else "cpu"))
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else bool(pin_memory)
         self.directory = None if directory is None else os.fspath(directory)
+        self.read_only = bool(read_only)
+        self._lock = None
+        self._store_id = uuid.uuid4().hex
         if self.directory is not None:
+            if exists and not os.path.isdir(self.directory):
+                raise ValueError(f"ContributionStore.open: expected a store directory, got "
+                                 f"{self.directory!r}, which is not a folder.")
             os.makedirs(self.directory, exist_ok=True)
+            if not self.read_only:
+                self._take_lock()
         self.budgets = {"device": device_bytes, "host": host_bytes,
                         "disk": disk_bytes if self.directory is not None else 0}
         self._records: OrderedDict[tuple, _Record] = OrderedDict()   # (task, id) -> record
         self._schemas: dict = {}      # task -> tuple of (name, shape, dtype)
         self._shard_refs: dict[str, int] = {}
+        self._shard_sums: dict[str, dict] = {}  # shard -> {"bytes", "sha256"} for the manifest
         self._seq = itertools.count()
         self._open = 0                # depth of open transactions
         self._doomed: list[str] = []  # shard files to remove when the transaction commits
@@ -85,6 +151,7 @@ class ContributionStore:
         return [s for t, s in self._records if t == task]
 
     def contains(self, task, sample_id) -> bool:
+        """Whether ``(task, sample_id)`` has a record."""
         return (task, sample_id) in self._records
 
     def __contains__(self, key) -> bool:
@@ -105,6 +172,7 @@ class ContributionStore:
         return out
 
     def parameter_names(self, task) -> list[str]:
+        """The parameter names of ``task``'s records, in schema order."""
         return [n for n, _, _ in self._schema(task)]
 
     def get(self, task, sample_id, device=None) -> dict[str, torch.Tensor]:
@@ -125,7 +193,7 @@ class ContributionStore:
             if r.tier == "disk":
                 by_shard.setdefault(r.shard, []).append((row, r))
             else:
-                for (n, _, _), t in zip(schema, r.tensors):
+                for (n, _, _), t in zip(schema, r.tensors, strict=True):
                     out[n][row].copy_(t, non_blocking=False)
         for shard, rows in by_shard.items():
             with safe_open(os.path.join(self.directory, shard), framework="pt") as f:
@@ -146,6 +214,7 @@ class ContributionStore:
         ``per_sample_contributions(..., store=)`` files a batch chunk by chunk inside one,
         so that a chunk that fails takes the chunks before it back out.
         """
+        self._writable("transaction")
         if self._open:
             self._open += 1
             try:
@@ -157,6 +226,7 @@ class ContributionStore:
         self._open, self._doomed = 1, []
         try:
             yield self
+            self._write_manifest()  # the commit point: a failure here rolls back too
         except BaseException:
             # shards written inside: still referenced, or already emptied again (doomed)
             current = set(self._shard_refs) | {os.path.basename(p) for p in self._doomed}
@@ -168,7 +238,7 @@ class ContributionStore:
                     os.remove(path)
             raise
         else:
-            for path in self._doomed:
+            for path in self._doomed:  # no longer in the manifest on disk
                 if os.path.exists(path):
                     os.remove(path)
         finally:
@@ -182,12 +252,15 @@ class ContributionStore:
                 differs from the task's earlier records, or no tier with room. The store is
                 then unchanged (as for any other exception during the write).
         """
-        ids = list(sample_ids)
+        with self.transaction():
+            self._add(task, list(sample_ids), tensors)
+
+    def _add(self, task, ids: list, tensors: dict) -> None:
         schema = self._validate(task, ids, tensors)
         seqs = [next(self._seq) for _ in ids]
         per_rec = sum(_numel(shape) * _itemsize(dt) for _, shape, dt in schema)
         new = OrderedDict(self._records)
-        for s, sid in zip(seqs, ids):
+        for s, sid in zip(seqs, ids, strict=True):
             new[(task, sid)] = _Record(seq=s, tier="new", nbytes=per_rec, tensors=None, shard=None)
         placement = self._place(new)
         staged = self._materialise(new, placement, schema, task, ids, tensors)
@@ -201,6 +274,7 @@ class ContributionStore:
 
     def delete(self, task, sample_ids=None) -> None:
         """Delete the given ids of ``task`` (all of the task's records when ``None``)."""
+        self._writable("delete")
         ids = self.ids(task) if sample_ids is None else list(sample_ids)
         if len(set(ids)) != len(ids):
             twice = sorted({str(s) for s in ids if ids.count(s) > 1})
@@ -208,11 +282,12 @@ class ContributionStore:
                              f"than once.")
         for s in ids:
             self._get_record(task, s)
-        for s in ids:
-            del self._records[(task, s)]
-        if not self.ids(task):
-            self._schemas.pop(task, None)
-        self._recount_shards()
+        with self.transaction():
+            for s in ids:
+                del self._records[(task, s)]
+            if not self.ids(task):
+                self._schemas.pop(task, None)
+            self._recount_shards()
 
     def promote(self) -> int:
         """Move records up into room that deletions freed: newest first, each to the fastest
@@ -223,6 +298,7 @@ class ContributionStore:
         """
         from safetensors import safe_open
 
+        self._writable("promote")
         usage, moves = self.usage(), {}
         for key in reversed(self._records):
             r = self._records[key]
@@ -256,7 +332,143 @@ class ContributionStore:
             self._recount_shards()
         return len(moves)
 
+    def flush(self) -> int:
+        """Move every record held in memory (device and host tiers) to the disk tier, so
+        that ``open(directory)`` in another process gives back all of them; all or nothing.
+        Returns how many records moved. A store without a directory cannot flush.
+
+        Raises:
+            ValueError: no directory, a read-only store, or a disk budget too small.
+        """
+        self._writable("flush")
+        if self.directory is None:
+            raise ValueError("flush: expected a store with a directory, got directory=None.")
+        moving = [k for k, r in self._records.items() if r.tier != "disk"]
+        if not moving:
+            return 0
+        with self.transaction():
+            need = sum(self._records[k].nbytes for k in moving) + self.usage()["disk"]
+            budget = self.budgets["disk"]
+            if budget is not None and need > budget:
+                raise ValueError(f"flush: expected the records to fit the disk budget of "
+                                 f"{budget} bytes, got {need} bytes.")
+            by_task: dict = {}
+            for k in moving:
+                by_task.setdefault(k[0], []).append(k)
+            records = OrderedDict(self._records)
+            for task, keys in by_task.items():
+                schema = self._schemas[task]
+                part = OrderedDict((k, records[k]) for k in keys)
+                staged = self._materialise(part, {k: "disk" for k in keys}, schema, task, [], {})
+                records.update(staged)
+            self._records = records
+            self._recount_shards()
+        return len(moving)
+
+    def close(self) -> None:
+        """Write the records held in memory to disk (``flush``, for a writable store with a
+        directory), then release the directory's writer lock. The store stays readable in
+        this process.
+        """
+        try:
+            if self.directory is not None and not self.read_only and self._lock is not None:
+                self.flush()
+        finally:
+            self._release()
+
+    def _release(self) -> None:
+        lock, self._lock = getattr(self, "_lock", None), None
+        if lock is not None:
+            lock.close()
+
+    def __enter__(self) -> ContributionStore:
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        if exc[0] is None:
+            self.close()
+        else:  # what was committed stays on disk; the memory tiers are not written
+            self._release()
+        return False
+
+    def __del__(self):
+        self._release()
+
     # ---------------------------------------------------------------- internals
+    def _writable(self, what: str) -> None:
+        if self.read_only:
+            raise ValueError(f"{what}: expected a writable store, got one opened read-only "
+                             f"({self.directory!r}).")
+
+    def _take_lock(self) -> None:
+        """One writer per directory: an exclusive, non-blocking lock on ``.lock`` (released
+        with ``close()``, or by the OS when the process dies).
+        """
+        import fcntl
+
+        lock = open(os.path.join(self.directory, ".lock"), "a")  # noqa: SIM115 - held open
+        try:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            lock.close()
+            raise ValueError(f"directory: expected a store directory no other writer holds, "
+                             f"got {self.directory!r}, locked by another store (close it, or "
+                             "open this one with read_only=True).") from None
+        self._lock = lock
+
+    def _write_manifest(self) -> None:
+        """The committed state, on disk: schemas, the disk tier's records, shard checksums."""
+        if self.directory is None:
+            return
+        disk = [(k, r) for k, r in self._records.items() if r.tier == "disk"]
+        shards = sorted({r.shard for _, r in disk})
+        self._shard_sums = {sh: self._shard_sums[sh] for sh in shards}
+        mf.write_manifest(self.directory, {
+            "format": mf.FORMAT, "store_id": self._store_id, "next_seq": self._next_seq(),
+            "schemas": [[mf.encode_id(t), [[n, list(shape), str(dt).replace("torch.", "")]
+                                           for n, shape, dt in schema]]
+                        for t, schema in self._schemas.items()],
+            "records": [[mf.encode_id(t), mf.encode_id(sid), r.seq, r.nbytes, r.shard]
+                        for (t, sid), r in disk],
+            "shards": self._shard_sums,
+        })
+
+    def _next_seq(self) -> int:
+        nxt = next(self._seq)
+        self._seq = itertools.count(nxt)
+        return nxt
+
+    def _load(self, manifest: dict) -> None:
+        """Records, schemas and shards from a manifest, every shard verified; then the
+        shards of this store that no committed state names (a crashed write) are removed.
+        """
+        self._store_id = manifest["store_id"]
+        for shard, want in manifest["shards"].items():
+            mf.verify_shard(self.directory, shard, want, self._store_id)
+        self._shard_sums = dict(manifest["shards"])
+        self._schemas = {mf.decode_id(t): tuple((n, tuple(shape), getattr(torch, dt))
+                                                for n, shape, dt in schema)
+                         for t, schema in manifest["schemas"]}
+        self._records = OrderedDict(
+            ((mf.decode_id(t), mf.decode_id(sid)),
+             _Record(seq=seq, tier="disk", nbytes=nbytes, tensors=None, shard=shard))
+            for t, sid, seq, nbytes, shard in manifest["records"])
+        self._seq = itertools.count(int(manifest["next_seq"]))
+        self._recount_shards()
+        self._doomed = []
+        if not self.read_only:
+            for name in os.listdir(self.directory):
+                path = os.path.join(self.directory, name)
+                if mf.is_shard_name(name) and name not in self._shard_sums \
+                        and self._is_own(path):
+                    os.remove(path)
+
+    def _is_own(self, path: str) -> bool:
+        try:
+            return mf.shard_store_id(path) == self._store_id
+        except Exception:  # noqa: BLE001 - a half-written file of a crashed write
+            return os.path.basename(path).startswith(".")
+
     def _schema(self, task):
         if task not in self._schemas:
             raise ValueError(f"Unknown task: expected one of {self.tasks()}, got {task!r}.")
@@ -275,6 +487,9 @@ class ContributionStore:
         if not isinstance(tensors, dict) or not tensors:
             raise ValueError("tensors: expected a non-empty dict of parameter name -> Tensor[N, ...], "
                              f"got {type(tensors).__name__}.")
+        if self.directory is not None:  # ids and tasks must survive a round trip through JSON
+            for s in [task, *ids]:
+                mf.encode_id(s)
         seen = set()
         for s in ids:
             try:
@@ -325,8 +540,6 @@ class ContributionStore:
 
     def _materialise(self, records, placement, schema, task, ids, tensors) -> OrderedDict:
         """The new record table; on any error, remove the shard files it wrote and re-raise."""
-        from safetensors.torch import save_file
-
         new_rows = {sid: u for u, sid in enumerate(ids)}
         staged: OrderedDict = OrderedDict()
         to_disk: dict[str, torch.Tensor] = {}
@@ -343,7 +556,7 @@ class ContributionStore:
                 else:
                     src = r.tensors
                 if tier == "disk":
-                    shard = shard or f"shard-{uuid.uuid4().hex}.safetensors"
+                    shard = shard or mf.new_shard_name()
                     for j, t in enumerate(src):
                         to_disk[_key(r.seq, j)] = t.detach().to("cpu").contiguous()
                     disk_keys.append(key)
@@ -351,12 +564,33 @@ class ContributionStore:
                 else:
                     staged[key] = replace(r, tier=tier, tensors=tuple(self._to_tier(t, tier) for t in src))
             if to_disk:
-                save_file(to_disk, os.path.join(self.directory, shard))
+                self._write_shard(shard, to_disk)
         except BaseException:
             if shard is not None and os.path.exists(os.path.join(self.directory, shard)):
                 os.remove(os.path.join(self.directory, shard))
             raise
         return staged
+
+    def _write_shard(self, shard: str, tensors: dict) -> None:
+        """Write a shard under a temporary name, flush it, rename it; its metadata names
+        this store and each tensor's SHA-256, and the manifest-to-be its size and SHA-256.
+        """
+        from safetensors.torch import save
+
+        meta = {"store_id": self._store_id,
+                "sha256": json.dumps({k: mf.tensor_sha256(t) for k, t in tensors.items()})}
+        data = save(tensors, metadata=meta)
+        path = os.path.join(self.directory, shard)
+        tmp = os.path.join(self.directory, f".{shard}.tmp")
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+            mf.replace_atomically(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
+            raise
+        self._shard_sums[shard] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
 
     def _to_tier(self, t: torch.Tensor, tier: str) -> torch.Tensor:
         if tier == "device":
@@ -371,12 +605,8 @@ class ContributionStore:
             if r.tier == "disk":
                 refs[r.shard] = refs.get(r.shard, 0) + 1
         for shard, n in refs.items():
-            if n == 0:
-                path = os.path.join(self.directory, shard)
-                if self._open:  # a rollback may need the file again
-                    self._doomed.append(path)
-                elif os.path.exists(path):
-                    os.remove(path)
+            if n == 0:  # removed when the transaction commits (the manifest no longer names it)
+                self._doomed.append(os.path.join(self.directory, shard))
         self._shard_refs = {s: n for s, n in refs.items() if n > 0}
 
 

@@ -21,6 +21,11 @@ def _tensors(n, offset=0.0):
     return {"w": a, "b": b}
 
 
+def _shards(directory):
+    """The store's shard files (besides them a directory holds manifest.json and .lock)."""
+    return sorted(f for f in os.listdir(directory) if f.startswith("shard-"))
+
+
 def _snapshot(store, directory=None):
     files = sorted(os.listdir(directory)) if directory else []
     return ({t: store.ids(t) for t in store.tasks()}, store.usage(), files)
@@ -83,34 +88,41 @@ def test_no_directory_means_no_disk_tier():
     assert store.tasks() == [] and len(store) == 0
 
 
-def test_failed_disk_write_leaves_no_trace(tmp_path, monkeypatch):
-    import safetensors.torch
+@pytest.mark.parametrize("fails", ["shard", "manifest"])
+def test_failed_disk_write_leaves_no_trace(tmp_path, monkeypatch, fails):
+    """A write that fails half-way, of the new shard or of the manifest (the commit point),
+    leaves the store, its files and the manifest on disk as they were.
+    """
+    import fisher_fast.store.manifest as mf
 
     store = ContributionStore(tmp_path, device="cpu", device_bytes=0, host_bytes=REC)
     store.add("a", [0], _tensors(1))
     before = _snapshot(store, tmp_path)
+    manifest = (tmp_path / "manifest.json").read_bytes()
+    real = mf.replace_atomically
 
-    def broken(tensors, path, *args, **kwargs):
-        with open(path, "wb") as f:
-            f.write(b"partial")
-        raise OSError("disk full")
+    def broken(tmp, path):
+        if os.path.basename(path).startswith("shard-" if fails == "shard" else "manifest"):
+            raise OSError("disk full")
+        real(tmp, path)
 
-    monkeypatch.setattr(safetensors.torch, "save_file", broken)
+    monkeypatch.setattr(mf, "replace_atomically", broken)
     with pytest.raises(OSError, match="disk full"):
         store.add("a", [1], _tensors(1, offset=5.0))
     assert _snapshot(store, tmp_path) == before
+    assert (tmp_path / "manifest.json").read_bytes() == manifest
     assert torch.equal(store.get("a", 0)["w"], _tensors(1)["w"][0])
 
 
 def test_delete_removes_empty_shards(tmp_path):
     store = ContributionStore(tmp_path, device="cpu", device_bytes=0, host_bytes=0)
     store.add("a", ["x", "y"], _tensors(2))
-    assert len(os.listdir(tmp_path)) == 1
+    assert len(_shards(tmp_path)) == 1
     store.delete("a", ["x"])
-    assert store.ids("a") == ["y"] and len(os.listdir(tmp_path)) == 1
+    assert store.ids("a") == ["y"] and len(_shards(tmp_path)) == 1
     assert torch.equal(store.get("a", "y")["b"], _tensors(2)["b"][1])
     store.delete("a", ["y"])
-    assert os.listdir(tmp_path) == [] and store.tasks() == []
+    assert _shards(tmp_path) == [] and store.tasks() == []
 
 
 def _store_with(ids):
@@ -122,14 +134,17 @@ def _store_with(ids):
 BAD = [
     pytest.param(lambda s: s.add("a", ["p", "p"], _tensors(2)), "got 'p' twice", id="duplicate-in-call"),
     pytest.param(lambda s: s.add("a", ["x"], _tensors(1)), "already holds 'x'", id="duplicate-stored"),
-    pytest.param(lambda s: s.add("a", ["p", "q"], _tensors(1)), "expected shape (2, ...)", id="count-mismatch"),
-    pytest.param(lambda s: s.add("a", ["p"], {"w": torch.zeros(1, 3)}), "expected the parameters", id="schema"),
+    pytest.param(lambda s: s.add("a", ["p", "q"], _tensors(1)), "expected shape (2, ...)",
+                 id="count-mismatch"),
+    pytest.param(lambda s: s.add("a", ["p"], {"w": torch.zeros(1, 3)}), "expected the parameters",
+                 id="schema"),
     pytest.param(lambda s: s.add("a", [["p"]], _tensors(1)), "hashable", id="unhashable-id"),
     pytest.param(lambda s: s.get("a", "nope"), "got 'nope'", id="unknown-id"),
     pytest.param(lambda s: s.get_stacked("b", ["x"]), "Unknown task", id="unknown-task"),
     pytest.param(lambda s: s.delete("a", ["x", "nope"]), "got 'nope'", id="delete-unknown"),
     pytest.param(lambda s: s.delete("a", ["x", "x"]), "['x'] more than once", id="delete-twice"),
-    pytest.param(lambda s: s.add("a", ["p", "q"], {**_tensors(2), "b": torch.tensor([[0.0] * 4, [float("nan")] * 4], dtype=torch.float64)}),
+    pytest.param(lambda s: s.add("a", ["p", "q"], {**_tensors(2), "b": torch.tensor(
+                     [[0.0] * 4, [float("nan")] * 4], dtype=torch.float64)}),
                  "tensors['b']: expected finite contributions, got a non-finite value for id 'q'", id="nan"),
     pytest.param(lambda s: s.add("a", ["p"], {k: v.float() for k, v in _tensors(1).items()}),
                  "('w', (2, 3), 'float64')], got [('b', (4,), 'float32')", id="dtype-named"),
@@ -163,7 +178,8 @@ def _model_case():
     from fisher_ref.testing.models import TinyConfig, build_model
 
     model = build_model(TinyConfig(arch="gpt2", num_layers=1), dtype=torch.float64)
-    return model, random_batch(vocab_size=11, batch_size=3, seq_len=4, seed=0, sample_ids=["s_1", "s_2", "s_3"])
+    return model, random_batch(vocab_size=11, batch_size=3, seq_len=4, seed=0,
+                               sample_ids=["s_1", "s_2", "s_3"])
 
 
 def test_per_sample_contributions_fill_the_store(tmp_path):
@@ -215,7 +231,7 @@ def test_transaction_rolls_back_adds_spills_and_deletes(tmp_path):
             store.add("b", ["x"], _tensors(1, offset=99.0))
             store.delete("a", [0])
             store.add("b", ["y"], _tensors(1, offset=98.0))
-            assert len(os.listdir(tmp_path)) >= 2  # new shards were written meanwhile
+            assert len(_shards(tmp_path)) >= 2  # new shards were written meanwhile
             raise RuntimeError("boom")
     assert _snapshot(store, tmp_path) == before
     assert _same_contents(_contents(store), contents)
@@ -226,10 +242,10 @@ def test_transaction_commits_and_then_removes_emptied_shards(tmp_path):
     store.add("a", ["x"], _tensors(1))
     with store.transaction():
         store.delete("a", ["x"])
-        assert len(os.listdir(tmp_path)) == 1  # kept until the commit, for a rollback
+        assert len(_shards(tmp_path)) == 1  # kept until the commit, for a rollback
         with store.transaction():  # nested: joins the outer one
             store.add("a", ["y"], _tensors(1, offset=5.0))
-    assert store.ids("a") == ["y"] and len(os.listdir(tmp_path)) == 1
+    assert store.ids("a") == ["y"] and len(_shards(tmp_path)) == 1
     assert torch.equal(store.get("a", "y")["w"], _tensors(1, offset=5.0)["w"][0])
 
 
@@ -304,11 +320,11 @@ def test_promote_moves_the_newest_records_up_into_freed_room(tmp_path):
     contents = _contents(store)
     assert store.promote() == 0  # no room anywhere above: nothing moves
     store.delete("a", [3, 2])  # frees the device and the host tier
-    assert len(os.listdir(tmp_path)) == 2
+    assert len(_shards(tmp_path)) == 2
     assert store.promote() == 2
     assert [store.tier_of("a", i) for i in (0, 1)] == ["host", "device"]  # newest fastest
     assert store.usage() == {"device": REC, "host": REC, "disk": 0}
-    assert os.listdir(tmp_path) == []  # the emptied shards are gone
+    assert _shards(tmp_path) == []  # the emptied shards are gone
     for i in (0, 1):
         assert torch.equal(store.get("a", i)["w"], contents[("a", i)][1]["w"])
 
@@ -351,7 +367,7 @@ def test_rollback_removes_a_shard_written_and_emptied_inside(tmp_path):
             store.add("t", ["a"], _tensors(1))  # a new shard on disk
             store.delete("t", ["a"])  # emptied inside: doomed until commit
             raise RuntimeError("boom")
-    assert os.listdir(tmp_path) == [] and store.tasks() == []
+    assert _shards(tmp_path) == [] and store.tasks() == []
 
 
 def test_a_later_add_may_list_the_parameters_in_another_order():

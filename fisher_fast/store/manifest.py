@@ -1,0 +1,183 @@
+"""The on-disk record of a ``ContributionStore``: shard files, a manifest, checksums.
+
+A store directory holds safetensors shards (``shard-<hex>.safetensors``) and one
+``manifest.json`` that names, for the last committed state, every task's schema, every record
+on disk (task, sample id, insertion number, shard) and every shard's size and SHA-256. Only
+the manifest makes a shard part of the store: a shard written by an add that never committed
+(a crash, a kill -9 between the shard and the manifest) is not listed and is removed when the
+store is next opened for writing.
+
+Crash safety comes from the order of the writes: a shard is written to a temporary name,
+flushed to disk and renamed; then the manifest is written the same way (``os.replace`` is
+atomic on POSIX) and the directory is flushed; only then are the shards the new manifest no
+longer lists removed. Whenever the process dies, the manifest on disk names shards that are
+complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import uuid
+
+import torch
+
+MANIFEST = "manifest.json"
+FORMAT = "fisher_fast.contribution_store/1"
+SHARD_PREFIX = "shard-"
+SHARD_SUFFIX = ".safetensors"
+
+
+def new_shard_name() -> str:
+    """A fresh shard file name."""
+    return f"{SHARD_PREFIX}{uuid.uuid4().hex}{SHARD_SUFFIX}"
+
+
+def is_shard_name(name: str) -> bool:
+    """Whether a file name is one a store gives its shards."""
+    return name.startswith(SHARD_PREFIX) and name.endswith(SHARD_SUFFIX)
+
+
+def sha256_file(path: str) -> str:
+    """The SHA-256 of a file's bytes, read in blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def fsync_directory(directory: str) -> None:
+    """Flush a directory's entries (a rename is durable only then); a no-op where the
+    platform cannot open directories.
+    """
+    with contextlib.suppress(OSError):
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def replace_atomically(tmp: str, path: str) -> None:
+    """Flush ``tmp`` to disk and rename it to ``path`` (atomic), then flush the directory."""
+    with open(tmp, "rb+") as f:
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_directory(os.path.dirname(path) or ".")
+
+
+def encode_id(sample_id) -> list:
+    """A sample id as JSON: ``["i", 3]``, ``["s", "a_1"]`` or ``["t", [...]]`` for a tuple
+    (token units are ``(sample_id, position)``); anything else is a ``ValueError``.
+    """
+    if isinstance(sample_id, bool):
+        raise ValueError(f"sample id: expected an int, a str or a tuple of them for a store on "
+                         f"disk, got {sample_id!r}.")
+    if isinstance(sample_id, int):
+        return ["i", sample_id]
+    if isinstance(sample_id, str):
+        return ["s", sample_id]
+    if isinstance(sample_id, tuple):
+        return ["t", [encode_id(x) for x in sample_id]]
+    raise ValueError(f"sample id: expected an int, a str or a tuple of them for a store on disk, "
+                     f"got {sample_id!r} ({type(sample_id).__name__}).")
+
+
+def decode_id(encoded: list):
+    """The inverse of ``encode_id``."""
+    tag, value = encoded
+    if tag == "i":
+        return int(value)
+    if tag == "s":
+        return str(value)
+    return tuple(decode_id(x) for x in value)
+
+
+def write_manifest(directory: str, manifest: dict) -> None:
+    """Write ``manifest`` as the directory's ``manifest.json``, atomically."""
+    path = os.path.join(directory, MANIFEST)
+    tmp = os.path.join(directory, f".{MANIFEST}.{uuid.uuid4().hex}.tmp")
+    try:
+        with open(tmp, "w") as f:
+            json.dump(manifest, f, separators=(",", ":"))
+        replace_atomically(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+
+
+def read_manifest(directory: str) -> dict:
+    """The directory's manifest, checked for format; a clear error when it is missing,
+    unreadable, or of another format.
+    """
+    path = os.path.join(directory, MANIFEST)
+    if not os.path.exists(path):
+        raise ValueError(f"ContributionStore.open: expected a store directory with {MANIFEST}, "
+                         f"got none in {directory!r}.")
+    try:
+        with open(path) as f:
+            manifest = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"ContributionStore.open: expected a readable JSON manifest, got "
+                         f"{path!r}: {e}.") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        got = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+        raise ValueError(f"ContributionStore.open: expected a manifest of format {FORMAT!r}, got "
+                         f"{got!r} in {path!r}.")
+    return manifest
+
+
+def verify_shard(directory: str, shard: str, want: dict, store_id: str) -> None:
+    """The shard exists, has the manifest's size and SHA-256, and names this store; else a
+    ``ValueError`` naming the file (and, where its header is intact, the damaged tensor).
+    """
+    path = os.path.join(directory, shard)
+    if not os.path.exists(path):
+        raise ValueError(f"ContributionStore.open: expected shard {path!r} listed in the manifest, "
+                         "got no such file (missing shard).")
+    size = os.path.getsize(path)
+    if size != want["bytes"]:
+        raise ValueError(f"ContributionStore.open: expected shard {path!r} of {want['bytes']} bytes, "
+                         f"got {size} bytes (truncated or rewritten).")
+    if sha256_file(path) != want["sha256"]:
+        raise ValueError(f"ContributionStore.open: checksum mismatch in shard {path!r}"
+                         f"{_damaged_tensor(path)}: its bytes are not those the store wrote.")
+    owner = shard_store_id(path)
+    if owner != store_id:
+        raise ValueError(f"ContributionStore.open: expected shard {path!r} to belong to store "
+                         f"{store_id}, got one written by store {owner} (a foreign shard).")
+
+
+def _damaged_tensor(path: str) -> str:
+    """`` (tensor 'r3.p0')`` for the first tensor whose checksum in the shard's metadata
+    differs, where the header is still readable; else ``""``.
+    """
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, framework="pt") as f:
+            sums = json.loads((f.metadata() or {}).get("sha256", "{}"))
+            for key in f.keys():
+                if sums.get(key) != tensor_sha256(f.get_tensor(key)):
+                    return f" (tensor {key!r})"
+    except Exception:  # noqa: BLE001 - a header that does not parse: say so, not why
+        return " (its header is unreadable)"
+    return ""
+
+
+def tensor_sha256(t: torch.Tensor) -> str:
+    """The SHA-256 of a CPU tensor's bytes (dtype and shape are the file's business)."""
+    return hashlib.sha256(t.contiguous().view(-1).view(torch.uint8).numpy().tobytes()).hexdigest()
+
+
+def shard_store_id(path: str) -> str | None:
+    """The id of the store that wrote a shard (its metadata), or ``None``."""
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as f:
+        return (f.metadata() or {}).get("store_id")
