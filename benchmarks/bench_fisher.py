@@ -1,4 +1,4 @@
-"""Benchmark: full-diagonal E[g²] and group-reduced Fisher against their baselines.
+r"""Benchmark: full-diagonal E[g²] and group-reduced Fisher against their baselines.
 
 Measures, side by side in one run on one device, for one GPT-2-shaped model and batch:
 
@@ -22,7 +22,7 @@ Not a test. Examples::
 
     python benchmarks/bench_fisher.py                      # CUDA: GPT-2-small shape, 64 x 256
     python benchmarks/bench_fisher.py --device cpu         # a small CPU shape
-    python benchmarks/bench_fisher.py --layers 2 --d-model 128 --heads 4 --vocab 1000 \\
+    python benchmarks/bench_fisher.py --layers 2 --d-model 128 --heads 4 --vocab 1000 \
         --batch 16 --seq-len 64 --device cpu --methods fwd+bwd,fisher
 """
 
@@ -48,7 +48,10 @@ GPU_DEFAULT = dict(layers=12, d_model=768, heads=12, vocab=50257, batch=64, seq_
 CPU_DEFAULT = dict(layers=2, d_model=128, heads=4, vocab=1000, batch=16, seq_len=64)
 
 
-def build(args):
+def build(args: argparse.Namespace) -> tuple[torch.nn.Module, dict]:
+    """The GPT-2-shaped model (eval mode, eager attention, seeded) and a random batch
+    ``input_ids: LongTensor[batch, pos]`` (with ``attention_mask`` and ``labels``) on ``args.device``.
+    """
     import transformers as tf
 
     cfg = tf.GPT2Config(n_layer=args.layers, n_embd=args.d_model, n_head=args.heads,
@@ -65,35 +68,41 @@ def build(args):
     return model, batch
 
 
-def run_fwd_bwd(model, batch, args):
+def run_fwd_bwd(model, batch, args) -> None:
+    """The floor: one forward and backward of the summed per-row loss."""
     loss = ff.causal_lm_loss(model, batch).sum()
     loss.backward()
     model.zero_grad(set_to_none=True)
 
 
-def run_fisher(model, batch, args):
+def run_fisher(model, batch, args) -> None:
+    """``fisher_fast.empirical_fisher``: the full diagonal E[g²]."""
     ff.empirical_fisher(model, batch, chunk_size=args.chunk)
 
 
-def run_groups(model, batch, args):
+def run_groups(model, batch, args) -> None:
+    """``fisher_fast.group_fisher`` with ``args.groups``."""
     ff.group_fisher(model, batch, chunk_size=args.chunk, groups=args.groups)
 
 
-def run_mc(model, batch, args):
+def run_mc(model, batch, args) -> None:
+    """``fisher_fast.mc_fisher`` with ``args.mc_samples`` label draws."""
     ff.mc_fisher(model, batch, chunk_size=args.chunk, n_samples=args.mc_samples)
 
 
-def run_loop(model, batch, args):
+def run_loop(model, batch, args) -> None:
+    """Baseline: a forward and backward per row, each gradient squared and added."""
     params = [p for p in model.parameters() if p.requires_grad]
     acc = [torch.zeros_like(p) for p in params]
     for i in range(batch["input_ids"].shape[0]):
         row = {k: v[i:i + 1] for k, v in batch.items()}
         grads = torch.autograd.grad(ff.causal_lm_loss(model, row).sum(), params)
-        for a, g in zip(acc, grads):
+        for a, g in zip(acc, grads, strict=True):
             a.add_(g.square())
 
 
-def run_vmap(model, batch, args):
+def run_vmap(model, batch, args) -> None:
+    """Baseline: ``vmap(grad)`` of ``functional_call`` over rows, ``args.vmap_chunk`` at a time."""
     from torch.func import functional_call, grad, vmap
 
     params = {n: p.detach() for n, p in model.named_parameters()}
@@ -113,14 +122,16 @@ def run_vmap(model, batch, args):
             acc[n].add_(g[n].square().sum(0))
 
 
-def run_fwd_bwd_bf16(model, batch, args):
+def run_fwd_bwd_bf16(model, batch, args) -> None:
+    """The floor under ``torch.autocast(dtype=torch.bfloat16)``."""
     with torch.autocast(torch.device(args.device).type, dtype=torch.bfloat16):
         loss = ff.causal_lm_loss(model, batch).sum()
     loss.backward()
     model.zero_grad(set_to_none=True)
 
 
-def run_fisher_bf16(model, batch, args):
+def run_fisher_bf16(model, batch, args) -> None:
+    """``empirical_fisher`` on the bf16 fast path (``autocast=torch.bfloat16``)."""
     ff.empirical_fisher(model, batch, chunk_size=args.chunk, autocast=torch.bfloat16)
 
 
@@ -181,7 +192,8 @@ def interleaved_times(methods, model, batch, args) -> dict:
     return {m: statistics.median(t) for m, t in times.items()}
 
 
-def main(argv=None):
+def main(argv: list[str] | None = None) -> list[dict]:
+    """Parse the arguments, run the methods, print the report; return the result rows."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     for k in GPU_DEFAULT:
@@ -226,7 +238,7 @@ def main(argv=None):
         ok = [r["method"] for r in results if "error" not in r]
         model, batch = build(args)
         for r, t in zip([r for r in results if "error" not in r],
-                        interleaved_times(ok, model, batch, args).values()):
+                        interleaved_times(ok, model, batch, args).values(), strict=True):
             r["seconds"], r["samples_per_s"] = t, args.batch / t
     else:
         model, batch = build(args)
@@ -242,6 +254,7 @@ def main(argv=None):
 
 
 def environment(args) -> dict:
+    """Versions, threads, TF32 settings and the device of this run."""
     import datetime
     import platform
 
@@ -264,6 +277,7 @@ def environment(args) -> dict:
 
 
 def write_json(args, results, path) -> None:
+    """Write ``{environment, arguments, results, ratios}`` (ratios to ``fwd+bwd``) to ``path``."""
     base = next((r for r in results if r["method"] == "fwd+bwd" and "error" not in r), None)
     ratios = {}
     for r in results:
@@ -280,9 +294,11 @@ def write_json(args, results, path) -> None:
                    "results": results, "ratios": ratios}, f, indent=1)
 
 
-def report(args, results):
+def report(args, results) -> None:
+    """Print the device, the model and one line per method (samples/s, peak MiB, ratios)."""
     import platform
-    dev = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or platform.machine()
+    cuda = args.device.startswith("cuda")
+    dev = torch.cuda.get_device_name() if cuda else platform.processor() or platform.machine()
     print(f"device: {args.device} ({dev}); torch {torch.__version__}; threads {torch.get_num_threads()}")
     print(f"model: GPT-2 shape L={args.layers} d={args.d_model} H={args.heads} V={args.vocab} "
           f"{'tied' if args.tied else 'untied'} {args.dtype}; batch {args.batch} x {args.seq_len}")

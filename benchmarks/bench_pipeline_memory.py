@@ -70,7 +70,8 @@ def child(args) -> dict:
             "start_mib": base / 2**20, "end_mib": _rss_bytes() / 2**20, "seconds": seconds}
 
 
-def main(argv=None) -> int:
+def main(argv: list[str] | None = None) -> int:
+    """Run each code tree's pipeline in its own subprocess and print the memory table."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--code", action="append", default=None,
                    help="LABEL=PATH of a checkout to measure (repeatable; default: this one)")

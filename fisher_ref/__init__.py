@@ -4,6 +4,9 @@ Plain autograd, one unit at a time, float64 on the CPU. Every quantity here is t
 definition that ``fisher_fast`` must reproduce. See docs/definitions.md.
 """
 
+from fisher_ref.conflicts import ConflictResult, conflicts, conflicts_from_gradients
+from fisher_ref.contributions import contributions_from_gradients, per_sample_contributions
+from fisher_ref.fdr import bh_qvalues, by_qvalues
 from fisher_ref.gradient_moments import (
     batch_squared_gradient,
     batch_squared_gradient_of,
@@ -24,6 +27,8 @@ from fisher_ref.impact import (
     spearman,
     topk_jaccard,
 )
+from fisher_ref.interference import InterferenceResult, interference, interference_from_gradients
+from fisher_ref.layouts import AttentionLayout, LayerAttention, attention_layout
 from fisher_ref.losses import (
     CausalLMLoss,
     MaskedLMLoss,
@@ -34,10 +39,19 @@ from fisher_ref.losses import (
 )
 from fisher_ref.mc_fisher import exact_fisher, mc_fisher
 from fisher_ref.results import FisherResult, PerUnit
+from fisher_ref.semantic_check import (
+    SemanticReport,
+    SliceCheck,
+    check_layout,
+    check_masks,
+    validate_layout,
+)
+from fisher_ref.slicing import head_group_ids, qkov_mask
 from fisher_ref.units import per_sample_gradients
 from fisher_ref.welford import WelfordState, two_pass_moments
 
 __all__ = [
+    # estimators (SPEC §0–3, §8–9)
     "CausalLMLoss", "FisherResult", "MaskedLMLoss", "PerUnit", "SequenceClassificationLoss",
     "WelfordState", "batch_squared_gradient", "batch_squared_gradient_of", "causal_lm_loss",
     "empirical_fisher", "empirical_fisher_of", "estimator_impact", "exact_fisher",
@@ -46,28 +60,7 @@ __all__ = [
     "per_sample_gradients", "pruning_mask_jaccard", "reduce_groups", "sequence_classification_loss",
     "spearman", "squared_mean_gradient", "squared_mean_gradient_of", "topk_jaccard",
     "two_pass_moments",
-]
-
-# attention half (SPEC §4–7)
-from fisher_ref.conflicts import ConflictResult, conflicts, conflicts_from_gradients  # noqa: E402
-from fisher_ref.contributions import contributions_from_gradients, per_sample_contributions  # noqa: E402
-from fisher_ref.fdr import bh_qvalues, by_qvalues  # noqa: E402
-from fisher_ref.interference import (  # noqa: E402
-    InterferenceResult,
-    interference,
-    interference_from_gradients,
-)
-from fisher_ref.layouts import AttentionLayout, LayerAttention, attention_layout  # noqa: E402
-from fisher_ref.semantic_check import (  # noqa: E402
-    SemanticReport,
-    SliceCheck,
-    check_layout,
-    check_masks,
-    validate_layout,
-)
-from fisher_ref.slicing import head_group_ids, qkov_mask  # noqa: E402
-
-__all__ += [
+    # attention (SPEC §4–7)
     "AttentionLayout", "ConflictResult", "InterferenceResult", "LayerAttention", "SemanticReport",
     "SliceCheck", "attention_layout", "bh_qvalues", "by_qvalues", "check_layout", "check_masks",
     "conflicts", "conflicts_from_gradients", "contributions_from_gradients", "head_group_ids",

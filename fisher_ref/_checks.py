@@ -9,6 +9,7 @@ import math
 
 import torch
 
+from fisher_ref._types import Batch, LossFn, SampleId, UnitId
 from fisher_ref.losses import (
     CausalLMLoss,
     MaskedLMLoss,
@@ -23,8 +24,24 @@ WEIGHTINGS = ("sample", "token")
 _SEQUENCE_KEYS = ("attention_mask", "token_type_ids", "position_ids")
 
 
-def check_options(loss_fn, unit: str, weighting: str, *, needs_token_loss: bool = False):
-    """Validate ``unit`` / ``weighting`` and resolve ``loss_fn=None`` to ``causal_lm_loss``."""
+def check_options(loss_fn: LossFn | None, unit: str, weighting: str, *,
+                  needs_token_loss: bool = False) -> LossFn:
+    """Validate ``unit`` / ``weighting`` and resolve ``loss_fn=None`` to ``causal_lm_loss``.
+
+    Args:
+        loss_fn: ``loss_fn(model, batch) -> Tensor[batch]``, or None.
+        unit: ``"sample"`` or ``"token"``.
+        weighting: ``"sample"`` or ``"token"``.
+        needs_token_loss: the estimator needs a token loss whatever ``unit`` and
+            ``weighting`` say (MC and exact Fisher).
+
+    Returns:
+        The loss to use.
+
+    Raises:
+        ValueError: an unknown option, a non-callable loss, or a plain callable where a token
+            loss is needed.
+    """
     if unit not in UNITS:
         raise ValueError(f"unit: expected one of {UNITS}, got {unit!r}.")
     if weighting not in WEIGHTINGS:
@@ -45,7 +62,7 @@ def check_options(loss_fn, unit: str, weighting: str, *, needs_token_loss: bool 
     return loss_fn
 
 
-def check_model(model) -> None:
+def check_model(model: torch.nn.Module) -> None:
     """The model is a module with at least one trainable parameter."""
     if not isinstance(model, torch.nn.Module):
         raise ValueError(f"model: expected a torch.nn.Module, got {type(model).__name__}.")
@@ -54,8 +71,17 @@ def check_model(model) -> None:
                          "(requires_grad=True), got none.")
 
 
-def resolve_sample_ids(batch: dict, sample_ids, batch_size: int) -> list:
-    """The rows' sample ids: from the batch, the argument, or ``0..B-1``; unique."""
+def resolve_sample_ids(batch: Batch, sample_ids: object, batch_size: int) -> list[SampleId]:
+    """The rows' sample ids: from the batch, the argument, or ``0..B-1``; unique.
+
+    Args:
+        batch: the batch; its ``sample_ids`` key, if any, gives the ids.
+        sample_ids: the caller's ids (never together with the batch's), or None.
+        batch_size: B, the number of rows.
+
+    Returns:
+        B unique str or int ids, in row order.
+    """
     if "sample_ids" in batch and sample_ids is not None:
         raise ValueError("sample_ids: expected them in the batch or as the argument, "
                          "got both.")
@@ -135,8 +161,19 @@ def _check_labels(batch: dict, loss_fn, batch_size: int) -> None:
                              f"got {tuple(labels.shape)}.")
 
 
-def check_batch(model, batch, loss_fn, sample_ids) -> list:
-    """Validate ``batch`` (keys, shapes, ids); return the rows' sample ids."""
+def check_batch(model: torch.nn.Module, batch: Batch, loss_fn: LossFn,
+                sample_ids: object) -> list[SampleId]:
+    """Validate ``batch`` (keys, shapes, ids); return the rows' sample ids.
+
+    Args:
+        model: the model whose ``forward`` takes the batch's keys.
+        batch: dict of tensors ``Tensor[batch, ...]``, optionally ``sample_ids``.
+        loss_fn: the resolved loss (a token loss needs integer ``labels``).
+        sample_ids: the caller's ids, or None.
+
+    Returns:
+        The rows' sample ids (see :func:`resolve_sample_ids`).
+    """
     if not isinstance(batch, dict):
         raise ValueError(f"batch: expected a dict of tensors, got {type(batch).__name__}.")
     tensors = {k: v for k, v in batch.items() if k != "sample_ids"}
@@ -144,8 +181,8 @@ def check_batch(model, batch, loss_fn, sample_ids) -> list:
         raise ValueError(f"batch: expected at least one tensor, got keys {list(batch)}.")
     for k, v in tensors.items():
         if not isinstance(v, torch.Tensor) or v.dim() == 0:
-            raise ValueError(f"batch[{k!r}]: expected a tensor with a leading batch axis, "
-                             f"got {type(v).__name__ if not isinstance(v, torch.Tensor) else 'a 0-d tensor'}.")
+            raise ValueError(f"batch[{k!r}]: expected a tensor with a leading batch axis, got "
+                             f"{type(v).__name__ if not isinstance(v, torch.Tensor) else 'a 0-d tensor'}.")
     sizes = {k: v.shape[0] for k, v in tensors.items()}
     batch_size = next(iter(sizes.values()))
     if len(set(sizes.values())) > 1:
@@ -162,14 +199,14 @@ def check_batch(model, batch, loss_fn, sample_ids) -> list:
     return resolve_sample_ids(batch, sample_ids, batch_size)
 
 
-def check_finite_loss(value: torch.Tensor, unit_id) -> None:
+def check_finite_loss(value: torch.Tensor, unit_id: UnitId) -> None:
     """A unit's loss is finite; else name the unit."""
     v = float(value.detach())
     if not math.isfinite(v):
         raise ValueError(f"Non-finite loss for unit {unit_id!r}: expected a finite value, got {v}.")
 
 
-def check_finite_grad(name: str, grad: torch.Tensor, unit_id) -> None:
+def check_finite_grad(name: str, grad: torch.Tensor, unit_id: UnitId) -> None:
     """A unit's gradient is finite; else name the parameter and the unit."""
     if not torch.isfinite(grad).all():
         bad = grad[~torch.isfinite(grad)].flatten()[0].item()
@@ -177,9 +214,18 @@ def check_finite_grad(name: str, grad: torch.Tensor, unit_id) -> None:
                          f"expected finite values, got {bad}.")
 
 
-def check_rows_independent(batched: torch.Tensor, alone: torch.Tensor, row_id, rtol: float,
+def check_rows_independent(batched: torch.Tensor, alone: torch.Tensor, row_id: SampleId, rtol: float,
                            atol: float) -> None:
-    """Row ``row_id``'s losses in the batched forward equal those of the row run alone."""
+    """Row ``row_id``'s losses in the batched forward equal those of the row run alone.
+
+    Args:
+        batched: the row's values from the batched forward (``Tensor[pos]`` per-token NLL
+            or a 0-d row loss).
+        alone: the same values with the row run on its own.
+        row_id: the row's sample id, for the message.
+        rtol: relative tolerance.
+        atol: absolute tolerance.
+    """
     close = torch.isclose(batched, alone, rtol=rtol, atol=atol) | (torch.isnan(batched) & torch.isnan(alone))
     if not bool(close.all()):
         k = int((~close).flatten().nonzero()[0])
@@ -191,7 +237,7 @@ def check_rows_independent(batched: torch.Tensor, alone: torch.Tensor, row_id, r
         )
 
 
-def check_positive_int(name: str, value) -> int:
+def check_positive_int(name: str, value: object) -> int:
     """``value`` is an int >= 1."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name}: expected an integer >= 1, got {value!r}.")

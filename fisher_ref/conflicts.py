@@ -36,9 +36,12 @@ image when :math:`N_A = N_B`) ties the observed value exactly; a permuted value 
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping, Sequence
+
 import numpy as np
 import torch
 
+from fisher_ref._types import Batch, LossFn, Masks, SampleId, UnitId
 from fisher_ref.fdr import bh_qvalues, by_qvalues
 from fisher_ref.interference import check_same_parameters
 from fisher_ref.layouts import AttentionLayout, attention_layout
@@ -54,19 +57,38 @@ TIE_ATOL = 1e-12
 
 class ConflictResult(dict):
     """``{group name: {"mean_cosine", "p", "q", "effect", "interval", "null_mean", "null_sd",
-    "n_a", "n_b"}}`` with ``nulls`` (group -> permutation statistics, ``ndarray[P]``),
-    ``fdr``, ``n_permutations``, ``seed``, ``ids_a`` and ``ids_b``.
+    "n_a", "n_b"}}``, with the null distributions and the test's settings.
+
+    Attributes:
+        nulls: group name -> the permutation statistics, ``ndarray[n_permutations]``.
+        fdr: ``"bh"`` or ``"by"``, how the q-values were computed.
+        n_permutations: P.
+        seed: the seed of the permutations (``seed + 1`` seeds the bootstrap).
+        ids_a: the task-A units' ids, in order.
+        ids_b: the task-B units' ids, in order.
     """
 
-    def __init__(self, data, *, nulls, fdr, n_permutations, seed, ids_a, ids_b):
+    def __init__(self, data: Mapping[str, dict], *, nulls: Mapping[str, np.ndarray], fdr: str,
+                 n_permutations: int, seed: int, ids_a: Sequence[UnitId],
+                 ids_b: Sequence[UnitId]) -> None:
         super().__init__(data)
         self.nulls, self.fdr = nulls, fdr
         self.n_permutations, self.seed = n_permutations, seed
         self.ids_a, self.ids_b = list(ids_a), list(ids_b)
 
 
-def head_groups(layout: AttentionLayout, shapes: dict, include_bias: bool = False) -> dict:
-    """QK-OV groups ``"L{l}.H{h}.{B}" -> {param name: mask}``, layers, then heads, then blocks."""
+def head_groups(layout: AttentionLayout, shapes: Mapping[str, Sequence[int]],
+                include_bias: bool = False) -> dict[str, Masks]:
+    """QK-OV groups ``"L{l}.H{h}.{B}" -> {param name: mask}``, layers, then heads, then blocks.
+
+    Args:
+        layout: the attention layout.
+        shapes: parameter name -> ``param_shape`` of the attention tensors.
+        include_bias: the Q/K/V slices include their bias entries.
+
+    Returns:
+        Group name -> ``{param name: BoolTensor[*param_shape]}`` (:func:`slice_masks`).
+    """
     out = {}
     for la in layout.layers:
         for h in range(la.num_heads):
@@ -75,7 +97,7 @@ def head_groups(layout: AttentionLayout, shapes: dict, include_bias: bool = Fals
     return out
 
 
-def parameter_groups(names) -> dict:
+def parameter_groups(names: Iterable[str]) -> dict[str, dict[str, None]]:
     """One group per parameter tensor: ``name -> {name: None}`` (None = every entry)."""
     return {n: {n: None} for n in names}
 
@@ -104,7 +126,19 @@ def _mean_cross(G: np.ndarray, ia: np.ndarray, ib: np.ndarray) -> np.ndarray:
 
 def group_statistics(xa: np.ndarray, xb: np.ndarray, *, n_permutations: int, seed: int,
                      n_bootstrap: int) -> tuple[dict, np.ndarray]:
-    """Mean cosine, permutation p, effect and bootstrap interval of one group; and the null."""
+    """Mean cosine, permutation p, effect and bootstrap interval of one group; and the null.
+
+    Args:
+        xa: task A's unit gradients restricted to the group, ``ndarray[units_a, entries]``.
+        xb: task B's, ``ndarray[units_b, entries]``.
+        n_permutations: P.
+        seed: seeds the permutations (``seed``) and the bootstrap (``seed + 1``).
+        n_bootstrap: bootstrap resamples.
+
+    Returns:
+        ``({"mean_cosine", "p", "effect", "interval", "null_mean", "null_sd", "n_a", "n_b"},
+        null)``, ``null`` the permuted statistics, ``ndarray[n_permutations]``.
+    """
     na, nb = xa.shape[0], xb.shape[0]
     pooled = _unit_rows(np.concatenate([xa, xb]))
     G = pooled @ pooled.T
@@ -135,16 +169,33 @@ def _check_int(name: str, value, low: int) -> None:
         raise ValueError(f"{name}: expected an integer >= {low}, got {value!r}.")
 
 
-def conflicts_from_gradients(grads_a, grads_b, groups: dict, *, n_permutations: int = 1000,
-                             seed: int = 0, n_bootstrap: int = 1000, fdr: str = "bh",
-                             ids_a=None, ids_b=None) -> ConflictResult:
+def conflicts_from_gradients(grads_a: PerUnit | Mapping[str, torch.Tensor],
+                             grads_b: PerUnit | Mapping[str, torch.Tensor],
+                             groups: Mapping[str, Mapping[str, torch.Tensor | None]], *,
+                             n_permutations: int = 1000, seed: int = 0, n_bootstrap: int = 1000,
+                             fdr: str = "bh", ids_a: Sequence[UnitId] | None = None,
+                             ids_b: Sequence[UnitId] | None = None) -> ConflictResult:
     """:func:`conflicts` on given per-unit gradients.
 
     Args:
-        grads_a, grads_b: ``PerUnit`` or dicts name -> ``Tensor[N, *shape]`` of each task.
-        groups: group name -> ``{param name: bool mask or None (whole tensor)}``.
-        n_permutations, seed, n_bootstrap, fdr: see :func:`conflicts`.
-        ids_a, ids_b: the units' ids (default: from the ``PerUnit``, else ``0..N-1``).
+        grads_a: task A's per-unit gradients: a ``PerUnit`` or a dict name ->
+            ``Tensor[units_a, *param_shape]`` (any dtype; computed in float64).
+        grads_b: task B's, ``Tensor[units_b, *param_shape]``, the same names and shapes.
+        groups: group name -> ``{param name: BoolTensor[*param_shape] or None (the whole
+            tensor)}``.
+        n_permutations: P, see :func:`conflicts`.
+        seed: see :func:`conflicts`.
+        n_bootstrap: see :func:`conflicts`.
+        fdr: see :func:`conflicts`.
+        ids_a: task A's unit ids (default: the ``PerUnit``'s, else ``0..units_a-1``).
+        ids_b: task B's unit ids (default: the ``PerUnit``'s, else ``0..units_b-1``).
+
+    Returns:
+        ConflictResult: as :func:`conflicts`.
+
+    Raises:
+        ValueError: the tasks' parameters differ, a group names an unknown parameter or a
+            mask of the wrong shape, or an option is out of range.
     """
     if isinstance(grads_a, PerUnit):
         ids_a, grads_a = grads_a.ids if ids_a is None else ids_a, grads_a.tensors
@@ -178,7 +229,8 @@ def conflicts_from_gradients(grads_a, grads_b, groups: dict, *, n_permutations: 
         stats, null = distinct[sig]
         rows[name], nulls[name] = dict(stats), null
     sigs = list(distinct)
-    q_of = dict(zip(sigs, (bh_qvalues if fdr == "bh" else by_qvalues)([distinct[s][0]["p"] for s in sigs])))
+    qvalues = (bh_qvalues if fdr == "bh" else by_qvalues)([distinct[s][0]["p"] for s in sigs])
+    q_of = dict(zip(sigs, qvalues, strict=True))
     for name, group in groups.items():
         rows[name]["q"] = float(q_of[_signature(group)])
     return ConflictResult(rows, nulls=nulls, fdr=fdr, n_permutations=n_permutations, seed=seed,
@@ -186,21 +238,31 @@ def conflicts_from_gradients(grads_a, grads_b, groups: dict, *, n_permutations: 
                           ids_b=list(range(n_b)) if ids_b is None else ids_b)
 
 
-def conflicts(model, batch_a, batch_b, *, groups: str = "heads", n_permutations: int = 1000,
-              seed: int = 0, n_bootstrap: int = 1000, fdr: str = "bh", layout=None,
-              loss_fn=None, unit: str = "sample", weighting: str = "sample",
-              include_bias: bool = False, sample_ids_a=None, sample_ids_b=None) -> ConflictResult:
+def conflicts(model: torch.nn.Module, batch_a: Batch, batch_b: Batch, *, groups: str = "heads",
+              n_permutations: int = 1000, seed: int = 0, n_bootstrap: int = 1000, fdr: str = "bh",
+              layout: AttentionLayout | dict | None = None, loss_fn: LossFn | None = None,
+              unit: str = "sample", weighting: str = "sample", include_bias: bool = False,
+              sample_ids_a: Sequence[SampleId] | None = None,
+              sample_ids_b: Sequence[SampleId] | None = None) -> ConflictResult:
     r"""Per-group mean between-task cosine with a permutation test (see the module docstring).
 
     Args:
-        model: the model (copied to float64). batch_a, batch_b: the two tasks.
+        model: the model (copied to float64; never modified).
+        batch_a: task A's batch (may carry ``sample_ids``).
+        batch_b: task B's batch (may carry ``sample_ids``).
         groups: ``"heads"`` (QK-OV slices ``"L{l}.H{h}.{B}"``) or ``"parameters"``
             (one group per parameter tensor, named by the parameter).
-        n_permutations: P. seed: seeds permutations (``seed``) and bootstrap (``seed + 1``).
-        n_bootstrap: bootstrap resamples. fdr: ``"bh"`` or ``"by"`` q-values.
-        layout: declared layout (``groups="heads"``). loss_fn, unit, weighting: as
-            :func:`fisher_ref.units.per_sample_gradients`. include_bias: QK-OV slices
-            include Q/K/V bias entries.
+        n_permutations: P, the label permutations of the null.
+        seed: seeds the permutations (``seed``) and the bootstrap (``seed + 1``).
+        n_bootstrap: bootstrap resamples of the interval.
+        fdr: ``"bh"`` (Benjamini–Hochberg) or ``"by"`` (Benjamini–Yekutieli) q-values.
+        layout: declared layout for ``groups="heads"`` (None: detected).
+        loss_fn: as :func:`fisher_ref.units.per_sample_gradients`.
+        unit: as :func:`fisher_ref.units.per_sample_gradients`.
+        weighting: as :func:`fisher_ref.units.per_sample_gradients`.
+        include_bias: the QK-OV slices include their Q/K/V bias entries.
+        sample_ids_a: task A's row ids, unless ``batch_a`` carries them.
+        sample_ids_b: task B's row ids, unless ``batch_b`` carries them.
 
     Returns:
         ConflictResult: group -> ``mean_cosine``, ``p``, ``q``, ``effect``, ``interval``,

@@ -13,6 +13,7 @@ returned in the original order. Tied p-values get equal q-values; q is monotone 
 from __future__ import annotations
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 
 def _as_pvalues(p) -> np.ndarray:
@@ -39,12 +40,32 @@ def _step_up(p, factor: float) -> np.ndarray:
     return q
 
 
-def bh_qvalues(p) -> np.ndarray:
-    """Benjamini–Hochberg q-values of ``p`` (same order), as ``multipletests(method="fdr_bh")``."""
+def bh_qvalues(p: ArrayLike) -> np.ndarray:
+    """Benjamini–Hochberg q-values of ``p`` (same order), as ``multipletests(method="fdr_bh")``.
+
+    Args:
+        p: m p-values in [0, 1], a 1-D sequence.
+
+    Returns:
+        ``ndarray[m]`` float64, the q-values in the order of ``p``.
+
+    Raises:
+        ValueError: ``p`` is not 1-D, or holds nan or a value outside [0, 1].
+    """
     return _step_up(p, 1.0)
 
 
-def by_qvalues(p) -> np.ndarray:
-    """Benjamini–Yekutieli q-values of ``p`` (same order), as ``multipletests(method="fdr_by")``."""
+def by_qvalues(p: ArrayLike) -> np.ndarray:
+    """Benjamini–Yekutieli q-values of ``p`` (same order), as ``multipletests(method="fdr_by")``.
+
+    Args:
+        p: m p-values in [0, 1], a 1-D sequence.
+
+    Returns:
+        ``ndarray[m]`` float64, the q-values in the order of ``p``.
+
+    Raises:
+        ValueError: ``p`` is not 1-D, or holds nan or a value outside [0, 1].
+    """
     m = np.asarray(p).size
     return _step_up(p, float(np.sum(1.0 / np.arange(1, m + 1))) if m else 1.0)

@@ -20,8 +20,12 @@ With ``groups="heads"``, the attention parameters' groups come from
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
+from fisher_ref._types import Batch, LossFn, SampleId
+from fisher_ref.layouts import AttentionLayout
 from fisher_ref.results import FisherResult, PerUnit
 from fisher_ref.units import per_sample_gradients, trainable_parameters
 
@@ -44,9 +48,14 @@ def _role(module: torch.nn.Module, local_name: str, param: torch.Tensor) -> str:
 
 
 def parameter_roles(model: torch.nn.Module) -> dict[str, str]:
-    """Role of every trainable parameter, from the module that first owns it."""
+    """Role of every trainable parameter, from the module that first owns it.
+
+    Returns:
+        Parameter name -> ``"linear"``, ``"conv1d"``, ``"embedding"``, ``"norm"``, ``"bias"``
+        or ``"other"`` (the table in the module docstring).
+    """
     owner: dict[int, str] = {}
-    for mod_name, module in model.named_modules():
+    for _, module in model.named_modules():
         for local, p in module.named_parameters(recurse=False):
             if id(p) not in owner:
                 owner[id(p)] = _role(module, local, p)
@@ -54,7 +63,15 @@ def parameter_roles(model: torch.nn.Module) -> dict[str, str]:
 
 
 def role_group_ids(role: str, shape: torch.Size) -> tuple[torch.Tensor, int]:
-    """Group ids (a LongTensor shaped ``shape``) and group count for a role."""
+    """Group ids and group count for a role.
+
+    Args:
+        role: a role of :func:`parameter_roles`.
+        shape: ``param_shape``.
+
+    Returns:
+        ``(ids, n_groups)``: ``LongTensor[*param_shape]`` with values in ``[0, n_groups)``.
+    """
     numel = 1
     for s in shape:
         numel *= s
@@ -69,11 +86,17 @@ def role_group_ids(role: str, shape: torch.Size) -> tuple[torch.Tensor, int]:
 
 
 def group_ids(model: torch.nn.Module, groups: str = "generic",
-              layout=None) -> dict[str, tuple[torch.Tensor, int]]:
-    """``name -> (LongTensor shaped like the parameter, n_groups)`` for every trainable parameter.
+              layout: AttentionLayout | dict | None = None) -> dict[str, tuple[torch.Tensor, int]]:
+    """``name -> (LongTensor[*param_shape], n_groups)`` for every trainable parameter.
 
     ``groups="heads"`` lets ``fisher_ref.slicing.head_group_ids(model, layout)`` override
     the attention parameters.
+
+    Args:
+        model: the model.
+        groups: ``"generic"`` (the roles of the module docstring) or ``"heads"``.
+        layout: attention layout for ``groups="heads"`` (None: detected); must be None with
+            ``groups="generic"``.
     """
     if groups not in GROUPINGS:
         raise ValueError(f"groups: expected one of {GROUPINGS}, got {groups!r}.")
@@ -91,8 +114,15 @@ def group_ids(model: torch.nn.Module, groups: str = "generic",
 def reduce_groups(tensor: torch.Tensor, ids: torch.Tensor, n_groups: int) -> torch.Tensor:
     r"""Group sums :math:`R(x)[k] = \sum_{p:\, \mathrm{id}(p) = k} x_p`.
 
-    ``tensor`` is shaped like the parameter (result ``[n_groups]``) or has extra leading
-    axes (``[U, *shape]`` gives ``[U, n_groups]``).
+    Args:
+        tensor: ``Tensor[*lead, *param_shape]``, e.g. ``Tensor[*param_shape]`` or
+            ``Tensor[units, *param_shape]``.
+        ids: ``LongTensor[*param_shape]``, each entry's group.
+        n_groups: the number of groups.
+
+    Returns:
+        ``Tensor[*lead, n_groups]`` (``Tensor[units, *param_shape]`` gives
+        ``Tensor[units, n_groups]``).
     """
     lead = tensor.dim() - ids.dim()
     if lead < 0 or tuple(tensor.shape[lead:]) != tuple(ids.shape):
@@ -111,6 +141,14 @@ def group_fisher_of(pu: PerUnit, ids: dict[str, tuple[torch.Tensor, int]]) -> Fi
     With :math:`f_u = R(g_u^2)`: mean :math:`= \sum_u w_u f_u / W = R(F)`, variance
     :math:`= \sum_u w_u (f_u - \mathrm{mean})^2 / W`, stderr :math:`= \sqrt{\mathrm{var}/U}`,
     snr = mean / stderr (inf where stderr = 0 < mean, nan where both are 0), n = U.
+
+    Args:
+        pu: per-unit gradients, ``Tensor[units, *param_shape]`` per parameter.
+        ids: parameter name -> ``(LongTensor[*param_shape], n_groups)`` (:func:`group_ids`).
+
+    Returns:
+        FisherResult: parameter name -> ``{"mean", "variance", "stderr", "snr", "n"}``,
+        each ``Tensor[n_groups]``.
     """
     w, W, U = pu.weights, pu.weights.sum(), pu.n_units
     out = {}
@@ -125,19 +163,26 @@ def group_fisher_of(pu: PerUnit, ids: dict[str, tuple[torch.Tensor, int]]) -> Fi
     return pu.result(out)
 
 
-def group_fisher(model, batch, *, groups="generic", layout=None, loss_fn=None, unit="sample",
-                 weighting="sample", sample_ids=None) -> FisherResult:
+def group_fisher(model: torch.nn.Module, batch: Batch, *, groups: str = "generic",
+                 layout: AttentionLayout | dict | None = None, loss_fn: LossFn | None = None,
+                 unit: str = "sample", weighting: str = "sample",
+                 sample_ids: Sequence[SampleId] | None = None) -> FisherResult:
     r"""Per-group Fisher statistics for every trainable parameter.
 
     For group k of a parameter, :math:`f_u[k] = \sum_{p \in k} g_{u,p}^2`; the result holds
     ``mean`` (:math:`= R(F)`), ``variance`` (weighted, population), ``stderr``
     (:math:`\sqrt{\mathrm{variance}/U}`), ``snr`` (mean / stderr) and ``n`` (U), each a
-    1-D float64 tensor over the parameter's groups.
+    1-D float64 tensor ``Tensor[n_groups]`` over the parameter's groups.
 
     Args:
-        model, batch, loss_fn, unit, weighting, sample_ids: as ``empirical_fisher``.
+        model: any ``torch.nn.Module`` (copied to float64; never modified).
+        batch: dict of tensors ``Tensor[batch, ...]``, optionally ``sample_ids``.
         groups: ``"generic"`` (roles above) or ``"heads"`` (attention parameters per head).
         layout: attention layout for ``groups="heads"`` (``None``: detected).
+        loss_fn: per-row loss; ``None`` means ``causal_lm_loss`` (``reduction="mean"``).
+        unit: ``"sample"`` or ``"token"``.
+        weighting: ``"sample"`` (w = 1) or ``"token"`` (w = K_i for sample units).
+        sample_ids: row ids, unless the batch carries them.
 
     Returns:
         FisherResult: parameter name -> dict of the five statistics.

@@ -10,10 +10,16 @@ entries) at sparsity s. Ties are broken by position (lower index first) in both 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 import numpy as np
 import scipy.stats
 import torch
+from numpy.typing import ArrayLike
+
+#: An importance vector: a tensor, an array or a sequence of numbers, or a dict of them
+#: (e.g. parameter name -> ``Tensor[n_groups]``), concatenated in key order.
+Importance = ArrayLike | Mapping[str, ArrayLike]
 
 
 def _vector(x) -> np.ndarray:
@@ -46,20 +52,36 @@ def _order(v: np.ndarray, descending: bool) -> np.ndarray:
     return np.argsort(-v if descending else v, kind="stable")
 
 
-def spearman(a, b) -> float:
-    """Spearman rank correlation ρ (``scipy.stats.spearmanr``)."""
+def spearman(a: Importance, b: Importance) -> float:
+    """Spearman rank correlation ρ (``scipy.stats.spearmanr``).
+
+    Args:
+        a: importances over n >= 2 groups (a dict is taken in its own key order).
+        b: importances over the same groups (a dict is taken in ``a``'s key order).
+    """
     va, vb = _pair(a, b)
     return float(scipy.stats.spearmanr(va, vb).statistic)
 
 
-def kendall(a, b) -> float:
-    """Kendall τ-b (``scipy.stats.kendalltau``)."""
+def kendall(a: Importance, b: Importance) -> float:
+    """Kendall τ-b (``scipy.stats.kendalltau``).
+
+    Args:
+        a: importances over n >= 2 groups (a dict is taken in its own key order).
+        b: importances over the same groups (a dict is taken in ``a``'s key order).
+    """
     va, vb = _pair(a, b)
     return float(scipy.stats.kendalltau(va, vb).statistic)
 
 
-def topk_jaccard(a, b, fraction: float = 0.1) -> float:
-    r"""Jaccard of the top-k sets, :math:`k = \max(1, \lceil \text{fraction}\cdot n \rceil)`."""
+def topk_jaccard(a: Importance, b: Importance, fraction: float = 0.1) -> float:
+    r"""Jaccard of the top-k sets, :math:`k = \max(1, \lceil \text{fraction}\cdot n \rceil)`.
+
+    Args:
+        a: importances over n >= 2 groups (a dict is taken in its own key order).
+        b: importances over the same groups (a dict is taken in ``a``'s key order).
+        fraction: in (0, 1], the share of the groups in each top-k set.
+    """
     if not 0 < fraction <= 1:
         raise ValueError(f"fraction: expected a number in (0, 1], got {fraction!r}.")
     va, vb = _pair(a, b)
@@ -67,9 +89,14 @@ def topk_jaccard(a, b, fraction: float = 0.1) -> float:
     return _jaccard(set(_order(va, True)[:k].tolist()), set(_order(vb, True)[:k].tolist()))
 
 
-def pruning_mask_jaccard(a, b, sparsity: float = 0.5) -> float:
+def pruning_mask_jaccard(a: Importance, b: Importance, sparsity: float = 0.5) -> float:
     r"""Jaccard of the pruned sets: the :math:`\lfloor s \cdot n \rfloor` least important entries
     (1.0 when nothing is pruned).
+
+    Args:
+        a: importances over n >= 2 groups (a dict is taken in its own key order).
+        b: importances over the same groups (a dict is taken in ``a``'s key order).
+        sparsity: s in [0, 1], the share of the groups pruned.
     """
     if not 0 <= sparsity <= 1:
         raise ValueError(f"sparsity: expected a number in [0, 1], got {sparsity!r}.")
@@ -78,9 +105,14 @@ def pruning_mask_jaccard(a, b, sparsity: float = 0.5) -> float:
     return _jaccard(set(_order(va, False)[:k].tolist()), set(_order(vb, False)[:k].tolist()))
 
 
-def estimator_impact(a, b, *, sparsity: float = 0.5) -> dict[str, float]:
+def estimator_impact(a: Importance, b: Importance, *, sparsity: float = 0.5) -> dict[str, float]:
     """All §9 metrics: ``spearman``, ``kendall``, ``topk_jaccard_10``, ``topk_jaccard_20``,
     ``pruning_mask_jaccard``.
+
+    Args:
+        a: importances over n >= 2 groups, e.g. R(F).
+        b: importances over the same groups, e.g. R(S).
+        sparsity: the sparsity of the pruning masks.
     """
     return {
         "spearman": spearman(a, b),

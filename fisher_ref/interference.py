@@ -23,9 +23,12 @@ task-A information.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+
 import numpy as np
 import torch
 
+from fisher_ref._types import Batch, LossFn, SampleId, UnitId
 from fisher_ref.layouts import AttentionLayout, attention_layout
 from fisher_ref.results import PerUnit
 from fisher_ref.slicing import BLOCKS, axis_roles, slice_masks
@@ -34,6 +37,9 @@ from fisher_ref.units import per_sample_gradients
 
 class InterferenceResult(dict):
     """``{"Q"|"K"|"V"|"O": Tensor[N_A, N_B, L, H]}`` with the means, top-k and ids.
+
+    Axes: ``Tensor[units_a, units_b, layer, head]``, N_A task-A units, N_B task-B units, L
+    layers, H query heads.
 
     Attributes:
         means: block -> ``Tensor[L, H]``, the mean of M over all (i, j).
@@ -44,14 +50,19 @@ class InterferenceResult(dict):
         signed: whether φ is the identity.
     """
 
-    def __init__(self, scores: dict, *, ids_a: list, ids_b: list, signed: bool, top_k: int):
+    def __init__(self, scores: Mapping[str, torch.Tensor], *, ids_a: Sequence[UnitId],
+                 ids_b: Sequence[UnitId], signed: bool, top_k: int) -> None:
         super().__init__(scores)
         self.ids_a, self.ids_b, self.signed = list(ids_a), list(ids_b), bool(signed)
         self.means = {b: m.mean(dim=(0, 1)) for b, m in scores.items()}
         self.top_k = _top_k(scores, self.ids_a, self.ids_b, signed, top_k)
 
-    def pair(self, id_a, id_b) -> dict:
-        """Block -> ``Tensor[L, H]`` for one (task-A id, task-B id) pair."""
+    def pair(self, id_a: UnitId, id_b: UnitId) -> dict[str, torch.Tensor]:
+        """Block -> ``Tensor[L, H]`` for one (task-A id, task-B id) pair.
+
+        Raises:
+            ValueError: an id that is not one of the units'.
+        """
         i, j = _position(self.ids_a, id_a, "id_a"), _position(self.ids_b, id_b, "id_b")
         return {b: m[i, j] for b, m in self.items()}
 
@@ -73,14 +84,19 @@ def _top_k(scores: dict, ids_a, ids_b, signed: bool, k: int) -> list:
     order = np.argsort(-key, kind="stable")[:k]
     out = []
     for flat in order:
-        b, l, h, i, j = np.unravel_index(flat, stacked.shape)
-        out.append({"score": float(stacked[b, l, h, i, j]), "id_a": ids_a[i], "id_b": ids_b[j],
-                    "layer": int(l), "head": int(h), "block": blocks[b]})
+        b, layer, h, i, j = np.unravel_index(flat, stacked.shape)
+        out.append({"score": float(stacked[b, layer, h, i, j]), "id_a": ids_a[i], "id_b": ids_b[j],
+                    "layer": int(layer), "head": int(h), "block": blocks[b]})
     return out
 
 
-def check_same_parameters(a: dict, b: dict) -> None:
-    """Both tasks' tensors have the same names and per-unit shapes, else ValueError."""
+def check_same_parameters(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> None:
+    """Both tasks' tensors have the same names and per-unit shapes, else ValueError.
+
+    Args:
+        a: task A's name -> ``Tensor[units_a, *param_shape]``.
+        b: task B's name -> ``Tensor[units_b, *param_shape]``.
+    """
     if set(a) != set(b):
         only_a, only_b = sorted(set(a) - set(b))[:5], sorted(set(b) - set(a))[:5]
         raise ValueError(f"tasks measured on different models: expected the same parameters, "
@@ -133,7 +149,20 @@ def _check_options(signed, eps, ridge_rel, top_k) -> None:
 
 def slice_score(c_a: torch.Tensor, f_hat: torch.Tensor, phi_b: torch.Tensor, eps: float,
                 ridge_rel: float) -> torch.Tensor:
-    r"""M for one slice: ``c_a [N_A, n]``, ``f_hat [n]``, ``phi_b [N_B, n]`` -> ``[N_A, N_B]``."""
+    r"""M for one slice: :math:`\sum_p C^A_i[p] / (\hat F[p] + \varepsilon)\ \varphi(g^B_j[p])`.
+
+    An entry with ``c_a == 0`` contributes 0, also where ``f_hat + ε == 0``.
+
+    Args:
+        c_a: task A's contributions on the slice, ``Tensor[units_a, entries]``.
+        f_hat: :math:`\hat F` on the slice, ``Tensor[entries]``.
+        phi_b: :math:`\varphi(g^B)` on the slice, ``Tensor[units_b, entries]``.
+        eps: the absolute ε.
+        ridge_rel: adds ``ridge_rel * median(f_hat)`` to ε.
+
+    Returns:
+        ``Tensor[units_a, units_b]``.
+    """
     epsilon = eps + (ridge_rel * float(torch.quantile(f_hat, 0.5)) if ridge_rel else 0.0)
     denom = f_hat + epsilon
     ratio = torch.where(c_a == 0, torch.zeros_like(c_a), c_a / denom)
@@ -141,13 +170,28 @@ def slice_score(c_a: torch.Tensor, f_hat: torch.Tensor, phi_b: torch.Tensor, eps
 
 
 def interference_from_gradients(grads_a: PerUnit, grads_b: PerUnit, layout: AttentionLayout, *,
-                                fisher="a", signed: bool = False, eps: float = 1e-12,
-                                ridge_rel: float = 0.0, top_k: int = 100,
+                                fisher: str | Mapping[str, torch.Tensor] = "a", signed: bool = False,
+                                eps: float = 1e-12, ridge_rel: float = 0.0, top_k: int = 100,
                                 include_bias: bool = False) -> InterferenceResult:
     """:func:`interference` on given per-unit gradients (``PerUnit`` of each task).
 
     The core of :func:`interference`, usable without a model: ``layout`` names the tensors;
     the slices are computed from the gradients' shapes.
+
+    Args:
+        grads_a: task A's gradients, ``Tensor[units_a, *param_shape]`` per parameter (any
+            dtype; computed in float64).
+        grads_b: task B's, ``Tensor[units_b, *param_shape]``, the same names and shapes.
+        layout: the attention layout naming the Q/K/V/O tensors.
+        fisher: see :func:`interference`.
+        signed: see :func:`interference`.
+        eps: see :func:`interference`.
+        ridge_rel: see :func:`interference`.
+        top_k: see :func:`interference`.
+        include_bias: see :func:`interference`.
+
+    Returns:
+        InterferenceResult: as :func:`interference`.
     """
     _check_options(signed, eps, ridge_rel, top_k)
     grads_a, grads_b = _float64(grads_a), _float64(grads_b)
@@ -177,27 +221,38 @@ def interference_from_gradients(grads_a: PerUnit, grads_b: PerUnit, layout: Atte
                 c_a = torch.cat([ga[n][:, k].square() for n, k in masks.items()], dim=1)
                 f = torch.cat([f_hat[n][k] for n, k in masks.items()])
                 g_b = torch.cat([gb[n][:, k] for n, k in masks.items()], dim=1)
-                m[:, :, la.index, h] = slice_score(c_a, f, g_b if signed else g_b.abs(), eps, ridge_rel)
+                phi_b = g_b if signed else g_b.abs()
+                m[:, :, la.index, h] = slice_score(c_a, f, phi_b, eps, ridge_rel)
         scores[block] = m
     return InterferenceResult(scores, ids_a=grads_a.ids, ids_b=grads_b.ids, signed=signed, top_k=top_k)
 
 
-def interference(model, batch_a, batch_b, *, fisher="a", signed: bool = False, eps: float = 1e-12,
-                 ridge_rel: float = 0.0, top_k: int = 100, layout=None, loss_fn=None,
+def interference(model: torch.nn.Module, batch_a: Batch, batch_b: Batch, *,
+                 fisher: str | Mapping[str, torch.Tensor] = "a", signed: bool = False,
+                 eps: float = 1e-12, ridge_rel: float = 0.0, top_k: int = 100,
+                 layout: AttentionLayout | dict | None = None, loss_fn: LossFn | None = None,
                  unit: str = "sample", weighting: str = "sample", include_bias: bool = False,
-                 sample_ids_a=None, sample_ids_b=None) -> InterferenceResult:
+                 sample_ids_a: Sequence[SampleId] | None = None,
+                 sample_ids_b: Sequence[SampleId] | None = None) -> InterferenceResult:
     r"""QK-OV interference of task A's units on task B's (SPEC §6; see the module docstring).
 
     Args:
-        model: the model (copied to float64). batch_a, batch_b: the two tasks' batches
-            (each may carry ``sample_ids``, or pass ``sample_ids_a`` / ``sample_ids_b``).
+        model: the model (copied to float64; never modified).
+        batch_a: task A's batch (may carry ``sample_ids``).
+        batch_b: task B's batch (may carry ``sample_ids``).
         fisher: :math:`\hat F`: ``"a"`` (default), ``"b"``, ``"pooled"`` (A ∪ B, weighted)
-            or a dict name -> tensor.
-        signed: φ = identity instead of |·|. eps: absolute ε. ridge_rel: adds
-            ``ridge_rel * median(F̂ over the slice)`` to ε. top_k: entries to report.
-        layout: declared layout (None: detect). loss_fn, unit, weighting: as
-            :func:`fisher_ref.units.per_sample_gradients`. include_bias: slices include
-            Q/K/V bias entries.
+            or a dict name -> ``Tensor[*param_shape]``.
+        signed: φ = identity instead of |·|.
+        eps: the absolute ε (>= 0).
+        ridge_rel: adds ``ridge_rel * median(F̂ over the slice)`` to ε.
+        top_k: the number of entries to report.
+        layout: declared layout (None: detect).
+        loss_fn: as :func:`fisher_ref.units.per_sample_gradients`.
+        unit: as :func:`fisher_ref.units.per_sample_gradients`.
+        weighting: as :func:`fisher_ref.units.per_sample_gradients`.
+        include_bias: the slices include the Q/K/V bias entries.
+        sample_ids_a: task A's row ids, unless ``batch_a`` carries them.
+        sample_ids_b: task B's row ids, unless ``batch_b`` carries them.
 
     Returns:
         InterferenceResult: block -> ``Tensor[N_A, N_B, L, H]``, with ``means``

@@ -103,6 +103,7 @@ class AttentionLayout:
 
     @property
     def num_layers(self) -> int:
+        """L, the number of attention layers."""
         return len(self.layers)
 
     def layer(self, index: int) -> LayerAttention:
@@ -355,7 +356,7 @@ def _build(model, entries: list[dict], kind: str) -> AttentionLayout:
     return AttentionLayout(kind=kind, layers=tuple(layers))
 
 
-def attention_layout(model: torch.nn.Module, layout=None) -> AttentionLayout:
+def attention_layout(model: torch.nn.Module, layout: AttentionLayout | dict | None = None) -> AttentionLayout:
     r"""The attention layout of ``model``: detected, or declared and checked.
 
     Detected from the model's modules for GPT-2 (fused ``c_attn`` Conv1D, ``c_proj``),

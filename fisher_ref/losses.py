@@ -26,7 +26,7 @@ def model_inputs(batch: dict) -> dict:
     return {k: v for k, v in batch.items() if k not in ("sample_ids", "labels")}
 
 
-def output_logits(output) -> torch.Tensor:
+def output_logits(output: object) -> torch.Tensor:
     """The logits of a model output: ``.logits``, the first tuple entry, or the tensor itself."""
     if isinstance(output, torch.Tensor):
         return output
@@ -42,7 +42,15 @@ def output_logits(output) -> torch.Tensor:
 
 
 def token_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    r"""Per-token NLL ``[B, T]``: :math:`-\log \mathrm{softmax}(z_{b,t})_{y_{b,t}}`, 0 where inactive."""
+    r"""Per-token NLL: :math:`-\log \mathrm{softmax}(z_{b,t})_{y_{b,t}}`, 0 where inactive.
+
+    Args:
+        logits: ``Tensor[batch, pos, classes]``.
+        targets: ``LongTensor[batch, pos]``, class indices or -100 (inactive).
+
+    Returns:
+        ``Tensor[batch, pos]``.
+    """
     active = targets != IGNORE_INDEX
     n_classes = logits.shape[-1]
     bad = active & ((targets < 0) | (targets >= n_classes))
@@ -56,7 +64,16 @@ def token_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 
 def reduce_rows(nll: torch.Tensor, targets: torch.Tensor, reduction: str) -> torch.Tensor:
-    """Row losses ``[B]`` from per-token NLL: sum, or sum / K_i (0 for an empty row)."""
+    """Row losses from per-token NLL: sum, or sum / K_i (0 for an empty row).
+
+    Args:
+        nll: ``Tensor[batch, pos]`` (:func:`token_nll`).
+        targets: ``LongTensor[batch, pos]``, -100 where inactive.
+        reduction: ``"sum"`` or ``"mean"``.
+
+    Returns:
+        ``Tensor[batch]``.
+    """
     total = nll.sum(dim=1)
     if reduction == "sum":
         return total
@@ -67,7 +84,7 @@ def reduce_rows(nll: torch.Tensor, targets: torch.Tensor, reduction: str) -> tor
 class _TokenLoss:
     """Shared machinery: subclasses define how logits and labels are aligned."""
 
-    def __init__(self, reduction: str = "mean"):
+    def __init__(self, reduction: str = "mean") -> None:
         if reduction not in REDUCTIONS:
             raise ValueError(f"reduction: expected one of {REDUCTIONS}, got {reduction!r}.")
         self.reduction = reduction
@@ -75,22 +92,29 @@ class _TokenLoss:
     def __repr__(self) -> str:
         return f"{type(self).__name__}(reduction={self.reduction!r})"
 
-    def align(self, logits: torch.Tensor, labels: torch.Tensor):
+    def align(self, logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The model's logits and the batch's labels, aligned: ``(Tensor[batch, pos, classes],
+        LongTensor[batch, pos])``, the logits at each position predicting the target there.
+        """
         raise NotImplementedError
 
     def aligned_labels(self, labels: torch.Tensor) -> torch.Tensor:
+        """The targets of :meth:`align` from the labels alone: ``LongTensor[batch, pos]``."""
         raise NotImplementedError
 
-    def logits_and_targets(self, model, batch: dict):
-        """``(logits [B, T, C], targets [B, T])`` from one forward of ``model`` on ``batch``."""
+    def logits_and_targets(self, model: torch.nn.Module,
+                           batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(logits Tensor[batch, pos, classes], targets LongTensor[batch, pos])`` from one
+        forward of ``model`` on ``batch``.
+        """
         logits = output_logits(model(**model_inputs(batch)))
         return self.align(logits, batch["labels"])
 
     def token_counts(self, batch: dict) -> torch.Tensor:
-        """K_i, the active label tokens of each row, from the labels alone."""
+        """K_i, the active label tokens of each row, from the labels alone: ``LongTensor[batch]``."""
         return (self.aligned_labels(batch["labels"]) != IGNORE_INDEX).sum(dim=1)
 
-    def __call__(self, model, batch: dict) -> torch.Tensor:
+    def __call__(self, model: torch.nn.Module, batch: dict) -> torch.Tensor:
         logits, targets = self.logits_and_targets(model, batch)
         return reduce_rows(token_nll(logits, targets), targets, self.reduction)
 
@@ -102,33 +126,43 @@ class CausalLMLoss(_TokenLoss):
        \quad \rho_i = 1/K_i \text{ (mean) or } 1 \text{ (sum)}.
     """
 
-    def align(self, logits, labels):
+    def align(self, logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits at t and labels at t + 1: ``(Tensor[batch, pos - 1, vocab],
+        LongTensor[batch, pos - 1])``.
+        """
         return logits[:, :-1, :], labels[:, 1:]
 
-    def aligned_labels(self, labels):
+    def aligned_labels(self, labels: torch.Tensor) -> torch.Tensor:
+        """Labels at t + 1: ``LongTensor[batch, pos - 1]``."""
         return labels[:, 1:]
 
 
 class MaskedLMLoss(_TokenLoss):
     """Masked-LM loss: logits at t predict the label at t (no shift)."""
 
-    def align(self, logits, labels):
+    def align(self, logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits and labels at the same t: ``(Tensor[batch, pos, vocab], LongTensor[batch, pos])``."""
         return logits, labels
 
-    def aligned_labels(self, labels):
+    def aligned_labels(self, labels: torch.Tensor) -> torch.Tensor:
+        """The labels unchanged: ``LongTensor[batch, pos]``."""
         return labels
 
 
 class SequenceClassificationLoss(_TokenLoss):
     """Sequence classification: logits ``[B, C]`` and labels ``[B]`` become T = 1."""
 
-    def align(self, logits, labels):
+    def align(self, logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``Tensor[batch, classes]`` and ``LongTensor[batch]`` as ``(Tensor[batch, 1, classes],
+        LongTensor[batch, 1])``.
+        """
         if logits.dim() != 2:
             raise ValueError(f"logits: expected shape [B, C] for sequence classification, got "
                              f"{tuple(logits.shape)}.")
         return logits.reshape(logits.shape[0], 1, -1), labels.reshape(-1, 1)
 
-    def aligned_labels(self, labels):
+    def aligned_labels(self, labels: torch.Tensor) -> torch.Tensor:
+        """The labels as ``LongTensor[batch, 1]``."""
         return labels.reshape(-1, 1)
 
 
@@ -137,6 +171,6 @@ masked_lm_loss = MaskedLMLoss("mean")
 sequence_classification_loss = SequenceClassificationLoss("mean")
 
 
-def is_token_loss(loss_fn) -> bool:
+def is_token_loss(loss_fn: object) -> bool:
     """Whether ``loss_fn`` implements the token-loss protocol."""
     return all(hasattr(loss_fn, a) for a in ("logits_and_targets", "token_counts", "reduction"))

@@ -9,30 +9,42 @@ position t of a row is drawn independently from :math:`\mathrm{softmax}(z_t)`.
 from __future__ import annotations
 
 import zlib
+from collections.abc import Sequence
 
 import torch
 
 from fisher_ref._checks import check_finite_grad, check_positive_int
+from fisher_ref._types import Batch, LossFn, SampleId
 from fisher_ref.gradient_moments import empirical_fisher_of
 from fisher_ref.losses import IGNORE_INDEX
 from fisher_ref.results import FisherResult
 from fisher_ref.units import prepare, prepared_gradients, trainable_parameters
 
 
-def row_seed(seed: int, sample_id) -> int:
+def row_seed(seed: int, sample_id: SampleId) -> int:
     """The generator seed of one row: ``(seed * 1_000_003 + crc32(str(id))) % 2**63``."""
     return (seed * 1_000_003 + zlib.crc32(str(sample_id).encode())) % 2**63
 
 
-def draw_labels(logits: torch.Tensor, targets: torch.Tensor, row_ids: list, n_samples: int,
-                seed: int) -> torch.Tensor:
-    r"""Labels drawn from the model, ``[n_samples, B, T]``; inactive positions stay -100.
+def draw_labels(logits: torch.Tensor, targets: torch.Tensor, row_ids: Sequence[SampleId],
+                n_samples: int, seed: int) -> torch.Tensor:
+    r"""Labels drawn from the model; inactive positions stay -100.
 
     Row i uses ``torch.Generator("cpu").manual_seed(row_seed(seed, id_i))`` and
     ``u = torch.rand((T, n_samples), dtype=float64)``; draw k at position t is the smallest
     c with :math:`\mathrm{cumsum}(\mathrm{softmax}(z_t))_c > u_{t,k}`, clamped to C − 1.
     The draws of a row depend only on its id, ``seed`` and logits, never on the rest of
     the batch.
+
+    Args:
+        logits: the aligned logits, ``Tensor[batch, pos, classes]``.
+        targets: the aligned targets, ``LongTensor[batch, pos]`` (-100 inactive).
+        row_ids: the rows' sample ids, one per row.
+        n_samples: n, draws per position.
+        seed: the integer seed.
+
+    Returns:
+        ``LongTensor[n_samples, batch, pos]``.
     """
     B, T, C = logits.shape
     out = torch.full((n_samples, B, T), IGNORE_INDEX, dtype=torch.long)
@@ -46,8 +58,10 @@ def draw_labels(logits: torch.Tensor, targets: torch.Tensor, row_ids: list, n_sa
     return out
 
 
-def mc_fisher(model, batch, *, loss_fn=None, unit="sample", weighting="sample",
-              sample_ids=None, n_samples=1, seed=0) -> FisherResult:
+def mc_fisher(model: torch.nn.Module, batch: Batch, *, loss_fn: LossFn | None = None,
+              unit: str = "sample", weighting: str = "sample",
+              sample_ids: Sequence[SampleId] | None = None, n_samples: int = 1,
+              seed: int = 0) -> FisherResult:
     r"""Monte-Carlo Fisher: F with labels drawn from the model, averaged over draws.
 
     .. math:: \hat F_{MC} = \frac{1}{n} \sum_{k=1}^{n} \frac{1}{W} \sum_u w_u
@@ -58,12 +72,17 @@ def mc_fisher(model, batch, *, loss_fn=None, unit="sample", weighting="sample",
     labels drawn by :func:`draw_labels`. Needs a token loss.
 
     Args:
-        model, batch, loss_fn, unit, weighting, sample_ids: as :func:`empirical_fisher`.
+        model: any ``torch.nn.Module`` (copied to float64; never modified).
+        batch: dict of tensors ``Tensor[batch, ...]``, optionally ``sample_ids``.
+        loss_fn: a token loss; ``None`` means ``causal_lm_loss`` (``reduction="mean"``).
+        unit: ``"sample"`` or ``"token"``.
+        weighting: ``"sample"`` (w = 1) or ``"token"`` (w = K_i for sample units).
+        sample_ids: row ids, unless the batch carries them; they seed each row's draws.
         n_samples: number of label draws n (>= 1).
         seed: the integer seed of the draws.
 
     Returns:
-        FisherResult: parameter name -> float64 tensor shaped like the parameter.
+        FisherResult: parameter name -> float64 ``Tensor[*param_shape]``.
     """
     check_positive_int("n_samples", n_samples)
     if isinstance(seed, bool) or not isinstance(seed, int):
@@ -81,8 +100,9 @@ def mc_fisher(model, batch, *, loss_fn=None, unit="sample", weighting="sample",
                         empty_ids=first.empty_ids)
 
 
-def exact_fisher(model, batch, *, loss_fn=None, unit="token", weighting="sample",
-                 sample_ids=None) -> FisherResult:
+def exact_fisher(model: torch.nn.Module, batch: Batch, *, loss_fn: LossFn | None = None,
+                 unit: str = "token", weighting: str = "sample",
+                 sample_ids: Sequence[SampleId] | None = None) -> FisherResult:
     r"""Exact (true) Fisher diagonal for token units, enumerating the classes.
 
     .. math:: F_{exact} = \frac{1}{W} \sum_u w_u \sum_{c=1}^{C} p_{u,c}
@@ -93,11 +113,15 @@ def exact_fisher(model, batch, *, loss_fn=None, unit="token", weighting="sample"
     ``n_samples`` grows. Costs C backward passes per token: for small vocabularies.
 
     Args:
-        model, batch, loss_fn, weighting, sample_ids: as :func:`empirical_fisher`.
+        model: any ``torch.nn.Module`` (copied to float64; never modified).
+        batch: dict of tensors ``Tensor[batch, ...]``, optionally ``sample_ids``.
+        loss_fn: a token loss; ``None`` means ``causal_lm_loss`` (``reduction="mean"``).
         unit: must be ``"token"`` (the default here).
+        weighting: validated as for :func:`empirical_fisher`; token units weigh 1 either way.
+        sample_ids: row ids, unless the batch carries them.
 
     Returns:
-        FisherResult: parameter name -> float64 tensor shaped like the parameter.
+        FisherResult: parameter name -> float64 ``Tensor[*param_shape]``.
     """
     if unit != "token":
         raise ValueError(f"exact_fisher: expected unit='token', got unit={unit!r}.")
@@ -116,10 +140,10 @@ def exact_fisher(model, batch, *, loss_fn=None, unit="token", weighting="sample"
         probs = logp[i, t].detach().exp()
         for c in range(logp.shape[-1]):
             grads = torch.autograd.grad(-logp[i, t, c], params, retain_graph=True, allow_unused=True)
-            for j, ((name, p), g) in enumerate(zip(named, grads)):
+            for j, ((name, _), g) in enumerate(zip(named, grads, strict=True)):
                 if g is not None:
                     check_finite_grad(name, g, (prep.row_ids[i], t))
                     acc[j] += probs[c] * g.square()
     U = len(active)
-    return FisherResult({name: a / U for (name, _), a in zip(named, acc)}, n_units=U,
+    return FisherResult({name: a / U for (name, _), a in zip(named, acc, strict=True)}, n_units=U,
                         total_weight=float(U), empty_ids=empty)

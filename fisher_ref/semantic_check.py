@@ -54,10 +54,12 @@ moves where it must not is a failure whatever the probe says.
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
+from fisher_ref._types import Batch, Masks
 from fisher_ref.layouts import AttentionLayout, attention_layout
 from fisher_ref.slicing import BLOCKS, slice_masks
 from fisher_ref.testing.tolerances import tolerance
@@ -82,10 +84,10 @@ class SliceCheck:
     head: int
     block: str
     test: str
-    problems: list = field(default_factory=list)
-    inconclusive: list = field(default_factory=list)
-    pattern_changed: list = field(default_factory=list)
-    output_changed: list = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+    inconclusive: list[str] = field(default_factory=list)
+    pattern_changed: list[int] = field(default_factory=list)
+    output_changed: list[int] = field(default_factory=list)
     max_change: float = 0.0
 
     @property
@@ -110,17 +112,18 @@ class SliceCheck:
 class SemanticReport:
     """All checks; ``passed`` when every one held, none failed or was inconclusive."""
 
-    checks: list
+    checks: list[SliceCheck]
 
     @property
     def passed(self) -> bool:
+        """Every check passed (none failed, none inconclusive)."""
         return all(c.passed for c in self.checks)
 
-    def failures(self) -> list:
+    def failures(self) -> list[SliceCheck]:
         """The checks that failed (a head moved wrongly, or did not move though it could)."""
         return [c for c in self.checks if c.status == "failed"]
 
-    def inconclusive(self) -> list:
+    def inconclusive(self) -> list[SliceCheck]:
         """The checks that found no problem but could not test every expectation on these
         inputs (another ``batch`` or ``seed`` may decide them).
         """
@@ -250,7 +253,8 @@ def _allowed(la, block) -> set:
 def _eager(model):
     """Switch an HF model copy to eager attention, so that probabilities are returned."""
     config = getattr(model, "config", None)
-    if getattr(config, "_attn_implementation", "eager") != "eager" and hasattr(model, "set_attn_implementation"):
+    if (getattr(config, "_attn_implementation", "eager") != "eager"
+            and hasattr(model, "set_attn_implementation")):
         model.set_attn_implementation("eager")
     return model
 
@@ -303,7 +307,7 @@ class _Session:
                 after = [o_mod(v) for v in variants]
             finally:
                 self.perturber.restore()
-        d_full, d_only, d_without = (a - b for a, b in zip(after, before))
+        d_full, d_only, d_without = (a - b for a, b in zip(after, before, strict=True))
         return (float(d_full.abs().max()), float((d_only - d_full).abs().max()),
                 float(d_without.abs().max()), float(d_only.abs().max()))
 
@@ -421,7 +425,9 @@ def _query_bias_check(s: _Session, la, head: int, masks: dict, c: SliceCheck) ->
     parts = _q_bias_parts(la, masks)
     atol = tolerance("semantic-check-bias")[1]  # float32 softmax rounding is not a move
     probe = s.probe(la)
-    for (what, sub), sensitive in zip(parts.items(), (probe.pattern_qbias, probe.pattern_qbias_last)):
+    # parts: two entries, or none without query-bias entries (strict=False: then nothing to check)
+    sensitivities = (probe.pattern_qbias, probe.pattern_qbias_last)
+    for (what, sub), sensitive in zip(parts.items(), sensitivities, strict=False):
         moved = _heads_over(s.moved(la, {la.q_bias: sub})[0], atol)
         _compare(c, moved, [head], _blind(sensitive, [head]),
                  f"perturbing the Q slice's {what} alone changed attention patterns",
@@ -514,28 +520,34 @@ def _complement_checks(s: _Session, la, head, slices: dict) -> list:
 def _selection(layout, layers, heads):
     chosen = range(layout.num_layers) if layers is None else layers
     out = []
-    for l in chosen:
-        la = layout.layer(l)
+    for layer in chosen:
+        la = layout.layer(layer)
         hs = range(la.num_heads) if heads is None else heads
         for h in hs:
             if isinstance(h, bool) or not isinstance(h, int) or not 0 <= h < la.num_heads:
-                raise ValueError(f"heads: expected integers in [0, {la.num_heads}) for layer {l}, "
+                raise ValueError(f"heads: expected integers in [0, {la.num_heads}) for layer {layer}, "
                                  f"got {h!r}.")
             out.append((la, h))
     return out
 
 
-def check_masks(model: torch.nn.Module, mask_fn, layout=None, *, layers=None, heads=None,
-                blocks=BLOCKS, seed: int = 0, batch: dict | None = None) -> SemanticReport:
+def check_masks(model: torch.nn.Module, mask_fn: Callable[[int, int, str], Masks],
+                layout: AttentionLayout | dict | None = None, *, layers: Sequence[int] | None = None,
+                heads: Sequence[int] | None = None, blocks: Sequence[str] = BLOCKS, seed: int = 0,
+                batch: Batch | None = None) -> SemanticReport:
     """Check any slicing ``mask_fn(layer, head, block) -> {name: bool mask}`` semantically.
 
     Args:
         model: the model (copied to float64; never modified).
-        mask_fn: the slicing under test, e.g. a third-party implementation.
+        mask_fn: the slicing under test, e.g. a third-party implementation:
+            ``{parameter name: BoolTensor[*param_shape]}`` for one (layer, head, block).
         layout: the layout giving modules and head counts (None: detect).
-        layers, heads: subsets to check (default: all). blocks: blocks to check.
+        layers: the layers to check (default: all).
+        heads: the heads to check in each layer (default: all).
+        blocks: the blocks to check, a subset of ``("Q", "K", "V", "O")``.
         seed: seeds the inputs and the perturbations.
-        batch: model inputs (default: two random rows of five tokens).
+        batch: model inputs, ``input_ids: LongTensor[batch, pos]`` etc. (default: two random
+            rows of five tokens).
 
     Returns:
         SemanticReport: per (layer, head, block) whether it passed and what changed.
@@ -559,12 +571,21 @@ def check_masks(model: torch.nn.Module, mask_fn, layout=None, *, layers=None, he
     return SemanticReport(checks)
 
 
-def check_layout(model: torch.nn.Module, layout=None, *, layers=None, heads=None,
-                 seed: int = 0, batch: dict | None = None) -> SemanticReport:
+def check_layout(model: torch.nn.Module, layout: AttentionLayout | dict | None = None, *,
+                 layers: Sequence[int] | None = None, heads: Sequence[int] | None = None,
+                 seed: int = 0, batch: Batch | None = None) -> SemanticReport:
     """Semantic check (SPEC §4) of :func:`~fisher_ref.slicing.qkov_mask` under a layout.
 
     Uses I(l, h, B) with biases (``include_bias=True``), so that bias entries are checked
     too. See the module docstring for what is perturbed and observed.
+
+    Args:
+        model: the model (copied to float64; never modified).
+        layout: the layout under test (None: detect).
+        layers: the layers to check (default: all).
+        heads: the heads to check in each layer (default: all).
+        seed: seeds the inputs and the perturbations.
+        batch: model inputs (default: two random rows of five tokens).
 
     Returns:
         SemanticReport: per layer, head and block: passed, heads whose pattern or output
@@ -579,9 +600,15 @@ def check_layout(model: torch.nn.Module, layout=None, *, layers=None, heads=None
     return check_masks(model, mask_fn, lay, layers=layers, heads=heads, seed=seed, batch=batch)
 
 
-def validate_layout(model: torch.nn.Module, layout=None, **kwargs) -> AttentionLayout:
+def validate_layout(model: torch.nn.Module, layout: AttentionLayout | dict | None = None,
+                    **kwargs: object) -> AttentionLayout:
     """:func:`check_layout`, raising ``ValueError`` with the failures (or, where nothing
     failed, the inconclusive checks: pass another ``batch`` or ``seed``); returns the layout.
+
+    Args:
+        model: the model.
+        layout: the layout under test (None: detect).
+        **kwargs: ``layers``, ``heads``, ``seed``, ``batch`` of :func:`check_layout`.
     """
     lay = layout if isinstance(layout, AttentionLayout) else attention_layout(model, layout)
     report = check_layout(model, lay, **kwargs)

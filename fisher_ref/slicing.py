@@ -23,10 +23,12 @@ The O bias belongs to no head.
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 
+from fisher_ref._types import Masks
 from fisher_ref.layouts import AttentionLayout, LayerAttention, attention_layout
 
 BLOCKS = ("Q", "K", "V", "O")
@@ -34,11 +36,18 @@ BLOCKS = ("Q", "K", "V", "O")
 
 @dataclass(frozen=True)
 class AxisRoles:
-    """The head-carrying axis of one tensor: per element along it, its block and head."""
+    """The head-carrying axis of one tensor: per element along it, its block and head.
+
+    Attributes:
+        axis: the axis of the tensor that carries the heads.
+        block: ``LongTensor[axis_size]``, each element's block (an index into ``BLOCKS``).
+        head: ``LongTensor[axis_size]``, each element's query head (Q, O) or key-value head
+            (K, V).
+    """
 
     axis: int
-    block: torch.Tensor  # LongTensor[n], index into BLOCKS
-    head: torch.Tensor  # LongTensor[n]: query head (Q, O) or kv head (K, V)
+    block: torch.Tensor
+    head: torch.Tensor
 
 
 def _heads_axis(n_heads: int, head_dim: int) -> torch.Tensor:
@@ -68,7 +77,15 @@ def _qkv_labels(la: LayerAttention) -> dict[str, tuple[torch.Tensor, torch.Tenso
 
 
 def axis_roles(la: LayerAttention, *, include_bias: bool = True) -> dict[str, AxisRoles]:
-    """Every head-carrying tensor of layer ``la``: Q/K/V weights (and biases), O weight."""
+    """Every head-carrying tensor of layer ``la``: Q/K/V weights (and biases), O weight.
+
+    Args:
+        la: the layer.
+        include_bias: include the Q/K/V biases.
+
+    Returns:
+        Parameter name -> its :class:`AxisRoles`.
+    """
     out_axis = 0 if la.orientation == "linear" else 1
     roles = {}
     bias_of = {la.q: la.q_bias, la.k: la.k_bias, la.v: la.v_bias}
@@ -90,7 +107,7 @@ def _spread(labels: torch.Tensor, axis: int, shape: torch.Size) -> torch.Tensor:
     return labels.view(view).expand(shape).clone()
 
 
-def check_head_block(la: LayerAttention, head, block) -> None:
+def check_head_block(la: LayerAttention, head: object, block: object) -> None:
     """``head`` in [0, H) and ``block`` in BLOCKS, else ValueError."""
     if isinstance(head, bool) or not isinstance(head, int) or not 0 <= head < la.num_heads:
         raise ValueError(f"head: expected an integer in [0, {la.num_heads}) for layer "
@@ -99,14 +116,19 @@ def check_head_block(la: LayerAttention, head, block) -> None:
         raise ValueError(f"block: expected one of {BLOCKS}, got {block!r}.")
 
 
-def slice_masks(la: LayerAttention, head: int, block: str, shapes: dict,
-                include_bias: bool = False) -> dict[str, torch.Tensor]:
+def slice_masks(la: LayerAttention, head: int, block: str, shapes: Mapping[str, Sequence[int]],
+                include_bias: bool = False) -> Masks:
     """I(l, h, B) as boolean masks over the tensors it touches, from shapes alone.
 
     Args:
-        la: the layer. head: query head h. block: "Q", "K", "V" or "O".
+        la: the layer.
+        head: query head h.
+        block: "Q", "K", "V" or "O".
         shapes: parameter name -> shape (``torch.Size`` or tuple) for the layer's tensors.
         include_bias: also mark the Q/K/V bias entries (never the O bias).
+
+    Returns:
+        ``{parameter name: BoolTensor[*param_shape]}``, only the tensors the slice touches.
     """
     check_head_block(la, head, block)
     b = BLOCKS.index(block)
@@ -132,7 +154,7 @@ def _shapes(model) -> dict[str, torch.Size]:
 
 
 def qkov_mask(model: torch.nn.Module, layer: int, head: int, block: str,
-              include_bias: bool = False, layout=None) -> dict[str, torch.Tensor]:
+              include_bias: bool = False, layout: AttentionLayout | dict | None = None) -> Masks:
     r"""The slice I(l, h, B) as ``{parameter name: bool mask}`` over the tensors it touches.
 
     Q: the entries producing head h's query; K, V: those of key-value head
@@ -142,18 +164,22 @@ def qkov_mask(model: torch.nn.Module, layer: int, head: int, block: str,
     included.
 
     Args:
-        model: the model. layer: l in [0, L). head: h in [0, H).
-        block: "Q", "K", "V" or "O". include_bias: add Q/K/V bias entries.
+        model: the model.
+        layer: l in [0, L).
+        head: h in [0, H).
+        block: "Q", "K", "V" or "O".
+        include_bias: add Q/K/V bias entries.
         layout: a declared layout (see :func:`attention_layout`); None detects it.
 
     Returns:
-        dict[str, BoolTensor]: masks shaped like their parameters.
+        ``{parameter name: BoolTensor[*param_shape]}``, only the parameters the slice touches.
     """
     lay = layout if isinstance(layout, AttentionLayout) else attention_layout(model, layout)
     return slice_masks(lay.layer(layer), head, block, _shapes(model), include_bias)
 
 
-def group_ids_of_layer(la: LayerAttention, shapes: dict) -> dict[str, tuple[torch.Tensor, int]]:
+def group_ids_of_layer(la: LayerAttention,
+                       shapes: Mapping[str, Sequence[int]]) -> dict[str, tuple[torch.Tensor, int]]:
     """Per-head group ids of one layer's attention tensors (see :func:`head_group_ids`)."""
     H, kv = la.num_heads, la.num_kv_heads
     fused = la.packing != "separate"
@@ -171,8 +197,9 @@ def group_ids_of_layer(la: LayerAttention, shapes: dict) -> dict[str, tuple[torc
     return out
 
 
-def head_group_ids(model: torch.nn.Module, layout=None) -> dict[str, tuple[torch.Tensor, int]]:
-    """Per-head group ids for every attention tensor: ``name -> (LongTensor like param, n)``.
+def head_group_ids(model: torch.nn.Module,
+                   layout: AttentionLayout | dict | None = None) -> dict[str, tuple[torch.Tensor, int]]:
+    """Per-head group ids for every attention tensor: ``name -> (LongTensor[*param_shape], n)``.
 
     Order (docs/architecture.md): a fused Q/K/V tensor has Q heads ``0..H-1``, then K
     kv-heads ``H..H+H_kv-1``, then V kv-heads; separate Q/K/V tensors number their own
@@ -187,7 +214,7 @@ def head_group_ids(model: torch.nn.Module, layout=None) -> dict[str, tuple[torch
     return out
 
 
-def all_slices(layout: AttentionLayout):
+def all_slices(layout: AttentionLayout) -> Iterator[tuple[int, int, str]]:
     """Every (layer, head, block) in the order blocks, then layers, then heads."""
     for block in BLOCKS:
         for la in layout.layers:

@@ -16,6 +16,7 @@ interference, conflicts): :func:`prepare` (validate, copy to float64),
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -28,6 +29,7 @@ from fisher_ref._checks import (
     check_options,
     check_rows_independent,
 )
+from fisher_ref._types import Batch, LossFn, SampleId, UnitId
 from fisher_ref.losses import IGNORE_INDEX, is_token_loss, reduce_rows, token_nll
 from fisher_ref.results import PerUnit
 
@@ -37,21 +39,23 @@ class Prepared:
     """A validated call: the float64 model copy, the float64 batch, the loss and row ids."""
 
     model: torch.nn.Module
-    batch: dict
-    loss_fn: object
-    row_ids: list
+    batch: Batch
+    loss_fn: LossFn
+    row_ids: list[SampleId]
     unit: str
     weighting: str
 
 
 @dataclass
 class UnitLosses:
-    """The units' scalar losses (graph attached), ids, weights, and the empty rows' ids."""
+    """The units' scalar losses (graph attached), ids, weights ``Tensor[units]``, and the
+    empty rows' ids.
+    """
 
-    losses: list
-    ids: list
+    losses: list[torch.Tensor]
+    ids: list[UnitId]
     weights: torch.Tensor
-    empty_ids: list
+    empty_ids: list[SampleId]
 
 
 def float64_model(model: torch.nn.Module) -> torch.nn.Module:
@@ -67,7 +71,7 @@ def float64_model(model: torch.nn.Module) -> torch.nn.Module:
     return copy.deepcopy(model).to(device="cpu", dtype=torch.float64)
 
 
-def float64_batch(batch: dict) -> dict:
+def float64_batch(batch: Batch) -> Batch:
     """The batch on the CPU, floating tensors cast to float64, ``sample_ids`` removed."""
     out = {}
     for k, v in batch.items():
@@ -95,13 +99,20 @@ def _row_values(model, batch, loss_fn) -> torch.Tensor:
     return rows
 
 
-def check_batched_forward(model, batch: dict, loss_fn, row_ids: list) -> None:
+def check_batched_forward(model: torch.nn.Module, batch: Batch, loss_fn: LossFn,
+                          row_ids: Sequence[SampleId]) -> None:
     r"""Guard the batching assumption of SPEC §0: every row's loss from the batched forward
     equals that of the row run on its own (same padding), per token for a token loss.
 
     Catches a model left in training mode (dropout), batch statistics, or any other
     cross-row interaction, which would make per-row gradients meaningless. Tolerance:
     ``row-independence`` (the same row at two batch sizes; see its reason).
+
+    Args:
+        model: the float64 model copy.
+        batch: the float64 batch, ``Tensor[batch, ...]`` per key (no ``sample_ids``).
+        loss_fn: the resolved loss.
+        row_ids: the rows' sample ids, for the message.
     """
     if len(row_ids) < 2:
         return
@@ -117,9 +128,20 @@ def check_batched_forward(model, batch: dict, loss_fn, row_ids: list) -> None:
             check_rows_independent(batched[i], alone[0], sid, rtol, atol)
 
 
-def prepare(model, batch, *, loss_fn=None, unit="sample", weighting="sample",
-            sample_ids=None, needs_token_loss=False) -> Prepared:
-    """Validate a call, copy model and batch to float64, and check that rows are independent."""
+def prepare(model: torch.nn.Module, batch: Batch, *, loss_fn: LossFn | None = None,
+            unit: str = "sample", weighting: str = "sample",
+            sample_ids: Sequence[SampleId] | None = None, needs_token_loss: bool = False) -> Prepared:
+    """Validate a call, copy model and batch to float64, and check that rows are independent.
+
+    Args:
+        model: as :func:`per_sample_gradients`.
+        batch: as :func:`per_sample_gradients`.
+        loss_fn: as :func:`per_sample_gradients`.
+        unit: as :func:`per_sample_gradients`.
+        weighting: as :func:`per_sample_gradients`.
+        sample_ids: as :func:`per_sample_gradients`.
+        needs_token_loss: the estimator needs a token loss (MC and exact Fisher).
+    """
     loss_fn = check_options(loss_fn, unit, weighting, needs_token_loss=needs_token_loss)
     check_model(model)
     row_ids = check_batch(model, batch, loss_fn, sample_ids)
@@ -154,13 +176,15 @@ def _aligned(model, batch, loss_fn, targets):
     return logits, targets
 
 
-def unit_losses(model, batch, *, loss_fn, unit, weighting, row_ids, targets=None) -> UnitLosses:
+def unit_losses(model: torch.nn.Module, batch: Batch, *, loss_fn: LossFn, unit: str, weighting: str,
+                row_ids: Sequence[SampleId], targets: torch.Tensor | None = None) -> UnitLosses:
     r"""Every unit's scalar loss from one forward of ``model`` (already float64).
 
     ``unit="sample"``: the row loss :math:`\ell_i` for each non-empty row, weight
     :math:`w = 1` or :math:`K_i` (``weighting="token"``). ``unit="token"``: the NLL of each
     active aligned target, row-major, id ``(sample_id, position)``, weight 1.
-    ``targets`` (aligned, ``[B, T]``) replaces the batch's labels, as for the MC Fisher.
+    ``targets`` (aligned, ``LongTensor[batch, pos]``) replaces the batch's labels, as for
+    the MC Fisher.
     """
     if targets is not None and not is_token_loss(loss_fn):
         raise ValueError(f"targets: expected a token loss to apply them, got {type(loss_fn).__name__}.")
@@ -187,51 +211,59 @@ def unit_losses(model, batch, *, loss_fn, unit, weighting, row_ids, targets=None
     if not losses:
         raise ValueError(f"batch: expected at least one non-empty row, got none "
                          f"(empty rows: {empty}).")
-    for loss, uid in zip(losses, ids):
+    for loss, uid in zip(losses, ids, strict=True):
         check_finite_loss(loss, uid)
     return UnitLosses(losses, ids, torch.tensor(weights, dtype=torch.float64), empty)
 
 
-def gradients(model, units: UnitLosses) -> PerUnit:
-    r"""One ``autograd.grad`` per unit: :math:`g_u = \nabla_\theta \ell_u` for every trainable parameter."""
+def gradients(model: torch.nn.Module, units: UnitLosses) -> PerUnit:
+    r"""One ``autograd.grad`` per unit: :math:`g_u = \nabla_\theta \ell_u` for every trainable parameter.
+
+    Returns:
+        PerUnit: ``tensors[name]`` of shape ``Tensor[units, *param_shape]``.
+    """
     named = trainable_parameters(model)
     params = [p for _, p in named]
     per_param: list[list[torch.Tensor]] = [[] for _ in named]
     last = len(units.losses) - 1
-    for k, (loss, uid) in enumerate(zip(units.losses, units.ids)):
+    for k, (loss, uid) in enumerate(zip(units.losses, units.ids, strict=True)):
         if loss.requires_grad:
             grads = torch.autograd.grad(loss, params, retain_graph=k < last, allow_unused=True)
         else:
             grads = [None] * len(params)
-        for j, ((name, p), g) in enumerate(zip(named, grads)):
+        for j, ((name, p), g) in enumerate(zip(named, grads, strict=True)):
             g = torch.zeros_like(p) if g is None else g.detach()
             check_finite_grad(name, g, uid)
             per_param[j].append(g)
-    tensors = {name: torch.stack(gs) for (name, _), gs in zip(named, per_param)}
+    tensors = {name: torch.stack(gs) for (name, _), gs in zip(named, per_param, strict=True)}
     return PerUnit(tensors, list(units.ids), units.weights, list(units.empty_ids))
 
 
-def per_unit_gradients(model, batch, *, loss_fn, unit, weighting, row_ids, targets=None) -> PerUnit:
+def per_unit_gradients(model: torch.nn.Module, batch: Batch, *, loss_fn: LossFn, unit: str,
+                       weighting: str, row_ids: Sequence[SampleId],
+                       targets: torch.Tensor | None = None) -> PerUnit:
     """:func:`unit_losses` then :func:`gradients`, for a model and batch already in float64."""
     units = unit_losses(model, batch, loss_fn=loss_fn, unit=unit, weighting=weighting,
                         row_ids=row_ids, targets=targets)
     return gradients(model, units)
 
 
-def prepared_gradients(prep: Prepared, targets=None) -> PerUnit:
+def prepared_gradients(prep: Prepared, targets: torch.Tensor | None = None) -> PerUnit:
     """Per-unit gradients of a :class:`Prepared` call."""
     return per_unit_gradients(prep.model, prep.batch, loss_fn=prep.loss_fn, unit=prep.unit,
                               weighting=prep.weighting, row_ids=prep.row_ids, targets=targets)
 
 
-def per_sample_gradients(model, batch, *, loss_fn=None, unit="sample", weighting="sample",
-                         sample_ids=None) -> PerUnit:
+def per_sample_gradients(model: torch.nn.Module, batch: Batch, *, loss_fn: LossFn | None = None,
+                         unit: str = "sample", weighting: str = "sample",
+                         sample_ids: Sequence[SampleId] | None = None) -> PerUnit:
     r"""Per-unit gradients :math:`g_u = \nabla_\theta \ell_u` in float64.
 
     Args:
         model: any ``torch.nn.Module`` (copied to float64; never modified).
-        batch: dict of tensors with a leading batch axis, optionally ``sample_ids``.
-        loss_fn: ``loss_fn(model, batch) -> Tensor[B]``; a token loss (see
+        batch: dict of tensors with a leading batch axis (``input_ids: LongTensor[batch, pos]``,
+            ``labels``, ...), optionally ``sample_ids``.
+        loss_fn: ``loss_fn(model, batch) -> Tensor[batch]``; a token loss (see
             :mod:`fisher_ref.losses`) for token units or token weighting.
             ``None`` means ``causal_lm_loss``.
         unit: ``"sample"`` (one unit per non-empty row) or ``"token"`` (one per active
@@ -241,8 +273,8 @@ def per_sample_gradients(model, batch, *, loss_fn=None, unit="sample", weighting
         sample_ids: one id per row (default ``0..B-1``), unless the batch has them.
 
     Returns:
-        PerUnit: ``tensors[name]`` of shape ``[U, *param.shape]``, unit ``ids``,
-        ``weights`` ``[U]``, ``empty_ids`` (rows with no active label, excluded).
+        PerUnit: ``tensors[name]`` of shape ``Tensor[units, *param_shape]``, unit ``ids``,
+        ``weights`` ``Tensor[units]``, ``empty_ids`` (rows with no active label, excluded).
     """
     prep = prepare(model, batch, loss_fn=loss_fn, unit=unit, weighting=weighting,
                    sample_ids=sample_ids)

@@ -7,16 +7,25 @@ order, merged in any tree, gives the two-pass result up to float64 rounding.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
 
-def two_pass_moments(x: torch.Tensor, weights: torch.Tensor | None = None):
-    r"""Reference ``(W, mean, M2)`` of ``x [U, *shape]`` in two float64 passes.
+def two_pass_moments(x: torch.Tensor,
+                     weights: torch.Tensor | None = None) -> tuple[float, torch.Tensor, torch.Tensor]:
+    r"""Reference ``(W, mean, M2)`` of the rows of ``x`` in two float64 passes.
 
     .. math:: W = \sum_u w_u,\quad \mu = \frac{1}{W}\sum_u w_u x_u,\quad
        M_2 = \sum_u w_u (x_u - \mu)^2 .
+
+    Args:
+        x: ``Tensor[units, *shape]``.
+        weights: ``Tensor[units]``, w_u (None: all 1).
+
+    Returns:
+        ``(W, mean Tensor[*shape], M2 Tensor[*shape])``, float64.
     """
     x = x.to(torch.float64)
     w = torch.ones(x.shape[0], dtype=torch.float64) if weights is None else weights.to(torch.float64)
@@ -28,25 +37,32 @@ def two_pass_moments(x: torch.Tensor, weights: torch.Tensor | None = None):
 
 @dataclass
 class WelfordState:
-    """Weighted running moments ``(W, mean, M2)`` of tensors of one shape."""
+    r"""Weighted running moments ``(W, mean, M2)`` of tensors of one shape.
+
+    Attributes:
+        W: the total weight.
+        mean: the weighted mean, ``Tensor[*shape]``.
+        M2: :math:`\sum_u w_u (x_u - \mu)^2`, ``Tensor[*shape]``.
+    """
 
     W: float
     mean: torch.Tensor
     M2: torch.Tensor
 
     @classmethod
-    def empty(cls, shape, dtype=torch.float64) -> WelfordState:
+    def empty(cls, shape: Sequence[int], dtype: torch.dtype = torch.float64) -> WelfordState:
+        """The state of no values: W = 0, zero mean and M2 of ``shape``."""
         return cls(0.0, torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype))
 
     @classmethod
     def from_tensors(cls, x: torch.Tensor, weights: torch.Tensor | None = None) -> WelfordState:
-        """The state of the rows of ``x [U, *shape]`` (float64), by two passes."""
+        """The state of the rows of ``x``, ``Tensor[units, *shape]`` (float64), by two passes."""
         if x.shape[0] == 0:
             raise ValueError("from_tensors: expected at least one row, got 0.")
         return cls(*two_pass_moments(x, weights))
 
     def update(self, x: torch.Tensor, weight: float = 1.0) -> WelfordState:
-        r"""Add one value with weight w (West's weighted Welford step), in place.
+        r"""Add one value ``x: Tensor[*shape]`` with weight w (West's weighted Welford step), in place.
 
         .. math:: W' = W + w,\ \delta = x - \mu,\ \mu' = \mu + \frac{w}{W'}\delta,\
            M_2' = M_2 + w\,\delta\,(x - \mu').

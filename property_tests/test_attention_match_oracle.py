@@ -59,7 +59,8 @@ LOSSES = {"causal": (fl.causal_lm_loss, rl.causal_lm_loss), "mlm": (fl.masked_lm
 @st.composite
 def tiny_configs(draw):
     """A consistent tiny shape: heads, kv ratio, head_dim (even under rotary), then d_model."""
-    arch = draw(st.sampled_from(("gpt2", "llama", "mistral", "qwen2", "bert", "bert-cls", "gpt_neox", "phi3")))
+    arch = draw(st.sampled_from(("gpt2", "llama", "mistral", "qwen2", "bert", "bert-cls", "gpt_neox",
+                                 "phi3")))
     heads = draw(st.sampled_from((1, 2, 4)))
     gqa = arch in ("llama", "mistral", "qwen2", "phi3")
     kv = draw(st.sampled_from([k for k in (1, 2, 4) if heads % k == 0])) if gqa else None
@@ -131,13 +132,16 @@ def test_per_sample_contributions_match(cfg, unit, seed, chunk):
     assert_dicts_close(got.tensors, want.tensors, rtol=RTOL, atol=ATOL, what="contributions")
 
 
+def _top_k_key(e):
+    return e["block"], e["layer"], e["head"], e["id_a"], e["id_b"]
+
+
 def _assert_top_k_match(got, want):
     assert len(got) == len(want)
-    for k, (g, w) in enumerate(zip(got, want)):
+    for k, (g, w) in enumerate(zip(got, want, strict=True)):
         assert g["score"] == pytest.approx(w["score"], rel=RTOL, abs=ATOL), k
-        key = lambda e: (e["block"], e["layer"], e["head"], e["id_a"], e["id_b"])  # noqa: E731
-        if key(g) != key(w):  # only a near-tie may reorder: its partner has the same score
-            partner = next(e for e in want if key(e) == key(g))
+        if _top_k_key(g) != _top_k_key(w):  # only a near-tie may reorder: its partner has the same score
+            partner = next(e for e in want if _top_k_key(e) == _top_k_key(g))
             assert partner["score"] == pytest.approx(g["score"], rel=RTOL, abs=ATOL), (k, g, w)
 
 
@@ -149,7 +153,8 @@ def test_interference_matches(cfg, fisher, signed, ridge_rel, include_bias, seed
     a, b, fast_loss, ref_loss = _batches(cfg, 3, 2, seed, empty, opts["reduction"])
     if fisher == "given":
         g = torch.Generator().manual_seed(seed)
-        fisher = {n: torch.rand(p.shape, generator=g, dtype=torch.float64) for n, p in model.named_parameters()}
+        fisher = {n: torch.rand(p.shape, generator=g, dtype=torch.float64)
+                  for n, p in model.named_parameters()}
     kw = dict(fisher=fisher, signed=signed, ridge_rel=ridge_rel, include_bias=include_bias, top_k=20,
               unit=opts["unit"], weighting=opts["weighting"])
     got = fast_interference(model, a, b, loss_fn=fast_loss, dtype=torch.float64, chunk_size=chunk, **kw)
@@ -229,6 +234,10 @@ def test_conflicts_match(cfg, groups, sizes, seed, fdr, opts, empty):
                                                                rel=FDR_RTOL, abs=FDR_ATOL)
 
 
+def _to(batch, device):
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
 @pytest.mark.gpu
 @given(tiny_configs(), st.booleans(), st.integers(0, 50))
 def test_interference_and_conflicts_match_on_cuda(cfg, signed, seed):
@@ -236,13 +245,13 @@ def test_interference_and_conflicts_match_on_cuda(cfg, signed, seed):
     model = build_model(cfg, dtype=torch.float64)
     a, b, fast_loss, ref_loss = _batches(cfg, 3, 2, seed)
     moved = build_model(cfg, dtype=torch.float64).to(device)
-    on_dev = lambda batch: {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}  # noqa: E731
-    got = fast_interference(moved, on_dev(a), on_dev(b), loss_fn=fast_loss, dtype=torch.float64, signed=signed)
+    a_dev, b_dev = _to(a, device), _to(b, device)
+    got = fast_interference(moved, a_dev, b_dev, loss_fn=fast_loss, dtype=torch.float64, signed=signed)
     want = ref_interference(model, a, b, loss_fn=ref_loss, signed=signed)
     assert_dicts_close({k: v.cpu() for k, v in got.items()}, dict(want), rtol=RTOL, atol=ATOL,
                        what="interference on cuda")
     kw = dict(n_permutations=40, seed=seed, n_bootstrap=30)
-    got_c = fast_conflicts(moved, on_dev(a), on_dev(b), loss_fn=fast_loss, dtype=torch.float64, **kw)
+    got_c = fast_conflicts(moved, a_dev, b_dev, loss_fn=fast_loss, dtype=torch.float64, **kw)
     want_c = ref_conflicts(model, a, b, loss_fn=ref_loss, **kw)
     p_want = _oracle_p_with_exact_ties(want_c, 3, 2)
     assert {k: v["p"] for k, v in got_c.items()} == p_want

@@ -109,7 +109,8 @@ def test_head_groups_share_kv_slices_and_bh_counts_each_slice_once(gqa_result):
     assert len(r) == 16 and r.ids_a == ["a_0", "a_1", "a_2"]
     for block in ("K", "V"):
         assert r[f"L0.H0.{block}"] == r[f"L0.H1.{block}"]
-    distinct = [f"L0.H{h}.{b}" for h in range(4) for b in "QO"] + [f"L0.H{h}.{b}" for h in (0, 2) for b in "KV"]
+    distinct = ([f"L0.H{h}.{b}" for h in range(4) for b in "QO"]
+                + [f"L0.H{h}.{b}" for h in (0, 2) for b in "KV"])
     q = bh_qvalues([r[n]["p"] for n in distinct])
     np.testing.assert_allclose([r[n]["q"] for n in distinct], q, rtol=0, atol=0)
 

@@ -7,7 +7,7 @@ from statsmodels.stats.multitest import multipletests
 from fisher_ref.fdr import bh_qvalues, by_qvalues
 from fisher_ref.testing.tolerances import tolerance
 
-FDR = dict(zip(("rtol", "atol"), tolerance("fdr-float64")))
+FDR = dict(zip(("rtol", "atol"), tolerance("fdr-float64"), strict=True))
 
 
 def _pvalues(seed, m):

@@ -1,5 +1,7 @@
 """QK-OV interference: a hand-worked example, linearity, head sums, the SPEC §6 identity."""
 
+from itertools import pairwise
+
 import pytest
 import torch
 
@@ -13,7 +15,7 @@ from fisher_ref.testing.tolerances import tolerance
 from fisher_ref.units import per_sample_gradients
 
 RTOL, ATOL = tolerance("float64-paths")
-CAST = dict(zip(("rtol", "atol"), tolerance("float64-cast-placement")))
+CAST = dict(zip(("rtol", "atol"), tolerance("float64-cast-placement"), strict=True))
 
 # one layer, separate projections, H = H_kv = 2, head_dim = 1, d = 2
 HAND = AttentionLayout("declared", (LayerAttention(
@@ -144,13 +146,14 @@ def test_top_k_ties_follow_block_layer_head_order(phi3):
                                     top_k=1000)
     keys = [(e["score"], "QKVO".index(e["block"]), e["layer"], e["head"]) for e in r.top_k]
     assert len(keys) == 4 * 2 * 4
-    assert all(k1[0] > k2[0] or (k1[0] == k2[0] and k1[1:] < k2[1:]) for k1, k2 in zip(keys, keys[1:]))
+    assert all(k1[0] > k2[0] or (k1[0] == k2[0] and k1[1:] < k2[1:]) for k1, k2 in pairwise(keys))
     # K and V heads sharing a kv head tie exactly
-    assert sum(k1[0] == k2[0] for k1, k2 in zip(keys, keys[1:])) >= 8
+    assert sum(k1[0] == k2[0] for k1, k2 in pairwise(keys)) >= 8
 
 
 BAD = [
-    pytest.param(lambda: interference_from_gradients(A, PerUnit({"q": B.tensors["q"]}, B.ids, B.weights), HAND),
+    pytest.param(lambda: interference_from_gradients(A, PerUnit({"q": B.tensors["q"]}, B.ids, B.weights),
+                                                     HAND),
                  "tasks measured on different models", id="different-parameters"),
     pytest.param(lambda: interference_from_gradients(A, PerUnit(B.tensors | {"o": torch.zeros(2, 3, 2)},
                                                                 B.ids, B.weights), HAND),
@@ -159,7 +162,8 @@ BAD = [
                  id="unknown-fisher"),
     pytest.param(lambda: interference_from_gradients(A, B, HAND, fisher={"q": torch.ones(3)}),
                  "fisher['q']: expected shape (2, 2)", id="fisher-shape"),
-    pytest.param(lambda: interference_from_gradients(A, B, HAND, fisher={"q": torch.full((2, 2), float("inf"))}),
+    pytest.param(lambda: interference_from_gradients(A, B, HAND,
+                                                     fisher={"q": torch.full((2, 2), float("inf"))}),
                  "fisher['q']: expected finite, non-negative values", id="fisher-inf"),
     pytest.param(lambda: interference_from_gradients(A, B, HAND, fisher={"q": -torch.ones(2, 2)}),
                  "fisher['q']: expected finite, non-negative values", id="fisher-negative"),

@@ -135,7 +135,7 @@ WRONG = [
                             hidden=12), head_dim_from_d_over_h, "Q",
                  "attention patterns changed for heads [0, 1], expected [0]", id="llama-head_dim-d/H"),
     pytest.param(TinyConfig(arch="gpt_neox", num_layers=1),
-                 lambda m: (lambda l, h, b: qkov_mask(m, l, h, b, layout=neox_as_blocks_layout(m))),
+                 lambda m: (lambda layer, h, b: qkov_mask(m, layer, h, b, layout=neox_as_blocks_layout(m))),
                  "K", "attention patterns changed for heads [], expected [0]", id="neox-as-3-H-dh"),
     pytest.param(TinyConfig(arch="bert", num_layers=1), _half_of_q, "Q+K",
                  "the slices miss entries of head 0", id="bert-Q-half-a-head"),
@@ -172,7 +172,7 @@ def _gpt2():
 
 def _masks_with(change):
     model = _gpt2()
-    return lambda: check_masks(model, lambda l, h, b: change(qkov_mask(model, l, h, b)), None)
+    return lambda: check_masks(model, lambda layer, h, b: change(qkov_mask(model, layer, h, b)), None)
 
 
 BAD = [

@@ -55,7 +55,7 @@ def _row_alone_gradient(model, batch, i, kind, reduction="mean"):
     names = [name for name, _ in m.named_parameters()]
     grads = torch.autograd.grad(loss, [p for _, p in m.named_parameters()], allow_unused=True)
     return {k: torch.zeros_like(p) if g is None else g
-            for k, g, p in zip(names, grads, m.parameters())}
+            for k, g, p in zip(names, grads, m.parameters(), strict=True)}
 
 
 @pytest.mark.parametrize("arch,kind,loss", ARCHS)
@@ -183,7 +183,7 @@ def _first_row_gradient(model, batch):
     one = {k: v[:1] for k, v in batch.items()}
     names = [n for n, _ in model.named_parameters()]
     grads = torch.autograd.grad(causal_lm_loss(model, one)[0], [p for _, p in model.named_parameters()])
-    return dict(zip(names, grads))
+    return dict(zip(names, grads, strict=True))
 
 
 def test_oracle_runs_the_models_own_attention_whose_eager_softmax_is_float32():

@@ -9,7 +9,7 @@ from fisher_ref.testing.tolerances import tolerance
 from fisher_ref.welford import WelfordState, two_pass_moments
 
 RTOL, ATOL = tolerance("welford")
-VARIANCE = dict(zip(("rtol", "atol"), tolerance("variance-by-subtraction")))
+VARIANCE = dict(zip(("rtol", "atol"), tolerance("variance-by-subtraction"), strict=True))
 
 
 def _data(seed, n, weighted):
