@@ -40,6 +40,7 @@ from .attention.slicing import BLOCKS, block_params, slice_matrix
 from .fdr import bh_qvalues, by_qvalues
 from .interference import check_same_parameters
 from .per_sample import unit_gradients
+from .results import LossFn, SampleIds
 from .run.options import Options
 
 GROUPINGS = ("heads", "parameters")
@@ -68,23 +69,32 @@ class ConflictResult(dict):
 
 
 def conflicts(model: torch.nn.Module, batch_a: dict, batch_b: dict, *, groups: str = "heads",
-              n_permutations: int = 1000, seed: int = 0, n_bootstrap: int = 1000, layout=None,
-              loss_fn=None, unit: str = "sample", weighting: str = "sample",
-              include_bias: bool = False, fdr: str = "bh", dtype=None, sample_ids_a=None,
-              sample_ids_b=None) -> ConflictResult:
+              n_permutations: int = 1000, seed: int = 0, n_bootstrap: int = 1000,
+              layout: AttentionLayout | dict | None = None, loss_fn: LossFn | None = None,
+              unit: str = "sample", weighting: str = "sample", include_bias: bool = False,
+              fdr: str = "bh", dtype: torch.dtype | None = None,
+              sample_ids_a: SampleIds | None = None,
+              sample_ids_b: SampleIds | None = None) -> ConflictResult:
     """Mean between-task gradient cosine per group, its permutation p-value, effect, interval, q.
 
     Args:
-        model: the model. batch_a, batch_b: the two tasks.
+        model: the model.
+        batch_a: task A's batch.
+        batch_b: task B's batch.
         groups: ``"heads"`` (QK-OV slices ``L{l}.H{h}.{B}``) or ``"parameters"``.
-        n_permutations: P label permutations. seed: their seed (bootstrap uses seed + 1).
+        n_permutations: P label permutations.
+        seed: the permutations' seed (the bootstrap uses seed + 1).
         n_bootstrap: resamples for the percentile interval.
         layout: a declared attention layout (``groups="heads"``).
-        loss_fn, unit, weighting, dtype: as for every estimator.
+        loss_fn: per-row loss, as for every estimator.
+        unit: as for every estimator.
+        weighting: as for every estimator (the cosines themselves are unweighted).
+        dtype: the per-sample gradients' dtype, as for every estimator.
         include_bias: slices also hold the Q/K/V bias entries.
         fdr: ``"bh"`` (Benjamini–Hochberg) or ``"by"`` (Benjamini–Yekutieli) for ``q``,
             across the distinct groups (under GQA a shared K or V slice is one hypothesis).
-        sample_ids_a, sample_ids_b: the units' sample ids, if not in the batches.
+        sample_ids_a: task A's sample ids, if not in ``batch_a``.
+        sample_ids_b: task B's sample ids, if not in ``batch_b``.
 
     Returns:
         ConflictResult.
@@ -113,7 +123,8 @@ def conflicts_from_units(ga, gb, *, groups="heads", layout: AttentionLayout | No
     keep = ga.tensors if groups == "parameters" else _slice_names(layout, include_bias)
     missing = [n for n in keep if n not in ga.tensors]
     if missing:
-        raise ValueError(f"gradients: expected every attention tensor of the layout, got none for {missing[:5]}.")
+        raise ValueError(f"gradients: expected every attention tensor of the layout, got none "
+                         f"for {missing[:5]}.")
     pooled = {n: torch.cat([ga.tensors[n], gb.tensors[n]]) for n in keep}
     names, shared, grams = _group_grams(pooled, groups, layout, include_bias)
     cos = _cosines(grams)                                                  # [K, N, N] float64
@@ -137,7 +148,7 @@ def conflicts_from_units(ga, gb, *, groups="heads", layout: AttentionLayout | No
     obs, p, sd, mean, effect = (t.cpu().tolist() for t in (obs, p, sd, mean, effect))
     out, nulls = {}, {}
     null_np = null.cpu().numpy()
-    for name, k in zip(names, shared):
+    for name, k in zip(names, shared, strict=True):
         out[name] = {"mean_cosine": obs[k], "p": p[k], "q": float(q[k]),
                      "effect": effect[k], "interval": (float(lo_hi[0, k]), float(lo_hi[1, k])),
                      "null_mean": mean[k], "null_sd": sd[k], "n_a": n_a, "n_b": n_b}

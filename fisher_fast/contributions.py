@@ -9,18 +9,26 @@ none. Group reductions are computed from C, never instead of it.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Hashable
+from typing import TYPE_CHECKING
 
 import torch
 
 from .per_sample import iter_unit_gradients
-from .results import PerUnit
+from .results import LossFn, PerUnit, SampleIds
+
+if TYPE_CHECKING:
+    from .store.contribution_store import ContributionStore
 
 
-def per_sample_contributions(model: torch.nn.Module, batch: dict, *, loss_fn=None,
-                             unit: str = "sample", weighting: str = "sample", sample_ids=None,
-                             dtype=None, store=None, task="default", chunk_size=None,
-                             memory_budget=None, return_tensors: bool = True,
-                             params=None) -> PerUnit:
+def per_sample_contributions(model: torch.nn.Module, batch: dict, *,
+                             loss_fn: LossFn | None = None, unit: str = "sample",
+                             weighting: str = "sample", sample_ids: SampleIds | None = None,
+                             dtype: torch.dtype | None = None,
+                             store: ContributionStore | None = None, task: Hashable = "default",
+                             chunk_size: int | None = None, memory_budget: float | None = None,
+                             return_tensors: bool = True,
+                             params: list[str] | None = None) -> PerUnit:
     r"""Per-unit contributions :math:`C_u = g_u \odot g_u`, full shape, keyed by unit id.
 
     .. math:: C_u[p] = \big(\partial \ell_u / \partial \theta_p\big)^2
@@ -29,9 +37,16 @@ def per_sample_contributions(model: torch.nn.Module, batch: dict, *, loss_fn=Non
     returned ``weights``.
 
     Args:
-        model, batch, loss_fn, unit, weighting, sample_ids, dtype, chunk_size,
-            memory_budget, params: as for ``per_sample_gradients`` (``params``: only these
-            parameters' contributions, e.g. the attention weights).
+        model: as for ``per_sample_gradients``.
+        batch: as for ``per_sample_gradients``.
+        loss_fn: as for ``per_sample_gradients``.
+        unit: as for ``per_sample_gradients``.
+        weighting: as for ``per_sample_gradients``.
+        sample_ids: as for ``per_sample_gradients``.
+        dtype: as for ``per_sample_gradients``.
+        chunk_size: as for ``per_sample_gradients``.
+        memory_budget: as for ``per_sample_gradients``.
+        params: only these parameters' contributions (e.g. the attention weights).
         store: a ``ContributionStore``. The batch is then computed and filed chunk by chunk
             (``iter_unit_gradients``: at most one chunk's gradients exist at a time, the
             store spilling to host memory and disk as its budgets say), inside one

@@ -28,6 +28,7 @@ from .batching.label_draws import row_uniforms
 from .batching.row_losses import chunk_rows
 from .batching.units import aligned_targets, with_shared_classes, with_shared_draws
 from .capture.plan import build_plan
+from .results import FisherResult, LossFn, SampleIds
 from .run.batch_statistics import Keep, accumulate_batch
 from .run.options import Options
 from .stats import readout
@@ -80,7 +81,8 @@ def empirical_fisher(model: nn.Module, batch: dict, *, loss_fn: LossFn | None = 
 
 
 def squared_mean_gradient(model: nn.Module, batch: dict, *, loss_fn: LossFn | None = None,
-                          unit: str = "sample", weighting: str = "sample", sample_ids: SampleIds | None = None,
+                          unit: str = "sample", weighting: str = "sample",
+                          sample_ids: SampleIds | None = None,
                           dtype: torch.dtype | None = None, chunk_size: int | None = None,
                           memory_budget: float | None = None, allow_tf32: bool = False,
                           autocast: torch.dtype | None = None) -> FisherResult:
@@ -95,7 +97,8 @@ def gradient_variance(model: nn.Module, batch: dict, *, loss_fn: LossFn | None =
                       memory_budget: float | None = None, allow_tf32: bool = False,
                       autocast: torch.dtype | None = None, unbiased: bool = False) -> FisherResult:
     r"""Gradient variance :math:`V = F - S = \sum_u w_u (g_u - \bar g)^2 / W`, from the
-    Welford M2 (never negative: M2 is clamped at 0 per chunk against rounding only). ``unbiased=True`` multiplies by
+    Welford M2 (never negative: M2 is clamped at 0 per chunk against rounding only).
+    ``unbiased=True`` multiplies by
     :math:`W^2 / (W^2 - \sum_u w_u^2)` (U/(U−1) for unit weights); needs two units.
     """
     opts = Options.of(loss_fn, unit, weighting, dtype, chunk_size, memory_budget, allow_tf32, autocast)
@@ -103,7 +106,8 @@ def gradient_variance(model: nn.Module, batch: dict, *, loss_fn: LossFn | None =
 
 
 def batch_squared_gradient(model: nn.Module, batch: dict, *, loss_fn: LossFn | None = None,
-                           unit: str = "sample", weighting: str = "sample", sample_ids: SampleIds | None = None,
+                           unit: str = "sample", weighting: str = "sample",
+                           sample_ids: SampleIds | None = None,
                            dtype: torch.dtype | None = None, chunk_size: int | None = None,
                            memory_budget: float | None = None, allow_tf32: bool = False,
                            autocast: torch.dtype | None = None, micro_batch_size: int = 1) -> FisherResult:
@@ -153,7 +157,7 @@ def exact_fisher(model: nn.Module, batch: dict, *, loss_fn: LossFn | None = None
                  dtype: torch.dtype | None = None, chunk_size: int | None = None,
                  memory_budget: float | None = None, allow_tf32: bool = False,
                  autocast: torch.dtype | None = None) -> FisherResult:
-    r"""Exact Fisher diagonal for token units, enumerating the C classes:
+    r"""Exact Fisher diagonal for token units, enumerating the C classes.
 
     .. math:: F_{exact} = \frac{1}{W}\sum_u w_u \sum_c p_{u,c}\,
               \big(\nabla_\theta(-\log p_{u,c})\big)^2
@@ -182,7 +186,8 @@ def group_fisher(model: nn.Module, batch: dict, *, loss_fn: LossFn | None = None
                  unit: str = "sample", weighting: str = "sample", sample_ids: SampleIds | None = None,
                  dtype: torch.dtype | None = None, chunk_size: int | None = None,
                  memory_budget: float | None = None, allow_tf32: bool = False,
-                 autocast: torch.dtype | None = None, groups: str | dict = "generic", layout=None) -> FisherResult:
+                 autocast: torch.dtype | None = None, groups: str | dict = "generic",
+                 layout: dict | None = None) -> FisherResult:
     r"""Per-group statistics of :math:`f_u[k] = \sum_{p \in k} g_{u,p}^2`: ``mean``
     (= R(F)), ``variance`` (weighted, population), ``stderr`` (sqrt(variance / U)), ``snr``
     (mean / stderr) and ``n`` (U), each a 1-D tensor over the parameter's groups.
@@ -192,8 +197,8 @@ def group_fisher(model: nn.Module, batch: dict, *, loss_fn: LossFn | None = None
     :math:`f_u[o] = \sum_{t,s} \delta_{to}\delta_{so}\, x_t \cdot x_s`.
 
     Args:
-        groups: ``"generic"``, ``"heads"`` (attention heads via ``fisher_fast.attention.slicing``) or a
-            dict ``{name: (ids, n_groups)}``.
+        groups: ``"generic"``, ``"heads"`` (attention heads via
+            ``fisher_fast.attention.slicing``) or a dict ``{name: (ids, n_groups)}``.
         layout: attention layout for ``groups="heads"``.
     """
     opts = Options.of(loss_fn, unit, weighting, dtype, chunk_size, memory_budget, allow_tf32, autocast)

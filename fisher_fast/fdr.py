@@ -7,9 +7,10 @@ written out in numpy so the step-up is visible.
 from __future__ import annotations
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 
-def bh_qvalues(p) -> np.ndarray:
+def bh_qvalues(p: ArrayLike) -> np.ndarray:
     r"""Benjamini–Hochberg q-values, in the order of ``p``.
 
     With p sorted ascending, :math:`p_{(1)} \le \dots \le p_{(m)}`,
@@ -25,7 +26,7 @@ def bh_qvalues(p) -> np.ndarray:
     return _step_up(p, correction=1.0)
 
 
-def by_qvalues(p) -> np.ndarray:
+def by_qvalues(p: ArrayLike) -> np.ndarray:
     r"""Benjamini–Yekutieli q-values (valid under any dependence), in the order of ``p``.
 
     .. math:: q_{(i)} = \min\Big(1, \min_{k \ge i} \frac{m\, c_m}{k} p_{(k)}\Big),

@@ -21,6 +21,8 @@ K/V results are computed once per kv head and repeated for the query heads that 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Hashable
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -28,7 +30,11 @@ from .attention.layouts import AttentionLayout, attention_layout
 from .attention.slicing import BLOCKS, block_params, kv_index, slice_matrix
 from .batching.checks import check_positive_int
 from .per_sample import unit_gradient_chunks, unit_gradients
+from .results import LossFn, SampleIds
 from .run.options import Options
+
+if TYPE_CHECKING:
+    from .store.contribution_store import ContributionStore
 
 FISHER_CHOICES = ("a", "b", "pooled")
 
@@ -46,13 +52,14 @@ class InterferenceResult(dict):
         eps: ``{block: Tensor[L, H]}``, the per-slice ε that was used.
     """
 
-    def __init__(self, scores: dict, *, ids_a, ids_b, signed: bool, top_k: int, eps: dict):
+    def __init__(self, scores: dict, *, ids_a: list, ids_b: list, signed: bool, top_k: int,
+                 eps: dict) -> None:
         super().__init__(scores)
         self.ids_a, self.ids_b, self.signed, self.eps = list(ids_a), list(ids_b), bool(signed), eps
         self.means = {b: m.mean(dim=(0, 1)) for b, m in scores.items()}
         self.top_k = _top_entries(scores, self.ids_a, self.ids_b, top_k, signed)
 
-    def pair(self, id_a, id_b) -> dict:
+    def pair(self, id_a: Hashable, id_b: Hashable) -> dict:
         """``{block: Tensor[L, H]}`` for one (task-A id, task-B id) pair."""
         i, j = _position(self.ids_a, id_a, "id_a"), _position(self.ids_b, id_b, "id_b")
         return {b: m[i, j] for b, m in self.items()}
@@ -65,23 +72,32 @@ def _position(ids: list, uid, what: str) -> int:
     raise ValueError(f"{what}: expected one of the units' ids, got unknown id {uid!r}.")
 
 
-def interference(model: torch.nn.Module, batch_a: dict, batch_b: dict, *, fisher="a",
-                 signed: bool = False, eps: float = 1e-12, ridge_rel: float = 0.0,
-                 top_k: int = 100, layout=None, loss_fn=None, unit: str = "sample",
-                 weighting: str = "sample", store=None, include_bias: bool = False,
-                 dtype=None, task_a="a", chunk_size: int | None = None, sample_ids_a=None,
-                 sample_ids_b=None, score_rows: int | None = None) -> InterferenceResult:
+def interference(model: torch.nn.Module, batch_a: dict, batch_b: dict, *,
+                 fisher: str | dict = "a", signed: bool = False, eps: float = 1e-12,
+                 ridge_rel: float = 0.0, top_k: int = 100,
+                 layout: AttentionLayout | dict | None = None, loss_fn: LossFn | None = None,
+                 unit: str = "sample", weighting: str = "sample",
+                 store: ContributionStore | None = None, include_bias: bool = False,
+                 dtype: torch.dtype | None = None, task_a: Hashable = "a",
+                 chunk_size: int | None = None, sample_ids_a: SampleIds | None = None,
+                 sample_ids_b: SampleIds | None = None,
+                 score_rows: int | None = None) -> InterferenceResult:
     """QK-OV interference M^B[i, j, l, h] of task A (``batch_a``) on task B (``batch_b``).
 
     Args:
         model: the model; its attention layout is detected unless ``layout`` is given.
-        batch_a, batch_b: the two tasks' batches (sample ids from ``batch["sample_ids"]``).
+        batch_a: task A's batch (sample ids from ``batch["sample_ids"]``).
+        batch_b: task B's batch.
         fisher: F̂ = empirical Fisher of ``"a"`` (default), ``"b"``, ``"pooled"`` (the units
             of both tasks), or a dict ``{parameter name: tensor}``.
         signed: φ = identity instead of abs.
-        eps, ridge_rel: ε_slice = eps + ridge_rel · median(F̂ over the slice).
+        eps: ε_slice = eps + ridge_rel · median(F̂ over the slice).
+        ridge_rel: see ``eps``.
         top_k: how many of the largest entries to list.
-        loss_fn, unit, weighting: as for every estimator (docs/architecture.md).
+        layout: a declared attention layout (default: detected).
+        loss_fn: per-row loss, as for every estimator (docs/architecture.md).
+        unit: as for every estimator.
+        weighting: as for every estimator.
         store: a ``ContributionStore``: A's contributions C_A are computed ``chunk_size``
             rows at a time, written to it under task ``task_a`` and read back ``score_rows``
             units at a time, so only a chunk of them is on the device at once.
@@ -91,7 +107,8 @@ def interference(model: torch.nn.Module, batch_a: dict, batch_b: dict, *, fisher
         chunk_size: forward rows per chunk (as for every estimator; default from memory).
         score_rows: A's units scored against B at a time (default: all of them without a
             store; with one, ``chunk_size`` when given, else all).
-        sample_ids_a, sample_ids_b: the units' sample ids, if not in the batches.
+        sample_ids_a: task A's sample ids, if not in ``batch_a``.
+        sample_ids_b: task B's sample ids, if not in ``batch_b``.
 
     Returns:
         InterferenceResult.
@@ -156,7 +173,8 @@ def interference_from_units(lay: AttentionLayout, ga, gb, *, fisher="a", signed=
     names = names or _layout_names(lay, include_bias)
     missing = [n for n in names if n not in ga.tensors]
     if missing:
-        raise ValueError(f"gradients: expected every attention tensor of the layout, got none for {missing[:5]}.")
+        raise ValueError(f"gradients: expected every attention tensor of the layout, got none "
+                         f"for {missing[:5]}.")
     ca = {n: ga.tensors[n].square() for n in names}
     w = ga.weights
     W = w.to(ca[names[0]].dtype).to(ca[names[0]].device).sum()
@@ -181,7 +199,8 @@ def _scores(lay: AttentionLayout, a: _TaskA, gb, *, fisher, signed, eps, ridge_r
             include_bias, names, score_rows, before_reads=None) -> InterferenceResult:
     heads = {la.num_heads for la in lay.layers}
     if len(heads) != 1:
-        raise ValueError(f"interference: expected the same number of heads in every layer, got {sorted(heads)}.")
+        raise ValueError(f"interference: expected the same number of heads in every layer, "
+                         f"got {sorted(heads)}.")
     H, L = heads.pop(), lay.num_layers
     n_a, n_b = len(a.ids), len(gb.ids)
     fhat = _fisher_hat(fisher, a, gb, names)
@@ -296,7 +315,7 @@ def _top_entries(blocks: dict, ids_a: list, ids_b: list, k: int, signed: bool) -
     shape = stacked.shape
     out = []
     scores = flat[order].tolist()  # one host transfer, not one per entry
-    for f, score in zip(order.tolist(), scores):
+    for f, score in zip(order.tolist(), scores, strict=True):
         b, rem = divmod(f, shape[1] * shape[2] * shape[3] * shape[4])
         layer, rem = divmod(rem, shape[2] * shape[3] * shape[4])
         head, rem = divmod(rem, shape[3] * shape[4])

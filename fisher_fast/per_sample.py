@@ -9,7 +9,7 @@ alone with plain autograd, curvlinops' ``_checks.py`` idea), else ``ValueError``
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import replace
 
 import torch
@@ -18,15 +18,16 @@ from .batching.checks import split_batch
 from .batching.chunk_sizes import default_budget, rows_per_chunk
 from .batching.units import plan_units
 from .capture.plan import build_plan
-from .results import PerUnit
+from .results import LossFn, PerUnit, SampleIds
 from .run.chunks import forward_context, model_device, run_chunks
 from .run.options import Options, check_flag
 from .stats.sinks import PerUnitSink
 
 
-def per_sample_gradients(model: torch.nn.Module, batch: dict, *, loss_fn: Callable | None = None,
-                         unit: str = "sample", weighting: str = "sample", sample_ids=None,
-                         dtype: torch.dtype | None = None, chunk_size: int | None = None,
+def per_sample_gradients(model: torch.nn.Module, batch: dict, *, loss_fn: LossFn | None = None,
+                         unit: str = "sample", weighting: str = "sample",
+                         sample_ids: SampleIds | None = None, dtype: torch.dtype | None = None,
+                         chunk_size: int | None = None,
                          memory_budget: int | float | None = None, check: bool = False,
                          allow_tf32: bool = False, autocast: torch.dtype | None = None,
                          params: list[str] | None = None) -> PerUnit:
@@ -80,9 +81,10 @@ def unit_gradients(model: torch.nn.Module, batch: dict, sample_ids, opts: Option
     return result
 
 
-def iter_unit_gradients(model: torch.nn.Module, batch: dict, *, loss_fn: Callable | None = None,
-                        unit: str = "sample", weighting: str = "sample", sample_ids=None,
-                        dtype: torch.dtype | None = None, chunk_size: int | None = None,
+def iter_unit_gradients(model: torch.nn.Module, batch: dict, *, loss_fn: LossFn | None = None,
+                        unit: str = "sample", weighting: str = "sample",
+                        sample_ids: SampleIds | None = None, dtype: torch.dtype | None = None,
+                        chunk_size: int | None = None,
                         memory_budget: int | float | None = None, allow_tf32: bool = False,
                         autocast: torch.dtype | None = None,
                         params: list[str] | None = None) -> Iterator[PerUnit]:
@@ -173,9 +175,9 @@ def check_rows_independent(model, loss, tensors, units, result: PerUnit, autocas
         with forward_context(device, autocast):
             loss_j, _ = chunk_losses(model, loss, chunk_rows(tensors, one.rows, device), one, None)
         grads = torch.autograd.grad(loss_j.sum(), list(params.values()), allow_unused=True)
-        wants = [torch.zeros_like(p) if g is None else g for p, g in zip(params.values(), grads)]
+        wants = [torch.zeros_like(p) if g is None else g for p, g in zip(params.values(), grads, strict=True)]
         scale = max(float(w.abs().max()) for w in wants if w.numel()) or 1e-30
-        for name, want in zip(params, wants):
+        for name, want in zip(params, wants, strict=True):
             got = result.tensors[name][j].to(want.dtype)
             err = float((got - want).abs().max()) if want.numel() else 0.0
             if err > tol * scale:

@@ -4,7 +4,7 @@ type aliases of the public signatures.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -25,8 +25,8 @@ class FisherResult(dict):
         empty_ids: sample ids of the rows that had no active label token (dropped).
     """
 
-    def __init__(self, tensors=(), *, n_units: int = 0, total_weight: float = 0.0,
-                 empty_ids: list | None = None):
+    def __init__(self, tensors: dict | Iterable = (), *, n_units: int = 0, total_weight: float = 0.0,
+                 empty_ids: list | None = None) -> None:
         super().__init__(tensors)
         self.n_units = int(n_units)
         self.total_weight = float(total_weight)

@@ -36,6 +36,7 @@ import json
 import os
 import uuid
 from collections import OrderedDict
+from collections.abc import Hashable, Iterable, Iterator
 from dataclasses import dataclass, replace
 
 import torch
@@ -68,7 +69,7 @@ class ContributionStore:
     def __init__(self, directory: str | os.PathLike | None = None, *,
                  device_bytes: int | None = None, host_bytes: int | None = None,
                  disk_bytes: int | None = None, device: str | torch.device | None = None,
-                 pin_memory: bool | None = None):
+                 pin_memory: bool | None = None) -> None:
         self._setup(directory, device_bytes, host_bytes, disk_bytes, device, pin_memory)
         if self.directory is not None:
             if os.path.exists(os.path.join(self.directory, mf.MANIFEST)):
@@ -142,25 +143,25 @@ class ContributionStore:
         self._doomed: list[str] = []  # shard files to remove when the transaction commits
 
     # ---------------------------------------------------------------- queries
-    def tasks(self) -> list:
+    def tasks(self) -> list[Hashable]:
         """Tasks with at least one record, in order of first insertion."""
         return list(dict.fromkeys(t for t, _ in self._records))
 
-    def ids(self, task) -> list:
+    def ids(self, task: Hashable) -> list[Hashable]:
         """The sample ids of ``task``, in insertion order."""
         return [s for t, s in self._records if t == task]
 
-    def contains(self, task, sample_id) -> bool:
+    def contains(self, task: Hashable, sample_id: Hashable) -> bool:
         """Whether ``(task, sample_id)`` has a record."""
         return (task, sample_id) in self._records
 
-    def __contains__(self, key) -> bool:
+    def __contains__(self, key: tuple) -> bool:
         return key in self._records
 
     def __len__(self) -> int:
         return len(self._records)
 
-    def tier_of(self, task, sample_id) -> str:
+    def tier_of(self, task: Hashable, sample_id: Hashable) -> str:
         """Which tier holds the record: "device", "host" or "disk"."""
         return self._get_record(task, sample_id).tier
 
@@ -171,15 +172,17 @@ class ContributionStore:
             out[r.tier] += r.nbytes
         return out
 
-    def parameter_names(self, task) -> list[str]:
+    def parameter_names(self, task: Hashable) -> list[str]:
         """The parameter names of ``task``'s records, in schema order."""
         return [n for n, _, _ in self._schema(task)]
 
-    def get(self, task, sample_id, device=None) -> dict[str, torch.Tensor]:
+    def get(self, task: Hashable, sample_id: Hashable,
+            device: str | torch.device | None = None) -> dict[str, torch.Tensor]:
         """``{parameter name: C_u}`` of one record, on ``device`` (default: the store's)."""
         return {n: t[0] for n, t in self.get_stacked(task, [sample_id], device).items()}
 
-    def get_stacked(self, task, ids, device=None) -> dict[str, torch.Tensor]:
+    def get_stacked(self, task: Hashable, ids: Iterable[Hashable],
+                    device: str | torch.device | None = None) -> dict[str, torch.Tensor]:
         """``{parameter name: Tensor[N, *shape]}`` for ``ids`` (in that order)."""
         from safetensors import safe_open
 
@@ -204,7 +207,7 @@ class ContributionStore:
 
     # ---------------------------------------------------------------- writes
     @contextlib.contextmanager
-    def transaction(self):
+    def transaction(self) -> Iterator[ContributionStore]:
         """Everything inside happens, or nothing: on an exception the store returns to its
         state at entry (records, their tiers and contents, schemas), the shard files written
         inside are removed, and the exception propagates. Shard files emptied by a
@@ -244,7 +247,8 @@ class ContributionStore:
         finally:
             self._open, self._doomed = 0, []
 
-    def add(self, task, sample_ids, tensors: dict[str, torch.Tensor]) -> None:
+    def add(self, task: Hashable, sample_ids: Iterable[Hashable],
+            tensors: dict[str, torch.Tensor]) -> None:
         """Add one record per id: ``tensors[name][u]`` is C_u of parameter ``name``.
 
         Raises:
@@ -272,7 +276,7 @@ class ContributionStore:
                 self._shard_refs[r.shard] = 0
         self._recount_shards()
 
-    def delete(self, task, sample_ids=None) -> None:
+    def delete(self, task: Hashable, sample_ids: Iterable[Hashable] | None = None) -> None:
         """Delete the given ids of ``task`` (all of the task's records when ``None``)."""
         self._writable("delete")
         ids = self.ids(task) if sample_ids is None else list(sample_ids)
