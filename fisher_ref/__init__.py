@@ -26,9 +26,11 @@ from fisher_ref.impact import (
 )
 from fisher_ref.losses import (
     CausalLMLoss,
+    ClassifierLoss,
     MaskedLMLoss,
     SequenceClassificationLoss,
     causal_lm_loss,
+    classifier_loss,
     masked_lm_loss,
     sequence_classification_loss,
 )
@@ -38,9 +40,9 @@ from fisher_ref.units import per_sample_gradients
 from fisher_ref.welford import WelfordState, two_pass_moments
 
 __all__ = [
-    "CausalLMLoss", "FisherResult", "MaskedLMLoss", "PerUnit", "SequenceClassificationLoss",
-    "WelfordState", "batch_squared_gradient", "batch_squared_gradient_of", "causal_lm_loss",
-    "empirical_fisher", "empirical_fisher_of", "estimator_impact", "exact_fisher",
+    "CausalLMLoss", "ClassifierLoss", "FisherResult", "MaskedLMLoss", "PerUnit",
+    "SequenceClassificationLoss", "WelfordState", "batch_squared_gradient", "batch_squared_gradient_of", "causal_lm_loss",
+    "classifier_loss", "empirical_fisher", "empirical_fisher_of", "estimator_impact", "exact_fisher",
     "gradient_variance", "gradient_variance_of", "group_fisher", "group_fisher_of", "group_ids",
     "kendall", "masked_lm_loss", "mc_fisher", "mean_gradient", "mean_gradient_of",
     "per_sample_gradients", "pruning_mask_jaccard", "reduce_groups", "sequence_classification_loss",
