@@ -29,8 +29,8 @@ def test_detects_family_heads_and_biases(case):
     cfg, kind, packing, orientation, H, kv, dh, q_bias, o_bias = case
     lay = attention_layout(build_model(cfg))
     assert lay.kind == kind and lay.num_layers == cfg.num_layers
-    for l, la in enumerate(lay.layers):
-        assert (la.index, la.packing, la.orientation) == (l, packing, orientation)
+    for i, la in enumerate(lay.layers):
+        assert (la.index, la.packing, la.orientation) == (i, packing, orientation)
         assert (la.num_heads, la.num_kv_heads, la.head_dim) == (H, kv, dh)
         assert (la.q_bias is not None, la.o_bias is not None) == (q_bias, o_bias)
 
@@ -68,7 +68,8 @@ def test_declared_dict_reproduces_detection(arch):
     detected = attention_layout(model)
     declared = attention_layout(model, _declared(detected))
     assert declared.kind == "declared"
-    assert [replace(la, kind="x") for la in declared.layers] == [replace(la, kind="x") for la in detected.layers]
+    same = [replace(la, kind="x") for la in detected.layers]
+    assert [replace(la, kind="x") for la in declared.layers] == same
 
 
 def test_layout_object_passes_through():
