@@ -17,9 +17,11 @@ from .estimators import (
 )
 from .losses import (
                          CausalLMLoss,
+                         ClassifierLoss,
                          MaskedLMLoss,
                          SequenceClassificationLoss,
                          causal_lm_loss,
+                         classifier_loss,
                          masked_lm_loss,
                          sequence_classification_loss,
 )
@@ -27,8 +29,9 @@ from .per_sample import iter_unit_gradients, per_sample_gradients
 from .results import FisherResult, PerUnit
 
 __all__ = [
-    "CausalLMLoss", "FisherAccumulator", "FisherResult", "MaskedLMLoss", "PerUnit",
-    "SequenceClassificationLoss", "batch_squared_gradient", "capture_plan", "causal_lm_loss",
+    "CausalLMLoss", "ClassifierLoss", "FisherAccumulator", "FisherResult", "MaskedLMLoss",
+    "PerUnit", "SequenceClassificationLoss", "batch_squared_gradient", "capture_plan",
+    "causal_lm_loss", "classifier_loss",
     "empirical_fisher", "exact_fisher", "gradient_variance", "group_fisher", "masked_lm_loss",
     "iter_unit_gradients", "mc_fisher", "mean_gradient", "per_sample_gradients",
     "sequence_classification_loss", "squared_mean_gradient",

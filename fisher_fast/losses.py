@@ -13,7 +13,9 @@ Each loss object ``loss`` offers
     \ell_i = \frac{1}{K_i^{[\text{mean}]}} \sum_{t:\,y_{it} \neq -100} -\log
     \operatorname{softmax}(z_{it})_{y_{it}}
 
-Half-precision logits are promoted to float32 before the log-softmax.
+Half-precision logits are promoted to float32 before the log-softmax. The language-model
+losses call ``model(**batch)`` (labels withheld); ``ClassifierLoss`` calls a plain
+classifier with its one positional input, ``model(batch["input"])``.
 """
 
 from __future__ import annotations
@@ -85,15 +87,22 @@ class _TokenLoss:
         return self.align(None, labels)[1]
 
     def token_counts(self, batch: dict) -> torch.Tensor:
+        """K_i, the active aligned labels of each row ``LongTensor[B]``, from the labels alone."""
         return (self.targets(batch) != IGNORE_INDEX).sum(dim=1)
 
+    def model_logits(self, model: torch.nn.Module, batch: dict) -> torch.Tensor:
+        """The model's logits on the batch: ``model(**batch)``, labels withheld."""
+        return model_logits(model, batch)
+
     def logits_and_targets(self, model: torch.nn.Module, batch: dict):
-        """Checks the targets against the number of classes C before any loss is formed: an
+        """``(logits [B, T, C], targets [B, T])``, aligned.
+
+        Checks the targets against the number of classes C before any loss is formed: an
         out-of-range class would be an IndexError on the CPU and a device-side assert (a
         lost CUDA context) on a GPU. (One host sync per call on a GPU.)
         """
         targets = self.targets(batch)
-        logits, _ = self.align(model_logits(model, batch), batch["labels"])
+        logits, _ = self.align(self.model_logits(model, batch), batch["labels"])
         C = logits.shape[-1]
         bad = (targets >= C) | ((targets < 0) & (targets != IGNORE_INDEX))
         if bool(bad.any()):
@@ -111,6 +120,7 @@ class CausalLMLoss(_TokenLoss):
     """Next-token loss with the HF shift: logits at t predict the label at t + 1."""
 
     def align(self, logits, labels):
+        """Logits at t with the label at t + 1: ``logits[:, :-1]``, ``labels[:, 1:]``."""
         return (None if logits is None else logits[:, :-1]), labels[:, 1:]
 
 
@@ -118,6 +128,7 @@ class MaskedLMLoss(_TokenLoss):
     """Masked-LM loss: logits and labels aligned as they are."""
 
     def align(self, logits, labels):
+        """Logits and labels as they are."""
         return logits, labels
 
 
@@ -125,15 +136,59 @@ class SequenceClassificationLoss(_TokenLoss):
     """Sequence classification: logits ``[B, C]``, labels ``[B]``; one position (T = 1)."""
 
     def align(self, logits, labels):
+        """Logits ``[B, C]`` and labels ``[B]`` as one position: ``[B, 1, C]``, ``[B, 1]``."""
         if labels.dim() != 1:
             raise ValueError(f"SequenceClassificationLoss: expected labels of shape [B], "
                              f"got {tuple(labels.shape)}.")
         return (None if logits is None else logits[:, None, :]), labels[:, None]
 
 
+class ClassifierLoss(_TokenLoss):
+    """A plain classifier's cross-entropy on an ``(input, labels)`` batch.
+
+    ``model(batch[input_key])`` returns logits ``[B, C]`` for labels ``[B]`` (one position,
+    T = 1) or ``[B, T, C]`` for labels ``[B, T]``; ``-100`` marks an inactive label.
+
+    Args:
+        reduction: ``"mean"`` or ``"sum"`` over a row's active labels.
+        input_key: the batch key of the model's input (default ``"input"``).
+    """
+
+    def __init__(self, reduction: str = "mean", input_key: str = "input"):
+        super().__init__(reduction)
+        if not isinstance(input_key, str) or not input_key:
+            raise ValueError(f"input_key: expected a non-empty str, got {input_key!r}.")
+        self.input_key = input_key
+
+    def __repr__(self) -> str:
+        return f"ClassifierLoss(reduction={self.reduction!r}, input_key={self.input_key!r})"
+
+    def align(self, logits, labels):
+        """Labels ``[B]`` become ``[B, 1]`` and logits ``[B, C]`` become ``[B, 1, C]``."""
+        if labels.dim() not in (1, 2):
+            raise ValueError(f"ClassifierLoss: expected labels of shape [B] or [B, T], "
+                             f"got {tuple(labels.shape)}.")
+        if logits is not None and tuple(logits.shape[:-1]) != tuple(labels.shape):
+            raise ValueError(f"ClassifierLoss: expected logits of shape {(*labels.shape, 'C')}, "
+                             f"got {tuple(logits.shape)}.")
+        if labels.dim() == 1:
+            return (None if logits is None else logits[:, None, :]), labels[:, None]
+        return logits, labels
+
+    def model_logits(self, model: torch.nn.Module, batch: dict) -> torch.Tensor:
+        """``model(batch[input_key])``: logits ``[B, C]`` or ``[B, T, C]``."""
+        if self.input_key not in batch:
+            raise ValueError(f"ClassifierLoss: expected the model's input under "
+                             f"{self.input_key!r}, got keys {sorted(batch)}.")
+        out = model(batch[self.input_key])
+        logits = out.logits if hasattr(out, "logits") else out
+        return logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
+
+
 causal_lm_loss = CausalLMLoss("mean")
 masked_lm_loss = MaskedLMLoss("mean")
 sequence_classification_loss = SequenceClassificationLoss("mean")
+classifier_loss = ClassifierLoss("mean")
 
 
 def has_token_protocol(loss_fn) -> bool:

@@ -31,9 +31,11 @@ from fisher_ref.interference import InterferenceResult, interference, interferen
 from fisher_ref.layouts import AttentionLayout, LayerAttention, attention_layout
 from fisher_ref.losses import (
     CausalLMLoss,
+    ClassifierLoss,
     MaskedLMLoss,
     SequenceClassificationLoss,
     causal_lm_loss,
+    classifier_loss,
     masked_lm_loss,
     sequence_classification_loss,
 )
@@ -52,8 +54,9 @@ from fisher_ref.welford import WelfordState, two_pass_moments
 
 __all__ = [
     # estimators (SPEC §0–3, §8–9)
-    "CausalLMLoss", "FisherResult", "MaskedLMLoss", "PerUnit", "SequenceClassificationLoss",
-    "WelfordState", "batch_squared_gradient", "batch_squared_gradient_of", "causal_lm_loss",
+    "CausalLMLoss", "ClassifierLoss", "FisherResult", "MaskedLMLoss", "PerUnit",
+    "SequenceClassificationLoss", "WelfordState", "batch_squared_gradient",
+    "batch_squared_gradient_of", "causal_lm_loss", "classifier_loss",
     "empirical_fisher", "empirical_fisher_of", "estimator_impact", "exact_fisher",
     "gradient_variance", "gradient_variance_of", "group_fisher", "group_fisher_of", "group_ids",
     "kendall", "masked_lm_loss", "mc_fisher", "mean_gradient", "mean_gradient_of",

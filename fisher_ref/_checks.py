@@ -12,6 +12,7 @@ import torch
 from fisher_ref._types import Batch, LossFn, SampleId, UnitId
 from fisher_ref.losses import (
     CausalLMLoss,
+    ClassifierLoss,
     MaskedLMLoss,
     SequenceClassificationLoss,
     _TokenLoss,
@@ -108,14 +109,32 @@ def resolve_sample_ids(batch: Batch, sample_ids: object, batch_size: int) -> lis
     return ids
 
 
+def is_builtin_loss(loss_fn) -> bool:
+    """Whether ``loss_fn`` is one of ``fisher_ref.losses``' (``None`` means ``causal_lm_loss``)."""
+    return loss_fn is None or isinstance(loss_fn, _TokenLoss)
+
+
+def _check_classifier_keys(batch: dict, loss_fn: ClassifierLoss) -> None:
+    if loss_fn.input_key not in batch:
+        keys = sorted(k for k in batch if k != "sample_ids")
+        raise ValueError(f"batch: expected key {loss_fn.input_key!r} (the classifier's input) for "
+                         f"{loss_fn!r}, got keys {keys}.")
+
+
 def _check_keys(model, batch: dict, loss_fn=None) -> None:
-    """The batch's keys fit the model's forward. The built-in losses (``loss_fn=None`` or a
-    ``fisher_ref.losses`` loss) withhold ``labels`` from the model, so a forward without a
-    ``labels`` argument is fine for them.
+    """The batch's keys fit how the built-in loss calls the model.
+
+    The language-model losses pass every key but ``sample_ids`` and ``labels`` to the
+    model's forward (they withhold the labels, so a forward without a ``labels`` argument
+    is fine); :class:`~fisher_ref.losses.ClassifierLoss` needs its input key. A custom
+    ``loss_fn`` is not checked here: its batch's keys are its own business.
     """
-    withheld = {"sample_ids", "labels"} if loss_fn is None or isinstance(loss_fn, _TokenLoss) \
-        else {"sample_ids"}
-    keys = [k for k in batch if k not in withheld]
+    if not is_builtin_loss(loss_fn):
+        return
+    if isinstance(loss_fn, ClassifierLoss):
+        _check_classifier_keys(batch, loss_fn)
+        return
+    keys = [k for k in batch if k not in ("sample_ids", "labels")]
     main = getattr(model, "main_input_name", None)
     if isinstance(main, str) and main not in batch and "inputs_embeds" not in batch:
         raise ValueError(f"batch: expected key {main!r} (the model's main input), "
@@ -149,7 +168,11 @@ def _check_labels(batch: dict, loss_fn, batch_size: int) -> None:
     if labels.dtype.is_floating_point or labels.dtype == torch.bool:
         raise ValueError(f"labels: expected an integer tensor, got dtype {labels.dtype}.")
     ref = batch.get("input_ids")
-    if isinstance(loss_fn, SequenceClassificationLoss):
+    if isinstance(loss_fn, ClassifierLoss):
+        if labels.dim() not in (1, 2) or labels.shape[0] != batch_size:
+            raise ValueError(f"labels: expected shape [{batch_size}] (one label per row) or "
+                             f"[{batch_size}, T] for {loss_fn!r}, got {tuple(labels.shape)}.")
+    elif isinstance(loss_fn, SequenceClassificationLoss):
         if tuple(labels.shape) != (batch_size,):
             raise ValueError(f"labels: expected shape {(batch_size,)} for sequence "
                              f"classification, got {tuple(labels.shape)}.")
@@ -189,7 +212,7 @@ def check_batch(model: torch.nn.Module, batch: Batch, loss_fn: LossFn,
         raise ValueError(f"batch: expected one batch size across keys, got {sizes}.")
     if batch_size == 0:
         raise ValueError("batch: expected at least one row, got 0.")
-    ref = tensors.get("input_ids")
+    ref = tensors.get("input_ids") if is_builtin_loss(loss_fn) else None
     for k in _SEQUENCE_KEYS:
         if ref is not None and k in tensors and tensors[k].shape != ref.shape:
             raise ValueError(f"{k}: expected the shape of input_ids {tuple(ref.shape)}, "

@@ -10,7 +10,8 @@ axis, whether weights are ``[out, in]`` (``torch.nn.Linear``) or ``[in, out]`` (
 Packings of the Q/K/V output axis (size ``H*dh + 2*H_kv*dh``):
 
 - ``"separate"``: three tensors, each ``[heads, dh]`` (LLaMA, Mistral, Qwen2, BERT);
-- ``"fused_blocks"``: one tensor ``[Q: H, dh | K: H_kv, dh | V: H_kv, dh]`` (GPT-2, Phi-3);
+- ``"fused_blocks"``: one tensor ``[Q: H, dh | K: H_kv, dh | V: H_kv, dh]`` (GPT-2, Phi-3,
+  torch's ``nn.MultiheadAttention`` ``in_proj_weight``);
 - ``"fused_per_head"``: one tensor ``[H, 3, dh]`` (GPT-NeoX; ``H_kv == H``).
 
 The output projection's input axis is ``[H, dh]`` (head h at ``h*dh:(h+1)*dh``).
@@ -50,7 +51,7 @@ class LayerAttention:
         module: path of the attention module (its output is ``(output, probabilities)``).
         o_module: path of the output projection module; its input is ``[..., H * dh]``.
         kind: the family (``"gpt2"``, ``"llama"``, ``"bert"``, ``"gpt_neox"``, ``"phi3"``,
-            ``"declared"``).
+            ``"torch_mha"``, ``"declared"``).
         packing: ``"separate"``, ``"fused_blocks"`` or ``"fused_per_head"``.
         orientation: ``"linear"`` (weight ``[out, in]``) or ``"conv1d"`` (``[in, out]``).
         q, k, v, o: weight names (fused packings: ``q == k == v``).
@@ -220,7 +221,33 @@ def _bert(path, module, model):
                 head_dim=_head_dim(module.self, config, H, "attention_head_size"))
 
 
-_DETECTORS = (_gpt2, _llama, _phi3, _neox, _bert)
+def _torch_mha(path, module, model):
+    """The entry of torch's ``nn.MultiheadAttention``: fused ``in_proj_weight`` ``[3E, E]`` with rows
+    ``[Q: H, dh | K: H, dh | V: H, dh]`` (``dh = E / H``) and ``out_proj`` a Linear.
+
+    Its forward calls ``F.multi_head_attention_forward`` with the tensors, not the
+    ``out_proj`` module, and returns ``(output, weights)``; see :mod:`fisher_ref.semantic_check`
+    for how the check observes it.
+    """
+    if not isinstance(module, torch.nn.MultiheadAttention):
+        return None
+    where = path or type(model).__name__
+    if not module._qkv_same_embed_dim:
+        raise ValueError(
+            f"attention_layout: expected {where} (nn.MultiheadAttention) to have one fused "
+            f"in_proj_weight, got separate q/k/v_proj_weight (kdim or vdim != embed_dim) whose one "
+            f"fused in_proj_bias no layout packing describes; {_DECLARE_HINT} (biases None)."
+        )
+    p = f"{path}." if path else ""
+    H = int(module.num_heads)
+    return dict(module=path, o_module=f"{p}out_proj", kind="torch_mha", packing="fused_blocks",
+                orientation="linear", q=f"{p}in_proj_weight", k=f"{p}in_proj_weight",
+                v=f"{p}in_proj_weight", o=f"{p}out_proj.weight", q_bias=f"{p}in_proj_bias",
+                k_bias=f"{p}in_proj_bias", v_bias=f"{p}in_proj_bias", o_bias=f"{p}out_proj.bias",
+                num_heads=H, num_kv_heads=H, head_dim=int(module.head_dim))
+
+
+_DETECTORS = (_gpt2, _llama, _phi3, _neox, _bert, _torch_mha)
 
 
 def _drop_missing_biases(entry: dict, params: dict) -> dict:
@@ -244,8 +271,9 @@ def _detect(model) -> AttentionLayout:
                     if "attn" in p.lower().rsplit(".", 1)[-1] or "attention" in type(m).__name__.lower()]
         what = f"attention-like modules {suspects[:6]}" if suspects else "no attention-like module"
         raise ValueError(
-            f"attention_layout: expected a GPT-2, LLaMA/Mistral/Qwen2, BERT, GPT-NeoX or Phi-3 "
-            f"attention layout in {type(model).__name__}, got {what}; {_DECLARE_HINT}."
+            f"attention_layout: expected a GPT-2, LLaMA/Mistral/Qwen2, BERT, GPT-NeoX, Phi-3 or "
+            f"torch nn.MultiheadAttention attention layout in {type(model).__name__}, got {what}; "
+            f"{_DECLARE_HINT}."
         )
     kinds = sorted({e["kind"] for e in found})
     kind = kinds[0] if len(kinds) == 1 else "mixed"
@@ -363,8 +391,9 @@ def attention_layout(model: torch.nn.Module, layout: AttentionLayout | dict | No
     LLaMA / Mistral / Qwen2 (``q_proj``, ``k_proj``, ``v_proj``, ``o_proj``; GQA; the
     module's ``head_dim``, which comes from the config when it sets one), BERT
     (``query``/``key``/``value`` + ``attention.output.dense``), GPT-NeoX
-    (``query_key_value`` rows ``[H, 3, dh]``) and Phi-3 (``qkv_proj`` rows
-    ``[Q; K; V]``).
+    (``query_key_value`` rows ``[H, 3, dh]``), Phi-3 (``qkv_proj`` rows
+    ``[Q; K; V]``) and torch's ``nn.MultiheadAttention`` (``in_proj_weight`` rows
+    ``[Q; K; V]``, ``out_proj``; e.g. a ViT built from torch modules).
 
     Args:
         model: the model.

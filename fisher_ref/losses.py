@@ -9,8 +9,10 @@ A token loss ``loss`` provides:
 - ``loss.token_counts(batch) -> LongTensor[B]``: K_i, active label tokens per row.
 - ``loss.reduction``.
 
-Every batch key except ``sample_ids`` and ``labels`` is passed to the model: the labels are
-used here, so the model does not compute a loss of its own.
+The language-model losses pass every batch key except ``sample_ids`` and ``labels`` to the
+model as keyword arguments: the labels are used here, so the model does not compute a loss
+of its own. :class:`ClassifierLoss` is the plain classifier's: an ``(input, labels)`` batch,
+``model(batch["input"])`` with one positional argument, as an MLP, a CNN or a ViT takes it.
 """
 
 from __future__ import annotations
@@ -166,9 +168,57 @@ class SequenceClassificationLoss(_TokenLoss):
         return labels.reshape(-1, 1)
 
 
+class ClassifierLoss(_TokenLoss):
+    r"""A plain classifier's cross-entropy on an ``(input, labels)`` batch.
+
+    The model is called with one positional argument, ``model(batch[input_key])``, and
+    returns logits ``Tensor[batch, classes]`` for labels ``LongTensor[batch]`` (one label
+    per row: T = 1, so ``"mean"`` and ``"sum"`` give the same row loss), or logits
+    ``Tensor[batch, pos, classes]`` for labels ``LongTensor[batch, pos]`` (e.g. one label
+    per pixel or per patch), reduced over the row's active labels. A label of ``-100`` is
+    inactive; a row without an active label is empty.
+
+    .. math:: \ell_i = \rho_i \sum_{t:\, y_{i,t} \ne -100} -\log \mathrm{softmax}(z_{i,t})_{y_{i,t}},
+       \quad \rho_i = 1/K_i \text{ (mean) or } 1 \text{ (sum)}.
+
+    Args:
+        reduction: ``"mean"`` or ``"sum"`` over a row's active labels.
+        input_key: the batch key holding the model's input (default ``"input"``).
+    """
+
+    def __init__(self, reduction: str = "mean", input_key: str = "input"):
+        super().__init__(reduction)
+        if not isinstance(input_key, str) or not input_key:
+            raise ValueError(f"input_key: expected a non-empty str, got {input_key!r}.")
+        self.input_key = input_key
+
+    def __repr__(self) -> str:
+        return f"ClassifierLoss(reduction={self.reduction!r}, input_key={self.input_key!r})"
+
+    def logits_and_targets(self, model, batch: dict):
+        """``(logits [B, T, C], targets [B, T])`` from ``model(batch[input_key])``."""
+        logits = output_logits(model(batch[self.input_key]))
+        return self.align(logits, batch["labels"])
+
+    def align(self, logits, labels):
+        """Logits ``[B, C]`` with labels ``[B]`` become T = 1; ``[B, T, C]`` with ``[B, T]`` stay."""
+        want = labels.dim() + 1
+        if logits.dim() != want or logits.shape[:-1] != labels.shape:
+            raise ValueError(f"logits: expected shape {(*labels.shape, 'C')} for labels of shape "
+                             f"{tuple(labels.shape)}, got {tuple(logits.shape)}.")
+        if labels.dim() == 1:
+            return logits.unsqueeze(1), labels.unsqueeze(1)
+        return logits, labels
+
+    def aligned_labels(self, labels):
+        """Labels as ``[B, T]`` (T = 1 for one label per row)."""
+        return labels.unsqueeze(1) if labels.dim() == 1 else labels
+
+
 causal_lm_loss = CausalLMLoss("mean")
 masked_lm_loss = MaskedLMLoss("mean")
 sequence_classification_loss = SequenceClassificationLoss("mean")
+classifier_loss = ClassifierLoss("mean")
 
 
 def is_token_loss(loss_fn: object) -> bool:

@@ -8,6 +8,13 @@ noise, every other entry untouched) and two things of layer l are observed with 
 - the per-head input of the output projection, ``Z[b, t, h', :]`` (a forward pre-hook on
   ``o_module``, its input split as ``[H, dh]``).
 
+torch's ``nn.MultiheadAttention`` never calls its ``out_proj`` module (its forward hands
+the tensors to ``F.multi_head_attention_forward``) and averages the probabilities over
+heads by default. A forward hook on it therefore calls the module again with the same
+arguments: once with ``need_weights=True, average_attn_weights=False`` for ``P``, and once
+with ``out_proj`` set to the identity (weight ``I``, bias 0) for ``Z``: both are the
+module's own computation.
+
 A slice passes when exactly the right heads move (r = H / H_kv, G(h) the query heads
 sharing kv(h)):
 
@@ -54,6 +61,7 @@ moves where it must not is a failure whatever the probe says.
 from __future__ import annotations
 
 import copy
+import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -145,7 +153,11 @@ class _Observer:
         modules = dict(model.named_modules())
         self.layout, self.P, self.Z, self.handles = layout, {}, {}, []
         for la in layout.layers:
-            self.handles.append(modules[la.module].register_forward_hook(self._probs(la)))
+            module = modules[la.module]
+            if isinstance(module, torch.nn.MultiheadAttention):
+                self.handles.append(module.register_forward_hook(self._mha(la), with_kwargs=True))
+                continue
+            self.handles.append(module.register_forward_hook(self._probs(la)))
             self.handles.append(modules[la.o_module].register_forward_pre_hook(self._z(la)))
 
     def _probs(self, la):
@@ -168,9 +180,51 @@ class _Observer:
             self.Z[la.index] = z
         return hook
 
+    def _mha(self, la):
+        """P and Z of an ``nn.MultiheadAttention`` from two more calls of the module itself."""
+        inside = []
+
+        def hook(module, args, kwargs, output):
+            if inside:  # the calls below run this hook too
+                return
+            inside.append(True)
+            try:
+                call = inspect.signature(module.forward).bind(*args, **kwargs).arguments
+                call = dict(call, need_weights=True, average_attn_weights=False)
+                _, probs = module(**call)
+                z, _ = _with_identity_out_proj(module, dict(call, need_weights=False))
+            finally:
+                inside.clear()
+            if probs.dim() == 3:  # unbatched input: [H, T, S], output [T, E]
+                probs, z = probs.unsqueeze(0), z.unsqueeze(0)
+            elif not module.batch_first:
+                z = z.transpose(0, 1)
+            self.P[la.index] = probs.detach().clone()
+            self.Z[la.index] = z.detach().clone()
+        return hook
+
     def remove(self):
+        """Remove every hook."""
         for h in self.handles:
             h.remove()
+
+
+def _with_identity_out_proj(module: torch.nn.MultiheadAttention, call: dict):
+    """``module(**call)`` with ``out_proj`` the identity: the output is the concatenated
+    per-head attention output ``Z`` (``[..., H * dh]``). ``out_proj`` is restored after.
+    """
+    o = module.out_proj
+    saved = o.weight.detach().clone(), None if o.bias is None else o.bias.detach().clone()
+    with torch.no_grad():
+        o.weight.copy_(torch.eye(o.weight.shape[0], dtype=o.weight.dtype))
+        if o.bias is not None:
+            o.bias.zero_()
+        try:
+            return module(**call)
+        finally:
+            o.weight.copy_(saved[0])
+            if o.bias is not None:
+                o.bias.copy_(saved[1])
 
 
 def _forward(model, inputs: dict, obs: _Observer):
@@ -268,7 +322,7 @@ class _Session:
         self.modules = dict(self.model.named_modules())
         self.params = dict(self.model.named_parameters())
         self.inputs = {k: (v.to(torch.float64) if v.is_floating_point() else v).cpu()
-                       for k, v in inputs.items() if k != "sample_ids"}
+                       for k, v in inputs.items() if k not in ("sample_ids", "labels")}
         self.obs = _Observer(self.model, layout)
         self.base_P, self.base_Z = _forward(self.model, self.inputs, self.obs)
         self.perturber = _Perturber(self.model, seed)
@@ -546,8 +600,10 @@ def check_masks(model: torch.nn.Module, mask_fn: Callable[[int, int, str], Masks
         heads: the heads to check in each layer (default: all).
         blocks: the blocks to check, a subset of ``("Q", "K", "V", "O")``.
         seed: seeds the inputs and the perturbations.
-        batch: model inputs, ``input_ids: LongTensor[batch, pos]`` etc. (default: two random
-            rows of five tokens).
+        batch: model inputs, passed as keyword arguments (``labels`` and ``sample_ids``
+            are dropped; e.g. ``input_ids: LongTensor[batch, pos]``, or ``{"input": X}`` for a
+            model whose ``forward(input)`` is a classifier's); default: two random rows of
+            five tokens of ``config.vocab_size``.
 
     Returns:
         SemanticReport: per (layer, head, block) whether it passed and what changed.

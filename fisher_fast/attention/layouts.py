@@ -1,15 +1,16 @@
 """Attention layouts: which parameter tensors hold each layer's Q, K, V and O heads.
 
 A layout is read from the model's modules (GPT-2, LLaMA / Mistral / Qwen2, BERT, GPT-NeoX,
-Phi-3) or declared by hand, and always checked against the tensors' shapes. Nothing here
-computes a statistic; ``fisher_fast.attention.slicing`` turns a layout into per-head views.
+Phi-3, torch's ``nn.MultiheadAttention``) or declared by hand, and always checked against
+the tensors' shapes. Nothing here computes a statistic; ``fisher_fast.attention.slicing``
+turns a layout into per-head views.
 
 Packings (output axis of the projection, ``dh`` = head_dim, ``H`` query heads, ``H_kv``
 key/value heads):
 
 ====================  =====================================================
 ``"separate"``        q, k, v distinct tensors: ``[H*dh]``, ``[H_kv*dh]``, ``[H_kv*dh]``
-``"fused_blocks"``    one tensor ``[Q: H*dh | K: H_kv*dh | V: H_kv*dh]`` (GPT-2, Phi-3)
+``"fused_blocks"``    one tensor ``[Q: H*dh | K: H_kv*dh | V: H_kv*dh]`` (GPT-2, Phi-3, MHA)
 ``"fused_per_head"``  one tensor ``[H, 3, dh]`` (GPT-NeoX; needs H_kv = H)
 ====================  =====================================================
 
@@ -29,6 +30,7 @@ _NAME_FIELDS = ("q", "k", "v", "o", "q_bias", "k_bias", "v_bias", "o_bias")
 _DECLARED_FIELDS = ("module", "o_module", "packing", "orientation", *_NAME_FIELDS,
                     "num_heads", "num_kv_heads", "head_dim")
 _OPTIONAL_FIELDS = ("q_bias", "k_bias", "v_bias", "o_bias")
+_LLAMA_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
 @dataclass(frozen=True)
@@ -68,6 +70,7 @@ class AttentionLayout:
 
     @property
     def num_layers(self) -> int:
+        """L, the number of attention layers."""
         return len(self.layers)
 
 
@@ -144,7 +147,8 @@ def _detect(model, names) -> AttentionLayout:
         what = ", ".join(suspects[:8]) if suspects else "no module whose class name mentions attention"
         raise ValueError(
             f"Unsupported model {type(model).__name__}: expected GPT-2, LLaMA/Mistral/Qwen2, BERT, "
-            f"GPT-NeoX or Phi-3 attention modules, got {what}. {_HOW_TO_DECLARE}"
+            f"GPT-NeoX, Phi-3 or torch nn.MultiheadAttention attention modules, got {what}. "
+            f"{_HOW_TO_DECLARE}"
         )
     kinds = {e["kind"] for e in found}
     kind = kinds.pop() if len(kinds) == 1 else "mixed"
@@ -161,6 +165,8 @@ def _entry(path, o_path, kind, packing, orientation, q, k, v, o, qb, kb, vb, ob,
 def _read_module(path, mod, mods, names) -> dict | None:
     """One recognised attention module's layout entry, or None."""
     join = (lambda s: f"{path}.{s}") if path else (lambda s: s)
+    if isinstance(mod, torch.nn.MultiheadAttention):
+        return _torch_mha(path, mod, names, join)
     if hasattr(mod, "c_attn") and hasattr(mod, "c_proj") and hasattr(mod, "head_dim"):
         if hasattr(mod, "q_attn") or getattr(mod, "is_cross_attention", False):
             return None  # cross-attention is not a layer of the layout (docs/definitions.md)
@@ -176,8 +182,8 @@ def _read_module(path, mod, mods, names) -> dict | None:
         family = getattr(getattr(mod, "config", None), "model_type", None)
         family = family if family in ("llama", "mistral", "qwen2") else "llama"
         return _entry(path, join("o_proj"), family, "separate", "linear",
-                      *(_pname(names, getattr(mod, a), "weight") for a in ("q_proj", "k_proj", "v_proj", "o_proj")),
-                      *(_pname(names, getattr(mod, a), "bias") for a in ("q_proj", "k_proj", "v_proj", "o_proj")),
+                      *(_pname(names, getattr(mod, a), "weight") for a in _LLAMA_PROJECTIONS),
+                      *(_pname(names, getattr(mod, a), "bias") for a in _LLAMA_PROJECTIONS),
                       mod.q_proj.weight.shape[0] // dh, mod.k_proj.weight.shape[0] // dh, dh)
     if hasattr(mod, "qkv_proj") and hasattr(mod, "o_proj") and hasattr(mod, "head_dim"):
         dh, hkv = mod.head_dim, mod.num_key_value_heads
@@ -213,6 +219,22 @@ def _read_module(path, mod, mods, names) -> dict | None:
                       *(_pname(names, getattr(mod, a), "bias") for a in ("query", "key", "value")),
                       _pname(names, dense, "bias"), h, h, dh)
     return None
+
+
+def _torch_mha(path, mod, names, join) -> dict:
+    """The entry of a torch ``nn.MultiheadAttention``: ``in_proj_weight`` ``[3E, E]`` = ``[Q | K | V]`` rows,
+    each ``[H, dh]``; ``out_proj`` a Linear whose input axis is ``[H, dh]``.
+    """
+    if not mod._qkv_same_embed_dim:
+        raise ValueError(
+            f"{path or 'model'}: nn.MultiheadAttention with kdim/vdim != embed_dim keeps separate "
+            f"q/k/v_proj_weight but one fused in_proj_bias, which no packing describes; expected "
+            f"a fused in_proj_weight. {_HOW_TO_DECLARE}"
+        )
+    w, b = _pname(names, mod, "in_proj_weight"), _pname(names, mod, "in_proj_bias")
+    return _entry(path, join("out_proj"), "torch_mha", "fused_blocks", "linear", w, w, w,
+                  _pname(names, mod.out_proj, "weight"), b, b, b,
+                  _pname(names, mod.out_proj, "bias"), mod.num_heads, mod.num_heads, mod.head_dim)
 
 
 def _from_dict(layout: dict) -> AttentionLayout:

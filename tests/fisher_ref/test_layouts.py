@@ -85,10 +85,18 @@ def test_declared_biases_may_be_omitted():
     assert (la.q_bias, la.o_bias) == (None, None)
 
 
+class SelfAttention(torch.nn.Module):
+    """An attention module of no supported family (one `qkv` Linear, no known names)."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv, self.out = torch.nn.Linear(8, 24), torch.nn.Linear(8, 8)
+
+
 class _Toy(torch.nn.Module):
     def __init__(self):
         super().__init__()
-        self.attn = torch.nn.MultiheadAttention(8, 2)
+        self.attn = SelfAttention()
 
 
 def _llama_declared(**change):
@@ -149,5 +157,5 @@ def test_kv_head_follows_repeat_kv():
 
 
 def test_unsupported_model_error_names_what_was_found():
-    with pytest.raises(ValueError, match=r"attn \(MultiheadAttention\)"):
+    with pytest.raises(ValueError, match=r"attn \(SelfAttention\)"):
         attention_layout(_Toy())
