@@ -28,7 +28,8 @@ import torch
 SLICE_BYTES = 1 << 27
 
 
-def row_seed(seed: int, sample_id) -> int:
+def row_seed(seed: int, sample_id: object) -> int:
+    """The seed of one row's generator (docs/architecture.md, ``mc_fisher``)."""
     return (seed * 1_000_003 + zlib.crc32(str(sample_id).encode())) % 2**63
 
 

@@ -73,9 +73,14 @@ def accumulate_batch(model, plan, tensors, ids, opts: Options, keep: Keep, prior
     micro = {b: {k: _on(v, device) for k, v in d.items()} for b, d in micro.items()}
     delta = TaskState(n_units=len(units), n_rows=len(ids), total_weight=float(base_w.sum()),
                       sum_w2=float(base_w.square().sum()), empty_ids=list(units.empty_ids))
-    for _, part, sink in run_chunks(
-            model, plan, tensors, run_units, opts, uniforms=uniforms,
-            new_sink=lambda s, n: MomentSink(full, keep.groups, micro, keep.second_only)):
+    # each chunk's sink continues the micro-batch states the chunk before it left
+    carried = {"micro": micro}
+
+    def new_sink(start: int, n: int) -> MomentSink:
+        return MomentSink(full, keep.groups, carried["micro"], keep.second_only)
+
+    for _, part, sink in run_chunks(model, plan, tensors, run_units, opts, uniforms=uniforms,
+                                    new_sink=new_sink):
         chunk = TaskState(moments=sink.take_moments(), group_moments=sink.group_moments)
         states = [t for m in list(chunk.moments.values()) + list(chunk.group_moments.values())
                   for t in m.arrays()]
@@ -88,7 +93,7 @@ def accumulate_batch(model, plan, tensors, ids, opts: Options, keep: Keep, prior
         merged = delta.merged(chunk, in_place=True)  # the delta's tensors are its own
         delta = replace(delta, moments=merged.moments, group_moments=merged.group_moments,
                         micro=sink.micro)
-        micro = sink.micro
+        carried["micro"] = sink.micro
     return delta
 
 

@@ -17,6 +17,10 @@ import torch
 
 @dataclass(frozen=True)
 class GroupSpec:
+    """How a parameter's entries fall into groups: by ``kind`` (rows, columns, elements, one
+    group) or by explicit ``ids`` (a LongTensor shaped like the parameter).
+    """
+
     kind: str  # "rows" | "columns" | "elements" | "single" | "ids"
     n_groups: int
     ids: torch.Tensor | None = None  # for kind == "ids"
@@ -57,6 +61,7 @@ def generic_groups(params: dict, roles: dict) -> dict[str, GroupSpec]:
 
 
 def ids_spec(ids: torch.Tensor, n_groups: int) -> GroupSpec:
+    """A spec of explicit group ids ``LongTensor[*param_shape]`` in ``0..n_groups-1``."""
     return _spec("ids", None, ids=ids.long(), n=n_groups)
 
 

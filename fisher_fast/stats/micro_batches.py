@@ -24,6 +24,10 @@ def _ratio(total: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class MicroBatchState:
+    """The streaming state of ``batch_squared_gradient(b)`` for one parameter: the closed
+    micro-batches' Σ_m W_m ḡ_m² and the open micro-batch's Σ w g and weight.
+    """
+
     b: int
     closed: torch.Tensor  # Σ over closed micro-batches of (Σ w g)² / W_m
     open_sum: torch.Tensor  # Σ w g of the open micro-batch
@@ -31,7 +35,8 @@ class MicroBatchState:
     seen: int = 0  # units so far
 
     @staticmethod
-    def zeros(b, shape, dtype, device) -> MicroBatchState:
+    def zeros(b: int, shape: tuple, dtype: torch.dtype, device: torch.device) -> MicroBatchState:
+        """The state before any unit."""
         z = torch.zeros(shape, dtype=dtype, device=device)
         return MicroBatchState(b, z, z.clone(), torch.zeros((), dtype=dtype, device=device))
 
@@ -57,8 +62,10 @@ class MicroBatchState:
         return MicroBatchState(self.b, closed, sums[-1], ws[-1], self.seen + s)
 
     def value(self, W: torch.Tensor) -> torch.Tensor:
+        """Σ_m W_m ḡ_m² / W, the open micro-batch counted as the last one."""
         return (self.closed + _ratio(self.open_sum, self.open_w)) / W
 
     def tensors(self, prefix: str) -> dict:
+        """The state's tensors under ``prefix``-ed names (for state files)."""
         return {f"{prefix}.closed": self.closed, f"{prefix}.open_sum": self.open_sum,
                 f"{prefix}.open_w": self.open_w}

@@ -33,11 +33,12 @@ def _moments(state: TaskState, what: str) -> dict:
 
 
 def mean_gradient(state: TaskState) -> FisherResult:
+    """ḡ per element."""
     return _result(state, {k: m.mean.clone() for k, m in _moments(state, "mean_gradient").items()})
 
 
 def empirical_fisher(state: TaskState, discard: bool = False) -> FisherResult:
-    """``discard``: the state is thrown away after this call (the functional API), so a
+    """F = E[g²] per element. ``discard``: the state is thrown away after this call (the functional API), so a
     ``SecondMoment``'s array may be handed out instead of copied.
     """
     def f(m):
@@ -47,11 +48,13 @@ def empirical_fisher(state: TaskState, discard: bool = False) -> FisherResult:
 
 
 def squared_mean_gradient(state: TaskState) -> FisherResult:
+    """S = ḡ² per element."""
     return _result(state, {k: m.mean.square() for k, m in
                            _moments(state, "squared_mean_gradient").items()})
 
 
 def gradient_variance(state: TaskState, unbiased: bool = False) -> FisherResult:
+    """V = M2 / W per element (× W²/(W² − Σw²) when ``unbiased``)."""
     out = {k: m.variance() for k, m in _moments(state, "gradient_variance").items()}
     if unbiased:
         W2 = state.total_weight ** 2
@@ -63,6 +66,7 @@ def gradient_variance(state: TaskState, unbiased: bool = False) -> FisherResult:
 
 
 def batch_squared_gradient(state: TaskState, micro_batch_size: int) -> FisherResult:
+    """B_b per element, from the micro-batch states of size ``micro_batch_size``."""
     if micro_batch_size not in state.micro:
         raise ValueError(f"micro_batch_size: expected one of the tracked sizes "
                          f"{sorted(state.micro)}, got {micro_batch_size!r}.")
@@ -71,6 +75,7 @@ def batch_squared_gradient(state: TaskState, micro_batch_size: int) -> FisherRes
 
 
 def group_fisher(state: TaskState) -> FisherResult:
+    """Per group: mean, variance, stderr, snr and n of f_u = R(g_u²)."""
     if not state.group_moments:
         raise ValueError("group_fisher: expected group statistics, got an accumulator built "
                          "without groups (pass groups='generic' or 'heads').")

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
+
 from ..stats.micro_batches import MicroBatchState
 
 
 @dataclass
 class TaskState:
+    """Everything a task has accumulated: counts, weights, empty ids and moment states."""
+
     n_units: int = 0
     n_rows: int = 0  # rows seen (empty ones included): the default id offset
     total_weight: float = 0.0
@@ -33,10 +37,15 @@ class TaskState:
             merge(self.group_moments, other.group_moments),
             other.micro if other.micro else self.micro)
 
-    def to(self, device) -> TaskState:
-        mv = (lambda m: m.to(device))
-        mb = (lambda s: MicroBatchState(s.b, s.closed.to(device), s.open_sum.to(device),
-                                        s.open_w.to(device), s.seen))
+    def to(self, device: torch.device | str) -> TaskState:
+        """The same state with every tensor on ``device``."""
+        def mv(m):
+            return m.to(device)
+
+        def mb(s):
+            return MicroBatchState(s.b, s.closed.to(device), s.open_sum.to(device),
+                                   s.open_w.to(device), s.seen)
+
         return TaskState(self.n_units, self.n_rows, self.total_weight, self.sum_w2,
                          list(self.empty_ids), {k: mv(v) for k, v in self.moments.items()},
                          {k: mv(v) for k, v in self.group_moments.items()},
