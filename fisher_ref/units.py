@@ -30,6 +30,7 @@ from fisher_ref._checks import (
 )
 from fisher_ref.losses import IGNORE_INDEX, is_token_loss, reduce_rows, token_nll
 from fisher_ref.results import PerUnit
+from fisher_ref.row_coupling import check_no_row_coupling, name_coupled_module
 
 
 @dataclass
@@ -68,12 +69,16 @@ def float64_model(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def float64_batch(batch: dict) -> dict:
-    """The batch on the CPU, floating tensors cast to float64, ``sample_ids`` removed."""
+    """The batch on the CPU, floating tensors cast to float64, integer ``labels`` of any width
+    to int64 (the class-index dtype), ``sample_ids`` removed.
+    """
     out = {}
     for k, v in batch.items():
         if k == "sample_ids":
             continue
         v = v.detach().to("cpu")
+        if k == "labels" and not (v.dtype.is_floating_point or v.dtype.is_complex or v.dtype == torch.bool):
+            v = v.to(torch.int64)
         out[k] = v.to(torch.float64) if v.dtype.is_floating_point else v
     return out
 
@@ -114,7 +119,12 @@ def check_batched_forward(model, batch: dict, loss_fn, row_ids: list) -> None:
             raise ValueError(f"loss_fn: expected {len(row_ids)} row losses, got {batched.shape[0]}.")
         for i, sid in enumerate(row_ids):
             alone = _row_values(model, {k: v[i:i + 1] for k, v in batch.items()}, loss_fn)
-            check_rows_independent(batched[i], alone[0], sid, rtol, atol)
+            try:
+                check_rows_independent(batched[i], alone[0], sid, rtol, atol)
+            except ValueError as e:  # say where: the first module whose output differs
+                where = name_coupled_module(model, batch, i, lambda b: _row_values(model, b, loss_fn),
+                                            rtol, atol)
+                raise ValueError(f"{e} {where}") from None
 
 
 def prepare(model, batch, *, loss_fn=None, unit="sample", weighting="sample",
@@ -122,6 +132,7 @@ def prepare(model, batch, *, loss_fn=None, unit="sample", weighting="sample",
     """Validate a call, copy model and batch to float64, and check that rows are independent."""
     loss_fn = check_options(loss_fn, unit, weighting, needs_token_loss=needs_token_loss)
     check_model(model)
+    check_no_row_coupling(model)
     row_ids = check_batch(model, batch, loss_fn, sample_ids)
     prep = Prepared(float64_model(model), float64_batch(batch), loss_fn, row_ids, unit, weighting)
     check_batched_forward(prep.model, prep.batch, loss_fn, row_ids)
@@ -187,7 +198,7 @@ def unit_losses(model, batch, *, loss_fn, unit, weighting, row_ids, targets=None
     if not losses:
         raise ValueError(f"batch: expected at least one non-empty row, got none "
                          f"(empty rows: {empty}).")
-    for loss, uid in zip(losses, ids):
+    for loss, uid in zip(losses, ids, strict=True):
         check_finite_loss(loss, uid)
     return UnitLosses(losses, ids, torch.tensor(weights, dtype=torch.float64), empty)
 
@@ -198,16 +209,16 @@ def gradients(model, units: UnitLosses) -> PerUnit:
     params = [p for _, p in named]
     per_param: list[list[torch.Tensor]] = [[] for _ in named]
     last = len(units.losses) - 1
-    for k, (loss, uid) in enumerate(zip(units.losses, units.ids)):
+    for k, (loss, uid) in enumerate(zip(units.losses, units.ids, strict=True)):
         if loss.requires_grad:
             grads = torch.autograd.grad(loss, params, retain_graph=k < last, allow_unused=True)
         else:
             grads = [None] * len(params)
-        for j, ((name, p), g) in enumerate(zip(named, grads)):
+        for j, ((name, p), g) in enumerate(zip(named, grads, strict=True)):
             g = torch.zeros_like(p) if g is None else g.detach()
             check_finite_grad(name, g, uid)
             per_param[j].append(g)
-    tensors = {name: torch.stack(gs) for (name, _), gs in zip(named, per_param)}
+    tensors = {name: torch.stack(gs) for (name, _), gs in zip(named, per_param, strict=True)}
     return PerUnit(tensors, list(units.ids), units.weights, list(units.empty_ids))
 
 
