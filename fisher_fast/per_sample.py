@@ -204,7 +204,10 @@ def _coupled_module(model, loss, tensors, one, device, autocast, tol) -> str:
 
     n = next(iter(tensors.values())).shape[0]
     row = int(one.rows[0])
-    where = locate_coupling(model, run(torch.arange(n)), run(one.rows), row, tol)
+    try:
+        where = locate_coupling(model, run(torch.arange(n)), run(one.rows), row, tol)
+    except (RuntimeError, ValueError) as e:  # e.g. out of memory for the whole batch at once
+        return f"(Re-running the forwards to name the module failed: {e}.)"
     if where is None:
         return ("No module's output differs: the loss itself mixes rows, or the forward is "
                 "random. Is the model in eval mode, without batch-coupled layers?")

@@ -122,8 +122,11 @@ def check_batched_forward(model, batch: dict, loss_fn, row_ids: list) -> None:
             try:
                 check_rows_independent(batched[i], alone[0], sid, rtol, atol)
             except ValueError as e:  # say where: the first module whose output differs
-                where = name_coupled_module(model, batch, i, lambda b: _row_values(model, b, loss_fn),
-                                            rtol, atol)
+                try:
+                    where = name_coupled_module(model, batch, i, lambda b: _row_values(model, b, loss_fn),
+                                                rtol, atol)
+                except (RuntimeError, ValueError) as failed:
+                    where = f"(Re-running the forwards to name the module failed: {failed}.)"
                 raise ValueError(f"{e} {where}") from None
 
 
