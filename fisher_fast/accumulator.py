@@ -53,7 +53,7 @@ class FisherAccumulator:
 
     Args:
         model: the model (eval mode, rows independent; SPEC §0): layers that couple rows or
-            draw at random are refused on the first update (``batching/row_coupling.py``).
+            draw at random are refused before each update's forward (``batching/row_coupling.py``).
         loss_fn: per-row loss (default ``causal_lm_loss``).
         device: where the states live (default: the model's device).
         dtype: ``torch.float32`` (default) or ``torch.float64``.
