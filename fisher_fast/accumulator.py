@@ -13,14 +13,23 @@ from collections.abc import Callable
 
 import torch
 
-from .batching.checks import check_choice, check_positive_int, check_seed, split_batch
+from .batching.checks import (
+    check_choice,
+    check_model,
+    check_positive_int,
+    check_seed,
+    check_unseen_ids,
+    id_hashes,
+    split_batch,
+)
 from .batching.label_draws import row_uniforms
 from .batching.units import aligned_targets, with_shared_draws
 from .capture.plan import build_plan
+from .file_integrity import PathLike, readable_file, writable_path
 from .losses import has_token_protocol
 from .run.batch_statistics import Keep, accumulate_batch
 from .run.chunks import model_device
-from .run.options import Options, check_device
+from .run.options import Options, check_device, check_flag
 from .stats import readout
 from .stats.groups import resolve_groups
 from .stats.task_state import TaskState
@@ -43,7 +52,8 @@ class FisherAccumulator:
     for ``dtype=torch.float64`` (and a float64 model) for the float64 path.
 
     Args:
-        model: the model (eval mode, rows independent; SPEC §0).
+        model: the model (eval mode, rows independent; SPEC §0): layers that couple rows or
+            draw at random are refused before each update's forward (``batching/row_coupling.py``).
         loss_fn: per-row loss (default ``causal_lm_loss``).
         device: where the states live (default: the model's device).
         dtype: ``torch.float32`` (default) or ``torch.float64``.
@@ -82,6 +92,7 @@ class FisherAccumulator:
                  layout=None, micro_batch_sizes=(), elements=True, allow_tf32=False,
                  autocast=None,
                  labels="true", n_samples=1, seed=0, statistics="all"):
+        check_model(model)
         self.model = model
         check_choice("labels", labels, LABELS)
         check_choice("statistics", statistics, STATISTICS)
@@ -105,6 +116,7 @@ class FisherAccumulator:
         self.keep = Keep(elements, specs, tuple(sorted(set(micro_batch_sizes))),
                          second_only=statistics == "fisher")
         self._tasks: dict[str, TaskState] = {}
+        self._seen: dict[str, torch.Tensor] = {}  # task -> sorted hashes of its sample ids
 
     @property
     def loss(self) -> Callable:
@@ -117,18 +129,24 @@ class FisherAccumulator:
         return self.options.dtype
 
     # updating ----------------------------------------------------------------------------
-    def update(self, batch, task="default", sample_ids=None) -> int:
+    def update(self, batch: dict, task: str = "default", sample_ids=None) -> int:
         """Add a batch's units to ``task``; returns how many units were added.
 
-        Default sample ids continue from the rows the task has seen. A batch of empty rows
-        only is recorded (its ids in ``empty_ids``). Raises ``ValueError``
-        (leaving every state untouched) on a bad batch or a non-finite loss or gradient.
+        Default sample ids continue from the rows the task has seen. Every id counts once
+        per task: an id given in an earlier update of the same task is a ``ValueError``
+        (give each pass over the data its own ids, or use another task). A batch of empty
+        rows only is recorded (its ids in ``empty_ids``). Raises ``ValueError`` (leaving
+        every state untouched) on a bad batch, a model whose rows interact
+        (``batching/row_coupling.py``), or a non-finite loss or gradient.
         """
         if not isinstance(task, str):
             raise ValueError(f"task: expected a str, got {type(task).__name__}.")
         prior = self._tasks.get(task, TaskState())
         tensors, ids = split_batch(batch, sample_ids, id_offset=prior.n_rows,
                                    model=self.model)
+        hashes = id_hashes(ids)
+        seen = self._seen.get(task)
+        check_unseen_ids(ids, hashes, seen, task)
         extra = {}
         if self.labels == "mc":
             T = aligned_targets(self.loss, self.model, tensors).shape[1]
@@ -136,10 +154,14 @@ class FisherAccumulator:
                          expand=lambda units: with_shared_draws(units, self.n_samples))
         delta = accumulate_batch(self.model, self.plan, tensors, ids, self.options, self.keep,
                                  prior, allow_empty=True, **extra).to(self.device)
+        seen = hashes if seen is None else torch.cat([seen, hashes])
+        seen = seen.sort().values
         self._tasks[task] = prior.merged(delta)  # commit: nothing above changed any state
+        self._seen[task] = seen
         return delta.n_units
 
     def tasks(self) -> list[str]:
+        """The tasks updated so far, in the order of their first update."""
         return list(self._tasks)
 
     def _all_statistics(self, what: str) -> None:
@@ -199,26 +221,65 @@ class FisherAccumulator:
         return readout.group_fisher(self._state(task))
 
     def n_units(self, task="default") -> int:
+        """The number of units ``task`` has accumulated."""
         return self._state(task).n_units
 
     # persistence -------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        from .stats.state_file import task_states_to_dict
-        return task_states_to_dict(self._tasks, self.config_summary())
+        """Everything needed to resume: per task its counts, moment tensors and the hashes of
+        the sample ids seen, with the configuration and the model's fingerprint (its class,
+        parameter names, shapes and dtypes, and a sha256 of each parameter's values;
+        hashing reads every weight once).
+        """
+        from .stats.state_file import model_fingerprint, task_states_to_dict
+        return task_states_to_dict(self._tasks, self.config_summary(),
+                                   model_fingerprint(self.model), self._seen)
 
-    def load_state_dict(self, state: dict) -> None:
-        from .stats.state_file import task_states_from_dict
-        self._tasks = task_states_from_dict(state, self.config_summary(), self.device)
+    def load_state_dict(self, state: dict, allow_weights_change: bool = False) -> None:
+        """Replace the states by ``state`` (from ``state_dict``).
 
-    def save(self, path) -> None:
-        """Write the states to ``path`` (safetensors, with a JSON metadata header)."""
+        Args:
+            state: a state dict of this configuration, saved for this model.
+            allow_weights_change: accept a state saved for different weights of the same
+                parameters (names, shapes, dtypes): e.g. to continue after fine-tuning,
+                knowing that the statistics of both models then mix.
+
+        Raises:
+            ValueError: a state of another format, configuration, model class or parameter
+                set, or (unless ``allow_weights_change``) of other weights; nothing changes.
+        """
+        from .stats.state_file import model_fingerprint, task_states_from_dict
+        check_flag("allow_weights_change", allow_weights_change)
+        tasks, seen = task_states_from_dict(state, self.config_summary(),
+                                            model_fingerprint(self.model), self.device,
+                                            allow_weights_change=allow_weights_change)
+        self._tasks, self._seen = tasks, seen
+
+    def save(self, path: PathLike) -> None:
+        """Write the states to ``path``: one safetensors file, a JSON metadata header, a
+        sha256 of every tensor; written to a temporary file beside it and renamed, so
+        ``path`` holds the old file or the new one, never a part.
+
+        Raises:
+            ValueError: ``path`` names a directory or lies in a missing directory (checked
+                before anything is computed).
+        """
         from .stats.state_file import save_file
+        writable_path(path)
         save_file(self.state_dict(), path)
 
-    def load(self, path) -> FisherAccumulator:
-        """Replace the states by those saved at ``path`` (same configuration required)."""
+    def load(self, path: PathLike, allow_weights_change: bool = False) -> FisherAccumulator:
+        """Replace the states by those saved at ``path`` (same configuration and model
+        required; see ``load_state_dict``); every checksum is verified.
+
+        Raises:
+            ValueError: no such file, not an accumulator file, a corrupted header or tensor
+                (naming the file and the tensor), or a state ``load_state_dict`` refuses.
+        """
         from .stats.state_file import load_file
-        self.load_state_dict(load_file(path))
+        readable_file(path)
+        check_flag("allow_weights_change", allow_weights_change)
+        self.load_state_dict(load_file(path), allow_weights_change=allow_weights_change)
         return self
 
     def config_summary(self) -> dict:

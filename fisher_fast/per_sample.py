@@ -160,7 +160,9 @@ def check_rows_independent(model, loss, tensors, units, result: PerUnit, autocas
     """Raise ``ValueError`` unless the first and last units' gradients, computed alone (a
     forward of that one row, plain autograd, under the same ``autocast``), equal the batched
     ones (curvlinops' ``f(X) == vmap(f)(X)`` guard) for the parameters in ``result``. A
-    batch-coupled model (batch statistics, rows mixed) fails it.
+    batch-coupled model (batch statistics, rows mixed) fails it; the message then names the
+    first module whose output for that row changes with the other rows
+    (``row_coupling.locate_coupling``).
     """
     from .batching.row_losses import chunk_losses, chunk_rows
 
@@ -175,7 +177,8 @@ def check_rows_independent(model, loss, tensors, units, result: PerUnit, autocas
         with forward_context(device, autocast):
             loss_j, _ = chunk_losses(model, loss, chunk_rows(tensors, one.rows, device), one, None)
         grads = torch.autograd.grad(loss_j.sum(), list(params.values()), allow_unused=True)
-        wants = [torch.zeros_like(p) if g is None else g for p, g in zip(params.values(), grads, strict=True)]
+        wants = [torch.zeros_like(p) if g is None else g
+                 for p, g in zip(params.values(), grads, strict=True)]
         scale = max(float(w.abs().max()) for w in wants if w.numel()) or 1e-30
         for name, want in zip(params, wants, strict=True):
             got = result.tensors[name][j].to(want.dtype)
@@ -184,5 +187,32 @@ def check_rows_independent(model, loss, tensors, units, result: PerUnit, autocas
                 raise ValueError(
                     f"rows interact: expected unit {units.ids[j]!r}'s gradient of {name} "
                     f"computed alone to equal the batched one, got a max difference of "
-                    f"{err:.3g} (gradient scale {scale:.3g}). Is the model in eval mode, "
-                    "without batch-coupled layers?")
+                    f"{err:.3g} (gradient scale {scale:.3g}). "
+                    + _coupled_module(model, loss, tensors, one, device, autocast, tol))
+
+
+def _coupled_module(model, loss, tensors, one, device, autocast, tol) -> str:
+    """The sentence that names where the rows interact: the first module whose output for
+    ``one``'s row differs between the whole batch's forward and the row's forward alone.
+    """
+    from .batching.row_coupling import locate_coupling
+    from .batching.row_losses import chunk_rows
+
+    def run(rows):
+        def forward():
+            with forward_context(device, autocast):
+                return loss(model, chunk_rows(tensors, rows, device))
+        return forward
+
+    n = next(iter(tensors.values())).shape[0]
+    row = int(one.rows[0])
+    try:
+        where = locate_coupling(model, run(torch.arange(n)), run(one.rows), row, tol)
+    except (RuntimeError, ValueError) as e:  # e.g. out of memory for the whole batch at once
+        return f"(Re-running the forwards to name the module failed: {e}.)"
+    if where is None:
+        return ("No module's output differs: the loss itself mixes rows, or the forward is "
+                "random. Is the model in eval mode, without batch-coupled layers?")
+    cls = type(model if where == "<model>" else model.get_submodule(where)).__name__
+    return (f"The first module whose output for that row changes with the other rows is "
+            f"{where!r} ({cls}): is the model in eval mode, without batch-coupled layers?")

@@ -32,6 +32,7 @@ from fisher_ref._checks import (
 from fisher_ref._types import Batch, LossFn, SampleId, UnitId
 from fisher_ref.losses import IGNORE_INDEX, is_token_loss, reduce_rows, token_nll
 from fisher_ref.results import PerUnit
+from fisher_ref.row_coupling import check_no_row_coupling, name_coupled_module
 
 
 @dataclass
@@ -72,12 +73,16 @@ def float64_model(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def float64_batch(batch: Batch) -> Batch:
-    """The batch on the CPU, floating tensors cast to float64, ``sample_ids`` removed."""
+    """The batch on the CPU, floating tensors cast to float64, integer ``labels`` of any width
+    to int64 (the class-index dtype), ``sample_ids`` removed.
+    """
     out = {}
     for k, v in batch.items():
         if k == "sample_ids":
             continue
         v = v.detach().to("cpu")
+        if k == "labels" and not (v.dtype.is_floating_point or v.dtype.is_complex or v.dtype == torch.bool):
+            v = v.to(torch.int64)
         out[k] = v.to(torch.float64) if v.dtype.is_floating_point else v
     return out
 
@@ -125,7 +130,15 @@ def check_batched_forward(model: torch.nn.Module, batch: Batch, loss_fn: LossFn,
             raise ValueError(f"loss_fn: expected {len(row_ids)} row losses, got {batched.shape[0]}.")
         for i, sid in enumerate(row_ids):
             alone = _row_values(model, {k: v[i:i + 1] for k, v in batch.items()}, loss_fn)
-            check_rows_independent(batched[i], alone[0], sid, rtol, atol)
+            try:
+                check_rows_independent(batched[i], alone[0], sid, rtol, atol)
+            except ValueError as e:  # say where: the first module whose output differs
+                try:
+                    where = name_coupled_module(model, batch, i, lambda b: _row_values(model, b, loss_fn),
+                                                rtol, atol)
+                except (RuntimeError, ValueError) as failed:
+                    where = f"(Re-running the forwards to name the module failed: {failed}.)"
+                raise ValueError(f"{e} {where}") from None
 
 
 def prepare(model: torch.nn.Module, batch: Batch, *, loss_fn: LossFn | None = None,
@@ -144,6 +157,7 @@ def prepare(model: torch.nn.Module, batch: Batch, *, loss_fn: LossFn | None = No
     """
     loss_fn = check_options(loss_fn, unit, weighting, needs_token_loss=needs_token_loss)
     check_model(model)
+    check_no_row_coupling(model)
     row_ids = check_batch(model, batch, loss_fn, sample_ids)
     prep = Prepared(float64_model(model), float64_batch(batch), loss_fn, row_ids, unit, weighting)
     check_batched_forward(prep.model, prep.batch, loss_fn, row_ids)

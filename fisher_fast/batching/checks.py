@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import torch
 
 from ..losses import causal_lm_loss, has_token_protocol
+from .row_coupling import check_row_coupling
 
 UNITS = ("sample", "token")
 WEIGHTINGS = ("sample", "token")
@@ -86,13 +89,32 @@ def check_token_ids(model, tensors: dict) -> None:
                          f"{lo if lo < 0 else hi}.")
 
 
+def _integer_labels(tensors: dict) -> dict:
+    """Integer ``labels`` of any width (int8, int16, int32, uint8, ...) as int64, the index
+    dtype the losses need; other dtypes are left for the loss to judge.
+    """
+    labels = tensors.get("labels")
+    if isinstance(labels, torch.Tensor) and labels.dtype != torch.int64 \
+            and not (labels.dtype.is_floating_point or labels.dtype.is_complex
+                     or labels.dtype == torch.bool):
+        tensors = {**tensors, "labels": labels.long()}
+    return tensors
+
+
+def check_model(model) -> None:
+    """``model`` is a ``torch.nn.Module``."""
+    if not isinstance(model, torch.nn.Module):
+        raise ValueError(f"model: expected a torch.nn.Module, got {type(model).__name__}.")
+
+
 def split_batch(batch, sample_ids=None, *, id_offset: int = 0, model=None):
     """``(tensors, ids)``: the model's tensors and one sample id per row.
 
     Ids come from ``batch["sample_ids"]`` or the ``sample_ids`` argument (not both); default
     ``id_offset + 0 .. B-1``. Ids are str or int (an int tensor or array is read as ints)
-    and must be unique within the call. With ``model``, ``input_ids`` are checked against
-    its embedding table (``check_token_ids``).
+    and must be unique within the call. Integer ``labels`` of any width become int64. With
+    ``model``, ``input_ids`` are checked against its embedding table (``check_token_ids``)
+    and the model against layers that couple rows (``row_coupling.check_row_coupling``).
     """
     if not isinstance(batch, dict):
         raise ValueError(f"batch: expected a dict of tensors, got {type(batch).__name__}.")
@@ -112,6 +134,7 @@ def split_batch(batch, sample_ids=None, *, id_offset: int = 0, model=None):
     if B == 0:
         raise ValueError("batch: expected at least one row, got 0.")
     _check_token_axes(tensors)
+    tensors = _integer_labels(tensors)
     if "sample_ids" in batch and sample_ids is not None:
         raise ValueError("sample_ids: expected them in the batch or as the argument, got both.")
     ids = batch.get("sample_ids", sample_ids)
@@ -134,8 +157,45 @@ def split_batch(batch, sample_ids=None, *, id_offset: int = 0, model=None):
                 raise ValueError(f"sample_ids: expected unique ids, got {i!r} twice.")
             seen.add(i)
     if model is not None:
+        check_model(model)
         check_token_ids(model, tensors)
+        check_row_coupling(model)
     return tensors, ids
+
+
+def id_hashes(ids: list) -> torch.Tensor:
+    """``LongTensor[len(ids)]``: a 64-bit hash (BLAKE2b) of each sample id, ints and strs
+    apart (``1`` and ``"1"`` are different ids), to remember the ids a task has seen in 8
+    bytes each. Two different ids share a hash with probability ~n²/2⁶⁵ among n ids
+    (3·10⁻⁸ for a million).
+    """
+    out = []
+    for i in ids:
+        tag = "i:" if isinstance(i, int) else "s:"
+        digest = hashlib.blake2b(f"{tag}{i}".encode(), digest_size=8).digest()
+        out.append(int.from_bytes(digest, "little", signed=True))
+    return torch.tensor(out, dtype=torch.int64)
+
+
+def check_unseen_ids(ids: list, hashes: torch.Tensor, seen: torch.Tensor | None,
+                     task: str) -> None:
+    """None of ``ids`` (hashed: ``hashes``) is among the ids ``task`` has seen (``seen``,
+    hashes) in earlier updates: each sample counts once per task.
+
+    Raises:
+        ValueError: naming the first repeated id and how many of the batch's ids repeat.
+    """
+    if seen is None or seen.numel() == 0:
+        return
+    hit = torch.isin(hashes, seen)
+    if bool(hit.any()):
+        j, n = int(hit.nonzero()[0]), int(hit.sum())
+        raise ValueError(
+            f"sample_ids: expected ids not seen before in task {task!r}, got {ids[j]!r}, "
+            f"counted in an earlier update ({n} of this batch's {len(ids)} ids were). A "
+            "sample counts once per task (Welford states cannot take a unit back): give "
+            "each pass over the data its own ids (e.g. f'{epoch}:{i}'), or use another task "
+            "or accumulator.")
 
 
 def check_positive_int(name: str, value: int) -> int:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import torch
 
+from ..batching.row_coupling import stateful_forward_error
 from ..capture.rules import FUNCTORCH
 from ..stats.groups import axis_map
 
@@ -100,7 +101,8 @@ class Capture:
                 # a row-independent input broadcast over the batch (e.g. position ids
                 # [1, T]): give every row its own copy so that its gradient stays per row
                 output = replaced = output.expand(self.n, *output.shape[1:])
-                args, kwargs = _expand(args, self.n), dict(zip(kwargs, _expand(kwargs.values(), self.n)))
+                args = _expand(args, self.n)
+                kwargs = dict(zip(kwargs, _expand(kwargs.values(), self.n), strict=True))
             rule = entry.rule
             saved = rule.save(module, args, kwargs, output)
             if saved is None:  # an RMS-like norm that is not x/rms*w: use functorch
@@ -166,7 +168,13 @@ class Capture:
                 if parts:
                     self._deliver_parts(entry, rule, saved, dy, sl, parts)
                 if full_attrs:
-                    grads = rule.grads(module, saved, dy, sl, self.dtype, full_attrs)
+                    try:
+                        grads = rule.grads(module, saved, dy, sl, self.dtype, full_attrs)
+                    except RuntimeError as e:  # a forward that mutates state, under torch.func
+                        explained = stateful_forward_error(e, entry.module_name, module)
+                        if explained is None:
+                            raise
+                        raise explained from e
                     for a, g in grads.items():
                         self._deliver(entry.names[a], g, sl)
         finally:

@@ -53,6 +53,14 @@ class Options:
         """The checked options of a public call, from its keyword arguments (same order).
 
         Args:
+            loss_fn: the per-row loss, or ``None`` (``causal_lm_loss``).
+            unit: ``"sample"`` or ``"token"``.
+            weighting: ``"sample"`` or ``"token"``.
+            dtype: ``torch.float32`` (``None``) or ``torch.float64``.
+            chunk_size: ``None`` or a positive number of forward rows.
+            memory_budget: ``None`` or a number of bytes >= 1.
+            allow_tf32: a bool.
+            autocast: ``None`` or ``torch.bfloat16``.
             needs_protocol: the name of what needs a loss with the token-loss protocol
                 (e.g. ``"mc_fisher"``), if anything beyond ``unit``/``weighting`` does.
 
@@ -69,7 +77,8 @@ def check_dtype(dtype: torch.dtype | None) -> torch.dtype:
     """The statistics dtype: float32 (``None``) or float64."""
     dtype = torch.float32 if dtype is None else dtype
     if dtype not in DTYPES:
-        raise ValueError(f"dtype: expected torch.float32 or torch.float64, got {dtype}.")
+        got = repr(dtype) if isinstance(dtype, torch.dtype) else f"{dtype!r} ({type(dtype).__name__})"
+        raise ValueError(f"dtype: expected torch.float32 or torch.float64, got {got}.")
     return dtype
 
 

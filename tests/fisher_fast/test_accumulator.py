@@ -1,5 +1,7 @@
 """FisherAccumulator: streaming equals one pass, failures change nothing, state persists."""
 
+import os
+
 import pytest
 import torch
 
@@ -9,7 +11,7 @@ from fisher_ref.testing.compare import assert_dicts_close
 from fisher_ref.testing.tolerances import tolerance
 from tests.fisher_fast._fast_modules import TinyLM, tiny_batch
 
-TOL = dict(zip(("rtol", "atol"), tolerance("welford")))
+TOL = dict(zip(("rtol", "atol"), tolerance("welford"), strict=True))
 
 
 def _acc(model, **kw):
@@ -148,7 +150,7 @@ def test_mc_labels_equal_the_oracle_mc_fisher_over_updates(statistics):
     acc.update(b2)
     want = fr.mc_fisher(model, concat_batches([b1, b2]), n_samples=3, seed=11)
     assert_dicts_close(acc.empirical_fisher(), want,
-                       **dict(zip(("rtol", "atol"), tolerance("float64-paths"))))
+                       **dict(zip(("rtol", "atol"), tolerance("float64-paths"), strict=True)))
 
 
 BAD = [
@@ -252,3 +254,107 @@ def test_finite_gradients_whose_squares_overflow_are_named_as_such():
                                          "'transformer.wte.weight', unit 0"):
         acc.update(random_batch(vocab_size=11, batch_size=2, seq_len=5))
     assert acc.state_dict() == before
+
+
+def test_an_id_seen_in_an_earlier_update_of_the_task_is_refused_and_nothing_changes():
+    model = TinyLM()
+    acc = _acc(model)
+    acc.update(tiny_batch(B=3, seed=1), sample_ids=["a", "b", "c"])
+    before = _tensors(acc)
+    with pytest.raises(ValueError, match=r"sample_ids: expected ids not seen before in task "
+                                         r"'default', got 'b', counted in an earlier update "
+                                         r"\(1 of this batch's 2 ids were\)"):
+        acc.update(tiny_batch(B=2, seed=2), sample_ids=["d", "b"])
+    assert _equal_tensors(before, _tensors(acc)) and acc.n_units() == 3
+    acc.update(tiny_batch(B=2, seed=2), sample_ids=["d", "e"])  # new ids: counted
+    acc.update(tiny_batch(B=2, seed=2), task="other", sample_ids=["a", "b"])  # other task
+    assert acc.n_units() == 5 and acc.n_units("other") == 2
+
+
+def test_default_ids_continue_and_clash_with_explicit_ones():
+    acc = _acc(TinyLM())
+    acc.update(tiny_batch(B=2, seed=1))  # ids 0, 1
+    acc.update(tiny_batch(B=2, seed=2))  # ids 2, 3
+    with pytest.raises(ValueError, match="got 3, counted in an earlier update"):
+        acc.update(tiny_batch(B=2, seed=3), sample_ids=[3, 4])
+    acc.update(tiny_batch(B=2, seed=3), sample_ids=["3", "4"])  # str "3" is not int 3
+
+
+def test_an_empty_row_s_id_counts_as_seen():
+    acc = _acc(TinyLM())
+    acc.update(tiny_batch(B=2, seed=1, empty_rows=(1,)), sample_ids=["x", "y"])
+    with pytest.raises(ValueError, match="got 'y'"):
+        acc.update(tiny_batch(B=1, seed=2), sample_ids=["y"])
+
+
+def test_seen_ids_survive_save_and_load(tmp_path):
+    model = TinyLM()
+    acc = _acc(model)
+    acc.update(tiny_batch(B=2, seed=1), sample_ids=[10, 11])
+    acc.save(tmp_path / "acc.safetensors")
+    back = _acc(model).load(tmp_path / "acc.safetensors")
+    with pytest.raises(ValueError, match="got 11, counted in an earlier update"):
+        back.update(tiny_batch(B=1, seed=2), sample_ids=[11])
+    resumed = _acc(model)
+    resumed.load_state_dict(acc.state_dict())
+    with pytest.raises(ValueError, match="got 10, counted"):
+        resumed.update(tiny_batch(B=1, seed=2), sample_ids=[10])
+
+
+def _equal_tensors(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, torch.int16, torch.int32, torch.uint8])
+def test_integer_labels_of_any_width_give_the_int64_result(dtype):
+    model, b = TinyLM(), tiny_batch(B=3, seed=1)
+    if dtype == torch.uint8:  # no -100 in uint8: every label active
+        b["labels"] = b["input_ids"].clone()
+    narrow = {**b, "labels": b["labels"].to(dtype)}
+    acc = _acc(model)
+    acc.update(narrow)
+    want = ff.empirical_fisher(model, b, dtype=torch.float64)
+    assert_dicts_close(acc.empirical_fisher(), want, **TOL)
+    assert_dicts_close(ff.empirical_fisher(model, narrow, dtype=torch.float64), want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("model, kw, message", [
+    pytest.param("gpt2", {}, "model: expected a torch.nn.Module, got str.", id="model-str"),
+    pytest.param(None, {"dtype": "float64"},
+                 "dtype: expected torch.float32 or torch.float64, got 'float64' (str).",
+                 id="dtype-str"),
+    pytest.param(None, {"dtype": torch.float16},
+                 "dtype: expected torch.float32 or torch.float64, got torch.float16.",
+                 id="dtype-half"),
+    pytest.param(None, {"device": "gpu"}, "device: expected a torch device such as 'cpu'",
+                 id="device-name"),
+], )
+def test_bad_construction_arguments_are_one_line_value_errors(model, kw, message):
+    with pytest.raises(ValueError) as err:
+        ff.FisherAccumulator(TinyLM() if model is None else model, **kw)
+    assert str(err.value).startswith(message) and "\n" not in str(err.value)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a CPU machine")
+def test_a_cuda_device_on_a_cpu_machine_is_refused_at_construction():
+    with pytest.raises(ValueError, match=r"device: expected an available device, got 'cuda' "
+                                         r"\(CUDA is not available here; use 'cpu'\)"):
+        ff.FisherAccumulator(TinyLM(), device="cuda")
+
+
+@pytest.mark.parametrize("method, path, message", [
+    ("save", "missing/acc.safetensors", "path: expected a file in an existing directory"),
+    ("save", ".", "path: expected a file name, got the directory"),
+    ("save", None, "path: expected a str or os.PathLike, got NoneType."),
+    ("load", "missing.safetensors", "path: expected an existing file"),
+    ("load", ".", "path: expected a file, got"),
+])
+def test_bad_save_and_load_paths_are_value_errors_before_any_work(method, path, message,
+                                                                 tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    acc = _acc(TinyLM())
+    acc.update(tiny_batch(B=2))
+    before = _tensors(acc)
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        getattr(acc, method)(path)
+    assert _equal_tensors(before, _tensors(acc)) and os.listdir(tmp_path) == []

@@ -203,3 +203,19 @@ def test_oracle_runs_the_models_own_attention_whose_eager_softmax_is_float32():
     eager = per_sample_gradients(model, batch)
     worst = max(float((eager.tensors[n][0] - g).abs().max() / g.abs().max()) for n, g in exact.items())
     assert 1e-12 < worst < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, torch.int16, torch.int32, torch.uint8])
+@pytest.mark.parametrize("arch, kind, loss", [
+    pytest.param("gpt2", "causal", causal_lm_loss, id="causal"),
+    pytest.param("bert-cls", "cls", sequence_classification_loss, id="cls"),
+])
+def test_integer_labels_of_any_width_give_the_int64_gradients(dtype, arch, kind, loss):
+    model = build_model(TinyConfig(arch=arch, num_layers=1))
+    batch = random_batch(kind=kind, batch_size=2, seq_len=5, seed=4)
+    if dtype == torch.uint8:  # -100 does not fit: every label active
+        batch["labels"] = batch["labels"].clamp(min=0)
+    want = per_sample_gradients(model, batch, loss_fn=loss)
+    got = per_sample_gradients(model, {**batch, "labels": batch["labels"].to(dtype)}, loss_fn=loss)
+    assert got.ids == want.ids
+    assert_dicts_close(got.tensors, want.tensors, rtol=0, atol=0)
