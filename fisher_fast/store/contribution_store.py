@@ -42,6 +42,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from ..batching.checks import all_finite
+from ..file_integrity import atomic_write, tensor_digest
 from . import manifest as mf
 
 TIERS = ("device", "host", "disk")
@@ -582,18 +583,10 @@ class ContributionStore:
         from safetensors.torch import save
 
         meta = {"store_id": self._store_id,
-                "sha256": json.dumps({k: mf.tensor_sha256(t) for k, t in tensors.items()})}
+                "sha256": json.dumps({k: tensor_digest(t) for k, t in tensors.items()})}
         data = save(tensors, metadata=meta)
-        path = os.path.join(self.directory, shard)
-        tmp = os.path.join(self.directory, f".{shard}.tmp")
-        try:
-            with open(tmp, "wb") as f:
-                f.write(data)
-            mf.replace_atomically(tmp, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.remove(tmp)
-            raise
+        with atomic_write(os.path.join(self.directory, shard)) as tmp:
+            tmp.write_bytes(data)
         self._shard_sums[shard] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
 
     def _to_tier(self, t: torch.Tensor, tier: str) -> torch.Tensor:

@@ -8,21 +8,20 @@ the manifest makes a shard part of the store: a shard written by an add that nev
 store is next opened for writing.
 
 Crash safety comes from the order of the writes: a shard is written to a temporary name,
-flushed to disk and renamed; then the manifest is written the same way (``os.replace`` is
-atomic on POSIX) and the directory is flushed; only then are the shards the new manifest no
+flushed to disk and renamed (``file_integrity.atomic_write``); then the manifest is written
+the same way (``os.replace`` is atomic on POSIX); only then are the shards the new manifest no
 longer lists removed. Whenever the process dies, the manifest on disk names shards that are
 complete.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
 import uuid
 
-import torch
+from ..file_integrity import atomic_write, tensor_digest
 
 MANIFEST = "manifest.json"
 FORMAT = "fisher_fast.contribution_store/1"
@@ -47,27 +46,6 @@ def sha256_file(path: str) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
-
-
-def fsync_directory(directory: str) -> None:
-    """Flush a directory's entries (a rename is durable only then); a no-op where the
-    platform cannot open directories.
-    """
-    with contextlib.suppress(OSError):
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def replace_atomically(tmp: str, path: str) -> None:
-    """Flush ``tmp`` to disk and rename it to ``path`` (atomic), then flush the directory."""
-    with open(tmp, "rb+") as f:
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_directory(os.path.dirname(path) or ".")
 
 
 def encode_id(sample_id) -> list:
@@ -99,16 +77,8 @@ def decode_id(encoded: list):
 
 def write_manifest(directory: str, manifest: dict) -> None:
     """Write ``manifest`` as the directory's ``manifest.json``, atomically."""
-    path = os.path.join(directory, MANIFEST)
-    tmp = os.path.join(directory, f".{MANIFEST}.{uuid.uuid4().hex}.tmp")
-    try:
-        with open(tmp, "w") as f:
-            json.dump(manifest, f, separators=(",", ":"))
-        replace_atomically(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise
+    with atomic_write(os.path.join(directory, MANIFEST)) as tmp:
+        tmp.write_text(json.dumps(manifest, separators=(",", ":")))
 
 
 def read_manifest(directory: str) -> dict:
@@ -163,16 +133,11 @@ def _damaged_tensor(path: str) -> str:
         with safe_open(path, framework="pt") as f:
             sums = json.loads((f.metadata() or {}).get("sha256", "{}"))
             for key in f.keys():
-                if sums.get(key) != tensor_sha256(f.get_tensor(key)):
+                if sums.get(key) != tensor_digest(f.get_tensor(key)):
                     return f" (tensor {key!r})"
     except Exception:  # noqa: BLE001 - a header that does not parse: say so, not why
         return " (its header is unreadable)"
     return ""
-
-
-def tensor_sha256(t: torch.Tensor) -> str:
-    """The SHA-256 of a CPU tensor's bytes (dtype and shape are the file's business)."""
-    return hashlib.sha256(t.contiguous().view(-1).view(torch.uint8).numpy().tobytes()).hexdigest()
 
 
 def shard_store_id(path: str) -> str | None:

@@ -93,20 +93,20 @@ def test_failed_disk_write_leaves_no_trace(tmp_path, monkeypatch, fails):
     """A write that fails half-way, of the new shard or of the manifest (the commit point),
     leaves the store, its files and the manifest on disk as they were.
     """
-    import fisher_fast.store.manifest as mf
+    import fisher_fast.file_integrity as fi
 
     store = ContributionStore(tmp_path, device="cpu", device_bytes=0, host_bytes=REC)
     store.add("a", [0], _tensors(1))
     before = _snapshot(store, tmp_path)
     manifest = (tmp_path / "manifest.json").read_bytes()
-    real = mf.replace_atomically
+    real = os.replace
 
     def broken(tmp, path):
         if os.path.basename(path).startswith("shard-" if fails == "shard" else "manifest"):
             raise OSError("disk full")
         real(tmp, path)
 
-    monkeypatch.setattr(mf, "replace_atomically", broken)
+    monkeypatch.setattr(fi.os, "replace", broken)
     with pytest.raises(OSError, match="disk full"):
         store.add("a", [1], _tensors(1, offset=5.0))
     assert _snapshot(store, tmp_path) == before
