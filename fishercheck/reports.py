@@ -1,43 +1,49 @@
-"""The main job's report files: report.json (everything) and report.md (the summary)."""
+"""The main job's report files: report.json (everything) and report.md (the summary).
+
+Both are rendered from a :class:`fishercheck.report_schema.Report`, validated against the
+schema before anything is written.
+"""
 
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
-BLOCKS = ("Q", "K", "V", "O")
+from fishercheck.report_schema import BLOCKS, Report, to_json, validate
 
 
-def _clean(x):
-    """JSON-safe: non-finite floats become strings ("inf", "nan")."""
-    if isinstance(x, float) and not math.isfinite(x):
-        return str(x)
-    if isinstance(x, dict):
-        return {str(k): _clean(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_clean(v) for v in x]
-    return x
+def json_text(results: Report) -> str:
+    """``report.json``'s text: the results made JSON-safe and checked against the schema.
+
+    Raises:
+        ValueError: the results do not fit the schema (a bug in the main job).
+    """
+    data = to_json(results)
+    validate(data)
+    return json.dumps(data, indent=1) + "\n"
 
 
-def write_json(results: dict, path: Path) -> None:
-    path.write_text(json.dumps(_clean(results), indent=1) + "\n")
+def write_json(results: Report, path: Path) -> None:
+    """Write ``report.json`` (see :func:`json_text`)."""
+    path.write_text(json_text(results))
 
 
 def _fmt(x: float) -> str:
     return f"{x:.4g}" if isinstance(x, (int, float)) else str(x)
 
 
-def _top_heads(arr, k: int = 6) -> list[tuple[str, float]]:
-    flat = [(f"L{l}.H{h}.{BLOCKS[b]}", arr[l][h][b]) for l in range(len(arr))
-            for h in range(len(arr[l])) for b in range(4)]
+def _top_heads(arr: list, k: int = 6) -> list[tuple[str, float]]:
+    """The ``k`` largest entries of a ``[L][H][4]`` head array, named ``L{l}.H{h}.{B}``."""
+    flat = [(f"L{layer}.H{h}.{block}", arr[layer][h][b]) for layer in range(len(arr))
+            for h in range(len(arr[layer])) for b, block in enumerate(BLOCKS)]
     return sorted(flat, key=lambda t: -t[1])[:k]
 
 
 SHOWN_SLICES = 12  # rows of the significant-conflicts table in report.md
 
 
-def markdown(results: dict) -> str:
+def markdown(results: Report) -> str:
+    """``report.md``: the summary tables of a report, with links to its plots."""
     meta = results["meta"]
     lines = ["# fishercheck report", "",
              f"- model: {meta['model']}" + ("" if meta["trained"] else
@@ -55,7 +61,8 @@ def markdown(results: dict) -> str:
             lines.append(f"| {task} | {r['layer']} | {_fmt(r['E_g2'])} | {_fmt(r['Eg_2'])} | "
                          f"{_fmt(r['ratio'])} |")
     lines += ["", "## Impact of the estimator on head rankings (R(F) against R(S))", "",
-              "| task | Spearman | Kendall | top-10% Jaccard | top-20% Jaccard | pruning-mask Jaccard (50%) |",
+              "| task | Spearman | Kendall | top-10% Jaccard | top-20% Jaccard "
+              "| pruning-mask Jaccard (50%) |",
               "|---|---|---|---|---|---|"]
     for task, rec in results["tasks"].items():
         i = rec["impact"]
@@ -98,5 +105,6 @@ def markdown(results: dict) -> str:
     return "\n".join(lines)
 
 
-def write_markdown(results: dict, path: Path) -> None:
+def write_markdown(results: Report, path: Path) -> None:
+    """Write ``report.md`` (see :func:`markdown`)."""
     path.write_text(markdown(results))

@@ -44,6 +44,16 @@ def test_run_report_json_is_consistent(run_dir):
     assert check["empirical_fisher"] < 1e-4 and check["interference"] < 1e-4
 
 
+def test_run_report_json_fits_the_schema(run_dir):
+    from fishercheck.report_schema import validate
+
+    _, out = run_dir
+    report = json.loads((out / "report.json").read_text())
+    validate(report)
+    slices = {(c["layer"], c["head"], c["block"]) for c in report["conflicts"]}
+    assert slices == {(la, h, b) for la in range(2) for h in range(4) for b in "QKVO"}
+
+
 def test_run_report_markdown_names_the_model_and_tasks(run_dir):
     _, out = run_dir
     text = (out / "report.md").read_text()
