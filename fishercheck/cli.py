@@ -29,6 +29,7 @@ See docs/cli.md and docs/conformance.md."""
 
 
 def _parser() -> argparse.ArgumentParser:
+    """The ``fishercheck`` argument parser (``run`` and ``conform``)."""
     from fisher_ref.conformance.properties import PROPERTIES
 
     fmt = argparse.RawDescriptionHelpFormatter
@@ -95,6 +96,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _positive(name: str, value: int) -> None:
+    """A ``ValueError`` unless ``value`` >= 1."""
     if value < 1:
         raise ValueError(f"{name}: expected a positive integer, got {value}.")
 
@@ -117,7 +119,12 @@ def _device(name: str) -> torch.device:
     return device
 
 
-def run_command(args) -> int:
+def run_command(args: argparse.Namespace) -> int:
+    """``fishercheck run``: check the inputs, run the main job, write the report; exit status.
+
+    Raises:
+        ValueError: bad input (``main`` prints it and exits with status 2).
+    """
     from fishercheck import inputs
 
     for name in ("max_samples", "max_length", "pairs", "permutations", "check_rows"):
@@ -145,8 +152,8 @@ def run_command(args) -> int:
               f"positions: rows are cut to {positions} tokens", file=sys.stderr)
         max_length = positions
     batches = [inputs.make_batch(inp.tokenizer, t, prefix, max_length, source=p)
-               for t, prefix, p in zip(texts, ("a", "b"), (path_a, path_b))]
-    for batch, path in zip(batches, (path_a, path_b)):
+               for t, prefix, p in zip(texts, ("a", "b"), (path_a, path_b), strict=True)]
+    for batch, path in zip(batches, (path_a, path_b), strict=True):
         inputs.check_batch(batch, inp.model, path)
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
@@ -159,7 +166,10 @@ def run_command(args) -> int:
         raise
 
 
-def _run_and_report(args, inp, batches, out, device, start, max_length, paths) -> int:
+def _run_and_report(args: argparse.Namespace, inp: object, batches: list[dict], out: Path,
+                    device: torch.device, start: float, max_length: int,
+                    paths: tuple[Path, Path]) -> int:
+    """The main job on checked inputs, its report and plots written to ``out``."""
     from fishercheck import mainjob, plots, reports
 
     path_a, path_b = paths
@@ -171,7 +181,8 @@ def _run_and_report(args, inp, batches, out, device, start, max_length, paths) -
                           dtype=getattr(torch, args.dtype))
     results["meta"] = {"model": inp.source, "trained": inp.trained, "task_a": str(path_a),
                        "task_b": str(path_b), "device": str(device), "max_length": max_length,
-                       "rows": {t: int(b["input_ids"].shape[0]) for t, b in zip("AB", batches)},
+                       "rows": {t: int(b["input_ids"].shape[0])
+                                for t, b in zip("AB", batches, strict=True)},
                        "plots": []}
     if not args.no_plots:
         results["meta"]["plots"] = plots.write_plots(results, out)
@@ -188,7 +199,12 @@ def _run_and_report(args, inp, batches, out, device, start, max_length, paths) -
     return 0
 
 
-def conform_command(args) -> int:
+def conform_command(args: argparse.Namespace) -> int:
+    """``fishercheck conform``: the conformance harness on an adapter; exit status 0 or 1.
+
+    Raises:
+        ValueError: bad arguments or an adapter that cannot be built (exit status 2).
+    """
     from fisher_ref.conformance.runner import run_conformance
     from fishercheck.adapters import resolve
 
@@ -209,7 +225,12 @@ def conform_command(args) -> int:
     return 0 if report.passed else 1
 
 
-def main(argv=None) -> int:
+def main(argv: list[str] | None = None) -> int:
+    """The ``fishercheck`` command; returns the exit status (2 on bad input, with a message).
+
+    Args:
+        argv: the arguments (default: ``sys.argv[1:]``).
+    """
     args = _parser().parse_args(argv)
     try:
         if args.command == "run":

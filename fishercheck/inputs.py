@@ -1,5 +1,6 @@
 """The main job's inputs: the model (embedded default or a local HF checkpoint), its
-tokenizer, and the two tasks' texts turned into HF-style causal-LM batches.
+tokenizer, and the two tasks' texts turned into HF-style causal-LM batches
+(``input_ids``, ``attention_mask``, ``labels``: ``Tensor[batch, pos]``; ``sample_ids``).
 """
 
 from __future__ import annotations
@@ -15,7 +16,11 @@ CHAR_VOCAB = "char_vocab.json"
 
 
 class CharTokenizer:
-    """The embedded model's character tokenizer: id 0 pads, "\\n" opens and closes a line."""
+    r"""The embedded model's character tokenizer: id 0 pads, "\n" opens and closes a line.
+
+    Args:
+        vocab: the characters, by id.
+    """
 
     def __init__(self, vocab: list[str]):
         self.vocab = list(vocab)
@@ -25,9 +30,15 @@ class CharTokenizer:
 
     @classmethod
     def from_dir(cls, path: Path) -> CharTokenizer:
+        """The vocabulary saved as ``char_vocab.json`` in ``path``."""
         return cls(json.loads((Path(path) / CHAR_VOCAB).read_text()))
 
     def encode(self, text: str) -> list[int]:
+        r"""Token ids of ``text`` between two "\n" ids.
+
+        Raises:
+            ValueError: a character outside the vocabulary.
+        """
         unknown = sorted({c for c in text if c not in self.index})
         if unknown:
             raise ValueError(f"text: expected characters from the model's vocabulary, got {unknown}.")
@@ -36,6 +47,8 @@ class CharTokenizer:
 
 @dataclass
 class Inputs:
+    """The loaded model (eval mode), its tokenizer, where it came from and whether it is trained."""
+
     model: torch.nn.Module
     tokenizer: object
     source: str  # "embedded default" or the checkpoint path
@@ -46,7 +59,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "voc
                    "tokenizer.model", "spiece.model")  # what tokenizer.save_pretrained writes
 
 
-def load_tokenizer(directory: Path, option: str = "--model"):
+def load_tokenizer(directory: Path, option: str = "--model") -> object:
     """The tokenizer saved in ``directory``: ``char_vocab.json`` (fishercheck's character
     vocabulary) or what ``tokenizer.save_pretrained`` writes, loaded with
     ``local_files_only=True``. Never downloads; a directory without tokenizer files is an
@@ -124,7 +137,7 @@ _ENCODER_TYPES = {"bert", "roberta", "xlm-roberta", "xlm-roberta-xl", "camembert
                   "megatron-bert"}
 
 
-def _check_causal(model, directory) -> None:
+def _check_causal(model: torch.nn.Module, directory: Path) -> None:
     config = getattr(model, "config", None)
     if getattr(config, "model_type", None) in _ENCODER_TYPES and not getattr(config, "is_decoder", False):
         raise ValueError(f"--model: expected a causal LM, got a {config.model_type} checkpoint "
@@ -133,7 +146,7 @@ def _check_causal(model, directory) -> None:
                          f"predicts. Save it with config.is_decoder=True to run it as a decoder.")
 
 
-def model_max_length(model) -> int | None:
+def model_max_length(model: torch.nn.Module) -> int | None:
     """The model's number of positions (``n_positions`` / ``max_position_embeddings``), if it
     has absolute ones.
     """
@@ -185,15 +198,26 @@ def read_texts(path: str | Path, text_field: str = "text", limit: int | None = N
     return texts
 
 
-def _encode(tokenizer, text: str) -> list[int]:
+def _encode(tokenizer: object, text: str) -> list[int]:
     if isinstance(tokenizer, CharTokenizer):
         return tokenizer.encode(text)
     return list(tokenizer(text)["input_ids"])
 
 
-def make_batch(tokenizer, texts: list[str], prefix: str, max_length: int, source=None) -> dict:
-    """Right-padded causal-LM batch; ids ``f"{prefix}_{k}"``; labels -100 on padding.
-    ``source`` (the task file) names where a text that cannot be encoded came from.
+def make_batch(tokenizer: object, texts: list[str], prefix: str, max_length: int,
+               source: str | Path | None = None) -> dict:
+    """A right-padded causal-LM batch of ``texts``, each cut to ``max_length`` tokens.
+
+    Args:
+        tokenizer: a :class:`CharTokenizer` or a Hugging Face tokenizer.
+        texts: one text per row.
+        prefix: the rows' sample ids are ``f"{prefix}_{k}"``.
+        max_length: tokens per row at most.
+        source: the task file, named in the error for a text that cannot be encoded.
+
+    Returns:
+        ``input_ids``, ``attention_mask`` and ``labels`` (-100 on padding), each
+        ``LongTensor[batch, pos]``, and ``sample_ids`` (``list[str]``).
     """
     rows = []
     for k, t in enumerate(texts):
@@ -216,10 +240,11 @@ def make_batch(tokenizer, texts: list[str], prefix: str, max_length: int, source
 
 
 def default_tasks() -> tuple[Path, Path]:
+    """The embedded default's task files (A: addition, B: reversal)."""
     return DATA / "task_a.txt", DATA / "task_b.txt"
 
 
-def check_batch(batch: dict, model: torch.nn.Module, path) -> None:
+def check_batch(batch: dict, model: torch.nn.Module, path: str | Path) -> None:
     """Token ids the model can embed, and at least one row with a label to predict (two or
     more tokens: the causal-LM loss shifts by one).
     """

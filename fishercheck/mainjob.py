@@ -20,6 +20,7 @@ differences. :func:`run` returns a :class:`fishercheck.report_schema.Report` (wi
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -79,7 +80,7 @@ def block_label(b: int, n_layers: int) -> str:
 
 
 def moments(model: torch.nn.Module, batch: Batch, *, chunk_rows: int, dtype: torch.dtype,
-            advance=None) -> tuple[dict, dict, int]:
+            advance: Callable[[int], object] | None = None) -> tuple[dict, dict, int]:
     """F and S streamed through one ``FisherAccumulator`` in blocks of ``chunk_rows`` rows.
 
     Args:
