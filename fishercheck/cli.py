@@ -28,6 +28,9 @@ exit status: 0 success (conform: every provided property passed), 1 conform foun
 See docs/cli.md and docs/conformance.md."""
 
 
+DEFAULT_MAX_LENGTH = 64  # tokens per row unless --max-length (or the model's positions) says less
+
+
 def _parser() -> argparse.ArgumentParser:
     """The ``fishercheck`` argument parser (``run`` and ``conform``)."""
     from fisher_ref.conformance.properties import PROPERTIES
@@ -57,8 +60,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="field of .jsonl records (default: text)")
     r.add_argument("--max-samples", type=int, default=64, metavar="N",
                    help="rows per task (default: 64)")
-    r.add_argument("--max-length", type=int, default=64, metavar="N",
-                   help="tokens per row (default: 64)")
+    r.add_argument("--max-length", type=int, default=None, metavar="N",
+                   help=f"tokens per row (default: {DEFAULT_MAX_LENGTH}, or the model's positions "
+                        f"if fewer)")
     r.add_argument("--pairs", type=int, default=32, metavar="N",
                    help="rows per task for interference and conflicts (default: 32)")
     r.add_argument("--permutations", type=int, default=1000, metavar="N",
@@ -128,7 +132,8 @@ def run_command(args: argparse.Namespace) -> int:
     from fishercheck import inputs
 
     for name in ("max_samples", "max_length", "pairs", "permutations", "check_rows"):
-        _positive("--" + name.replace("_", "-"), getattr(args, name))
+        if getattr(args, name) is not None:
+            _positive("--" + name.replace("_", "-"), getattr(args, name))
     if args.model is not None and (args.task_a is None or args.task_b is None):
         raise ValueError("--model: expected --task-a and --task-b with it, got "
                          f"task-a={args.task_a!r}, task-b={args.task_b!r}.")
@@ -145,11 +150,12 @@ def run_command(args: argparse.Namespace) -> int:
                          f"file {args.out!r}.")
     texts = [inputs.read_texts(p, args.text_field, args.max_samples) for p in (path_a, path_b)]
     inp = inputs.load_model(args.model, args.tokenizer)
-    max_length = args.max_length
+    max_length = DEFAULT_MAX_LENGTH if args.max_length is None else args.max_length
     positions = inputs.model_max_length(inp.model)
     if positions is not None and max_length > positions:
-        print(f"fishercheck run: --max-length {max_length} is more than the model's {positions} "
-              f"positions: rows are cut to {positions} tokens", file=sys.stderr)
+        if args.max_length is not None:  # the user asked for more than the model has
+            print(f"fishercheck run: --max-length {max_length} is more than the model's "
+                  f"{positions} positions: rows are cut to {positions} tokens", file=sys.stderr)
         max_length = positions
     batches = [inputs.make_batch(inp.tokenizer, t, prefix, max_length, source=p)
                for t, prefix, p in zip(texts, ("a", "b"), (path_a, path_b), strict=True)]

@@ -1,5 +1,7 @@
 """The fishercheck CLI: the main job on the embedded default, and the conformance gate."""
 
+import contextlib
+import io
 import json
 import re
 import sys
@@ -15,9 +17,27 @@ EXPECTED_FILES = ("report.json", "report.md", "layers.png", "heads.png", "impact
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("fishercheck-run")
-    code = main(["run", "--out", str(out), "--max-samples", "12", "--pairs", "6",
-                 "--permutations", "99", "--check", "--check-rows", "3"])
-    return code, out
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = main(["run", "--out", str(out), "--max-samples", "12", "--pairs", "6",
+                     "--permutations", "99", "--check", "--check-rows", "3"])
+    return Run((code, out), err.getvalue())
+
+
+class Run(tuple):
+    """(exit status, output directory), with the run's stderr."""
+
+    def __new__(cls, values, stderr):
+        run = super().__new__(cls, values)
+        run.stderr = stderr
+        return run
+
+
+def test_the_embedded_default_runs_without_a_warning(run_dir):
+    # default --max-length (64) on the embedded model (32 positions): cut silently
+    code, out = run_dir
+    assert code == 0 and run_dir.stderr == ""
+    assert json.loads((out / "report.json").read_text())["meta"]["max_length"] == 32
 
 
 def test_run_writes_every_report_file(run_dir):

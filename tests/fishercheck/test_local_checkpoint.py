@@ -134,10 +134,15 @@ def test_out_that_is_a_file_is_an_error(tmp_path, tasks, capsys):
 def test_rows_longer_than_the_model_are_cut_to_its_positions(tmp_path, tasks, capsys):
     long = tmp_path / "long.txt"
     long.write_text(" ".join(WORDS[2:] * 6) + "\n" + "hello world\n")  # 54 words, 16 positions
-    out = tmp_path / "out"
-    assert main(["run", "--model", str(checkpoint(tmp_path, "gpt2")), "--task-a", str(long),
-                 "--task-b", str(tasks[1]), "--out", str(out), "--pairs", "2",
-                 "--permutations", "19", "--no-plots"]) == 0
-    assert "rows are cut to 16 tokens" in capsys.readouterr().err
-    meta = json.loads((out / "report.json").read_text())["meta"]
-    assert meta["max_length"] == 16 and meta["rows"] == {"A": 2, "B": 3}
+    model = checkpoint(tmp_path, "gpt2")
+    capsys.readouterr()
+    for extra, said in (((), False), (("--max-length", "64"), True)):  # said only when asked
+        out = tmp_path / f"out{len(extra)}"
+        assert main(["run", "--model", str(model), "--task-a", str(long), "--task-b", str(tasks[1]),
+                     "--out", str(out), "--pairs", "2", "--permutations", "19", "--no-plots",
+                     *extra]) == 0
+        err = capsys.readouterr().err
+        assert ("--max-length 64 is more than the model's 16 positions: rows are cut to 16 "
+                "tokens" in err) is said, err
+        meta = json.loads((out / "report.json").read_text())["meta"]
+        assert meta["max_length"] == 16 and meta["rows"] == {"A": 2, "B": 3}
