@@ -50,6 +50,9 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--out", required=True, metavar="DIR", help="output directory (created)")
     r.add_argument("--model", metavar="DIR",
                    help="local HF causal-LM checkpoint directory (default: embedded model)")
+    r.add_argument("--allow-partial", action="store_true",
+                   help="run a checkpoint that lacks some of the model's tensors (left random) or "
+                        "holds others (ignored); the report lists them (default: an error)")
     r.add_argument("--tokenizer", metavar="DIR",
                    help="local tokenizer directory (default: the --model directory)")
     r.add_argument("--task-a", metavar="FILE", help="task A texts: .txt (one per line) or .jsonl "
@@ -149,7 +152,7 @@ def run_command(args: argparse.Namespace) -> int:
         raise ValueError(f"--out: expected a directory (created if missing), got the existing "
                          f"file {args.out!r}.")
     texts = [inputs.read_texts(p, args.text_field, args.max_samples) for p in (path_a, path_b)]
-    inp = inputs.load_model(args.model, args.tokenizer)
+    inp = inputs.load_model(args.model, args.tokenizer, allow_partial=args.allow_partial)
     max_length = DEFAULT_MAX_LENGTH if args.max_length is None else args.max_length
     positions = inputs.model_max_length(inp.model)
     if positions is not None and max_length > positions:
@@ -185,7 +188,9 @@ def _run_and_report(args: argparse.Namespace, inp: object, batches: list[dict], 
     results = mainjob.run(model, *batches, n_pairs=args.pairs, n_permutations=args.permutations,
                           seed=args.seed, check=args.check, check_rows=args.check_rows,
                           dtype=getattr(torch, args.dtype))
-    results["meta"] = {"model": inp.source, "trained": inp.trained, "task_a": str(path_a),
+    results["meta"] = {"model": inp.source, "trained": inp.trained, "weights": inp.weights,
+                       "missing_tensors": inp.missing, "unexpected_tensors": inp.unexpected,
+                       "task_a": str(path_a),
                        "task_b": str(path_b), "device": str(device), "max_length": max_length,
                        "rows": {t: int(b["input_ids"].shape[0])
                                 for t, b in zip("AB", batches, strict=True)},

@@ -6,7 +6,7 @@ tokenizer, and the two tasks' texts turned into HF-style causal-LM batches
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -52,7 +52,16 @@ class Inputs:
     model: torch.nn.Module
     tokenizer: object
     source: str  # "embedded default" or the checkpoint path
-    trained: bool  # False: the model's weights are random (reported)
+    trained: bool  # True only if every tensor of the model came from the checkpoint
+    missing: list[str] = field(default_factory=list)  # randomly initialised (--allow-partial)
+    unexpected: list[str] = field(default_factory=list)  # in the checkpoint, not in the model
+
+    @property
+    def weights(self) -> str:
+        """``"loaded"`` (every tensor), ``"partial"`` (some missing) or ``"random"`` (none)."""
+        if self.trained:
+            return "loaded"
+        return "partial" if self.missing else "random"
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "vocab.txt",
@@ -86,11 +95,24 @@ def load_tokenizer(directory: Path, option: str = "--model") -> object:
     return tokenizer
 
 
-def load_model(path: str | None, tokenizer_path: str | None = None) -> Inputs:
+def load_model(path: str | None, tokenizer_path: str | None = None, *,
+               allow_partial: bool = False) -> Inputs:
     """The embedded default (``path=None``) or a local HF causal-LM checkpoint (no download).
 
     The tokenizer comes from ``tokenizer_path`` when given, else from the checkpoint
-    directory (see :func:`load_tokenizer`).
+    directory (see :func:`load_tokenizer`). A directory with a config and no weights gives
+    a model with random weights (seeded, ``trained=False``).
+
+    Args:
+        path: the checkpoint directory, or None for the embedded default.
+        tokenizer_path: a tokenizer directory, or None for the checkpoint's.
+        allow_partial: accept weights that miss some of the model's tensors (left randomly
+            initialised, seeded; ``trained=False``) or hold tensors the model lacks (ignored);
+            both are listed in the result.
+
+    Raises:
+        ValueError: no checkpoint, no tokenizer, weights that do not load, or (without
+            ``allow_partial``) missing or unexpected tensors.
     """
     import transformers as tf
 
@@ -109,25 +131,47 @@ def load_model(path: str | None, tokenizer_path: str | None = None) -> Inputs:
         tokenizer = load_tokenizer(directory)
     weights = any(directory.glob("*.safetensors")) or any(directory.glob("*.bin"))
     tf.utils.logging.disable_progress_bar()  # no "Loading weights" bar in the CLI's output
+    verbosity = tf.utils.logging.get_verbosity()
+    tf.utils.logging.set_verbosity_error()  # its load report: missing tensors are ours to say
+    info = {}
     try:
-        if weights:
-            model = tf.AutoModelForCausalLM.from_pretrained(directory, local_files_only=True,
-                                                            attn_implementation="eager")
-        else:  # a config only: random weights, said so in the report
-            config = tf.AutoConfig.from_pretrained(directory, local_files_only=True)
-            config._attn_implementation = "eager"
+        with torch.random.fork_rng(devices=[]):  # tensors not loaded: seeded, global RNG kept
             torch.manual_seed(0)
-            model = tf.AutoModelForCausalLM.from_config(config)
+            if weights:
+                model, info = tf.AutoModelForCausalLM.from_pretrained(
+                    directory, local_files_only=True, attn_implementation="eager",
+                    output_loading_info=True)
+            else:  # a config only: random weights, said so in the report
+                config = tf.AutoConfig.from_pretrained(directory, local_files_only=True)
+                config._attn_implementation = "eager"
+                model = tf.AutoModelForCausalLM.from_config(config)
     except Exception as exc:  # corrupt weights, an unknown architecture, a bad config
         first = (str(exc).splitlines() or [""])[0]
         raise ValueError(f"--model: expected a loadable causal-LM checkpoint in "
                          f"{str(directory)!r}, got {type(exc).__name__}: {first}") from exc
+    finally:
+        tf.utils.logging.set_verbosity(verbosity)
     _check_causal(model, directory)
+    missing, unexpected = sorted(info.get("missing_keys", ())), sorted(info.get("unexpected_keys", ()))
+    if (missing or unexpected) and not allow_partial:
+        raise ValueError(f"--model: expected the checkpoint in {str(directory)!r} to hold every "
+                         f"tensor of the model and no other, got {_few(missing, 'missing')} "
+                         f"(they would be random) and {_few(unexpected, 'unexpected')}; pass "
+                         f"--allow-partial to run anyway (the report lists them).")
     source = str(directory)
     if path is None:
         source = ("embedded default: a character-level GPT-2 (2 layers, 4 heads, width 32) "
                   "trained by fishercheck/data/train_default.py on both tasks (held-out lines)")
-    return Inputs(model.eval(), tokenizer, source, bool(weights))
+    return Inputs(model.eval(), tokenizer, source, bool(weights) and not missing, missing,
+                  unexpected)
+
+
+def _few(names: list[str], what: str, shown: int = 3) -> str:
+    """``"2 missing (a, b)"``, ``"5 missing (a, b, c, …)"``: a count and the first names."""
+    if not names:
+        return f"0 {what}"
+    more = ", …" if len(names) > shown else ""
+    return f"{len(names)} {what} ({', '.join(names[:shown])}{more})"
 
 
 # encoder families that AutoModelForCausalLM also loads: without is_decoder=True their

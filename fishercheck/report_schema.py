@@ -31,7 +31,10 @@ class Meta(TypedDict):
     """What ran: the model, how its weights were loaded, the task files, where."""
 
     model: str
-    trained: bool  # False: random weights
+    trained: bool  # True only if every tensor of the model came from the checkpoint
+    weights: Literal["loaded", "partial", "random"]
+    missing_tensors: list[str]  # in the model, not in the checkpoint: random (--allow-partial)
+    unexpected_tensors: list[str]  # in the checkpoint, not in the model: ignored (--allow-partial)
     task_a: str
     task_b: str
     device: str

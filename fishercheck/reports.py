@@ -39,16 +39,28 @@ def _top_heads(arr: list, k: int = 6) -> list[tuple[str, float]]:
     return sorted(flat, key=lambda t: -t[1])[:k]
 
 
+def _weights_note(meta: dict) -> str:
+    """What the report's model line adds about its weights (nothing when all loaded)."""
+    if meta["weights"] == "random":
+        return " — **randomly initialised weights**: the numbers describe an untrained model"
+    note = ""
+    if meta["missing_tensors"]:
+        note += (f" — **partially loaded**: {len(meta['missing_tensors'])} of the model's tensors "
+                 f"were not in the checkpoint and are randomly initialised: "
+                 f"{', '.join(meta['missing_tensors'])}")
+    if meta["unexpected_tensors"]:
+        note += (f" — {len(meta['unexpected_tensors'])} tensors of the checkpoint are not in the "
+                 f"model and were ignored: {', '.join(meta['unexpected_tensors'])}")
+    return note
+
+
 SHOWN_SLICES = 12  # rows of the significant-conflicts table in report.md
 
 
 def markdown(results: Report) -> str:
     """``report.md``: the summary tables of a report, with links to its plots."""
     meta = results["meta"]
-    lines = ["# fishercheck report", "",
-             f"- model: {meta['model']}" + ("" if meta["trained"] else
-                                             " — **randomly initialised weights**: the numbers "
-                                             "describe an untrained model"),
+    lines = ["# fishercheck report", "", f"- model: {meta['model']}" + _weights_note(meta),
              f"- task A: {meta['task_a']} ({results['tasks']['A']['n_units']} samples)",
              f"- task B: {meta['task_b']} ({results['tasks']['B']['n_units']} samples)",
              f"- computed with fisher_fast ({results['settings']['dtype']}), unit = sample, "

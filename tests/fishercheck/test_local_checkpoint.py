@@ -95,7 +95,38 @@ def _corrupt_weights(tmp_path):
     return d, ()
 
 
+def _edit_weights(directory, drop=(), add=None):
+    """Rewrite the checkpoint's weights without the tensors whose names start with ``drop``,
+    plus ``add``; returns the names dropped.
+    """
+    from safetensors.torch import load_file, save_file
+
+    path = directory / "model.safetensors"
+    tensors = load_file(path)
+    dropped = sorted(n for n in tensors if n.startswith(drop)) if drop else []
+    kept = {n: t for n, t in tensors.items() if n not in dropped}
+    save_file({**kept, **(add or {})}, path, metadata={"format": "pt"})
+    return dropped
+
+
+def _missing_tensors(tmp_path):
+    d = checkpoint(tmp_path, "gpt2")
+    _edit_weights(d, drop=("transformer.h.0.mlp.",))
+    return d, ()
+
+
+def _unexpected_tensors(tmp_path):
+    d = checkpoint(tmp_path, "gpt2")
+    _edit_weights(d, add={"transformer.extra.weight": torch.zeros(3)})
+    return d, ()
+
+
 BAD_CHECKPOINTS = [
+    pytest.param(_missing_tensors, r"expected the checkpoint in .* to hold every tensor of the model "
+                 r"and no other, got 4 missing \(transformer\.h\.0\.mlp\.c_fc\.bias, .*, …\) \(they would be "
+                 r"random\) and 0 unexpected; pass --allow-partial", id="missing-tensors"),
+    pytest.param(_unexpected_tensors, r"got 0 missing .* and 1 unexpected "
+                 r"\(transformer\.extra\.weight\); pass --allow-partial", id="unexpected-tensors"),
     pytest.param(_bidirectional_bert, "expected a causal LM, got a bert checkpoint .*is_decoder=False",
                  id="bidirectional-bert"),
     pytest.param(_corrupt_weights, "expected a loadable causal-LM checkpoint", id="corrupt-weights"),
@@ -146,3 +177,26 @@ def test_rows_longer_than_the_model_are_cut_to_its_positions(tmp_path, tasks, ca
                 "tokens" in err) is said, err
         meta = json.loads((out / "report.json").read_text())["meta"]
         assert meta["max_length"] == 16 and meta["rows"] == {"A": 2, "B": 3}
+
+
+def test_allow_partial_runs_and_the_report_lists_what_was_not_loaded(tmp_path, tasks):
+    model = checkpoint(tmp_path, "gpt2")
+    dropped = _edit_weights(model, drop=("transformer.h.0.mlp.",),
+                            add={"transformer.extra.weight": torch.zeros(3)})
+    assert dropped == ["transformer.h.0.mlp.c_fc.bias", "transformer.h.0.mlp.c_fc.weight",
+                       "transformer.h.0.mlp.c_proj.bias", "transformer.h.0.mlp.c_proj.weight"]
+    assert run(model, tasks, tmp_path / "out", "--allow-partial") == 0
+    meta = json.loads((tmp_path / "out" / "report.json").read_text())["meta"]
+    assert meta["trained"] is False and meta["weights"] == "partial"
+    assert meta["missing_tensors"] == dropped
+    assert meta["unexpected_tensors"] == ["transformer.extra.weight"]
+    text = (tmp_path / "out" / "report.md").read_text()
+    assert "**partially loaded**: 4 of the model's tensors" in text
+    assert "transformer.h.0.mlp.c_proj.weight" in text and "transformer.extra.weight" in text
+
+
+def test_allow_partial_on_a_complete_checkpoint_is_trained(tmp_path, tasks):
+    assert run(checkpoint(tmp_path, "gpt2"), tasks, tmp_path / "out", "--allow-partial") == 0
+    meta = json.loads((tmp_path / "out" / "report.json").read_text())["meta"]
+    assert meta["trained"] is True and meta["weights"] == "loaded"
+    assert meta["missing_tensors"] == [] == meta["unexpected_tensors"]

@@ -16,7 +16,8 @@ def _report():
             "impact": {"spearman": 1.0, "kendall": 1.0, "topk_jaccard_10": 1.0,
                        "topk_jaccard_20": 1.0, "pruning_mask_jaccard": 1.0}}
     return {
-        "meta": {"model": "m", "trained": True, "task_a": "a.txt", "task_b": "b.txt",
+        "meta": {"model": "m", "trained": True, "weights": "loaded", "missing_tensors": [],
+                 "unexpected_tensors": [], "task_a": "a.txt", "task_b": "b.txt",
                  "device": "cpu", "max_length": 8, "rows": {"A": 3, "B": 3}, "plots": []},
         "settings": {"pairs_per_task": {"A": 3, "B": 3}, "n_permutations": 9, "seed": 0,
                      "dtype": "float32", "unit": "sample", "loss": "causal LM"},
@@ -59,6 +60,9 @@ DEFECTS = [
                  id="unknown-key"),
     pytest.param(_set(("meta", "trained"), "yes"), r"report\.meta\.trained: expected bool, got 'yes'",
                  id="wrong-type"),
+    pytest.param(_set(("meta", "weights"), "some"),
+                 r"report\.meta\.weights: expected one of \['loaded', 'partial', 'random'\], got 'some'",
+                 id="literal"),
     pytest.param(_set(("meta", "max_length"), True), r"report\.meta\.max_length: expected int, got True",
                  id="bool-is-not-int"),
     pytest.param(_set(("tasks", "A", "per_layer", 0, "ratio"), "big"),
