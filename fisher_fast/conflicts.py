@@ -1,15 +1,15 @@
-"""Cross-task gradient conflicts per group with a permutation test (SPEC §7), vectorised.
+r"""Cross-task gradient conflicts per group with a permutation test (SPEC §7), vectorised.
 
 For a group k (a QK-OV slice ``"L{l}.H{h}.{B}"`` or a parameter tensor) and the pooled units
 ``[A units…, B units…]`` (N = N_A + N_B), the cosine matrix
 
-.. math:: S_k[u, v] = \\frac{\\langle g_u|_k, g_v|_k \\rangle}{\\lVert g_u|_k\\rVert\\,\\lVert g_v|_k\\rVert}
-          \\quad (0 \\text{ when a norm is } 0)
+.. math:: S_k[u, v] = \frac{\langle g_u|_k, g_v|_k \rangle}{\lVert g_u|_k\rVert\,\lVert g_v|_k\rVert}
+          \quad (0 \text{ when a norm is } 0)
 
 is computed once per group from one Gram matrix (a batched matmul over heads). A labelling
 with indicator a ∈ {0,1}^N of pseudo-A (b = 1 − a) has the statistic
 
-.. math:: \\bar c_k(a) = \\frac{a^\\top S_k b + b^\\top S_k a}{2\\, N_A N_B},
+.. math:: \bar c_k(a) = \frac{a^\top S_k b + b^\top S_k a}{2\, N_A N_B},
 
 the mean between-task cosine (both terms are equal in exact arithmetic). All P permutations
 are ``[K, P, N]`` products (in chunks): no gradient is recomputed. A permutation that
@@ -30,6 +30,7 @@ bootstrap ``Generator(PCG64(seed + 1))``, each resample ``ia`` then ``ib``, inte
 
 from __future__ import annotations
 
+import math
 import numbers
 
 import numpy as np
@@ -49,6 +50,30 @@ _CHUNK_ELEMENTS = 1 << 24   # float64 entries per temporary in the permutation p
 TIE_ATOL = 1e-12
 
 
+# The null hypothesis of every group's permutation test, in words (ConflictResult.hypothesis).
+HYPOTHESIS = ("H0: the two tasks' per-sample gradients restricted to the group are exchangeable "
+              "(the task labels carry no information), i.e. the mean between-task cosine is "
+              "distributed as under a random relabelling of the pooled units; p is one-sided, "
+              "small when the observed mean between-task cosine is lower than under "
+              "relabelling. Rejecting H0 says the two tasks' gradients differ on the group, not "
+              "that they point against each other (a negative mean cosine).")
+
+
+def min_attainable_p(n_a: int, n_b: int, n_permutations: int) -> float:
+    r"""The smallest p-value the permutation test can reach with these sizes.
+
+    The exact test's smallest p is m / C(N_A + N_B, N_A): the observed split (and, when
+    N_A = N_B, its mirror image, which has the same pairs: m = 2; else m = 1) among all
+    labellings of the pooled units. With P permutations p is also never below 1/(P + 1).
+    The Monte Carlo p-value scatters around the exact one, so when this is at or above a
+    threshold no group can be called significant at it, whatever the gradients.
+
+    .. math:: p_{\min} = \max\left(\frac{1}{P + 1},\; \frac{m}{\binom{N_A + N_B}{N_A}}\right)
+    """
+    m = 2 if n_a == n_b else 1
+    return max(1.0 / (n_permutations + 1), m / math.comb(n_a + n_b, n_a))
+
+
 class ConflictResult(dict):
     """``{group name: {"mean_cosine", "p", "q", "effect", "interval", "null_mean", "null_sd",
     "n_a", "n_b"}}`` with ``nulls`` (group -> permutation statistics, ``ndarray[P]``),
@@ -56,13 +81,21 @@ class ConflictResult(dict):
 
     Groups are ordered layers, then heads, then blocks (``"L0.H0.Q"``, ``"L0.H0.K"``, …) or
     in parameter order.
+
+    Attributes:
+        hypothesis: the null hypothesis tested for each group, in words (:data:`HYPOTHESIS`).
+        min_attainable_p: the smallest p-value the test can reach with these numbers of units
+            and permutations (:func:`min_attainable_p`).
     """
+
+    hypothesis = HYPOTHESIS
 
     def __init__(self, data, *, nulls, fdr, n_permutations, seed, ids_a, ids_b):
         super().__init__(data)
         self.nulls, self.fdr = nulls, fdr
         self.n_permutations, self.seed = n_permutations, seed
         self.ids_a, self.ids_b = list(ids_a), list(ids_b)
+        self.min_attainable_p = min_attainable_p(len(self.ids_a), len(self.ids_b), n_permutations)
 
 
 def conflicts(model: torch.nn.Module, batch_a: dict, batch_b: dict, *, groups: str = "heads",
@@ -73,16 +106,23 @@ def conflicts(model: torch.nn.Module, batch_a: dict, batch_b: dict, *, groups: s
     """Mean between-task gradient cosine per group, its permutation p-value, effect, interval, q.
 
     Args:
-        model: the model. batch_a, batch_b: the two tasks.
+        model: the model.
+        batch_a: task A's batch.
+        batch_b: task B's batch.
         groups: ``"heads"`` (QK-OV slices ``L{l}.H{h}.{B}``) or ``"parameters"``.
-        n_permutations: P label permutations. seed: their seed (bootstrap uses seed + 1).
+        n_permutations: P label permutations.
+        seed: their seed (bootstrap uses seed + 1).
         n_bootstrap: resamples for the percentile interval.
         layout: a declared attention layout (``groups="heads"``).
-        loss_fn, unit, weighting, dtype: as for every estimator.
+        loss_fn: as for every estimator.
+        unit: as for every estimator.
+        weighting: as for every estimator.
         include_bias: slices also hold the Q/K/V bias entries.
         fdr: ``"bh"`` (Benjamini–Hochberg) or ``"by"`` (Benjamini–Yekutieli) for ``q``,
             across the distinct groups (under GQA a shared K or V slice is one hypothesis).
-        sample_ids_a, sample_ids_b: the units' sample ids, if not in the batches.
+        dtype: as for every estimator.
+        sample_ids_a: task A's sample ids, if not in its batch.
+        sample_ids_b: task B's sample ids, if not in its batch.
 
     Returns:
         ConflictResult.
@@ -113,7 +153,8 @@ def conflicts_from_units(ga, gb, *, groups="heads", layout: AttentionLayout | No
     keep = ga.tensors if groups == "parameters" else _slice_names(layout, include_bias)
     missing = [n for n in keep if n not in ga.tensors]
     if missing:
-        raise ValueError(f"gradients: expected every attention tensor of the layout, got none for {missing[:5]}.")
+        raise ValueError(f"gradients: expected every attention tensor of the layout, got none for "
+                         f"{missing[:5]}.")
     pooled = {n: torch.cat([ga.tensors[n], gb.tensors[n]]) for n in keep}
     names, shared, grams = _group_grams(pooled, groups, layout, include_bias)
     cos = _cosines(grams)                                                  # [K, N, N] float64
@@ -137,7 +178,7 @@ def conflicts_from_units(ga, gb, *, groups="heads", layout: AttentionLayout | No
     obs, p, sd, mean, effect = (t.cpu().tolist() for t in (obs, p, sd, mean, effect))
     out, nulls = {}, {}
     null_np = null.cpu().numpy()
-    for name, k in zip(names, shared):
+    for name, k in zip(names, shared, strict=True):
         out[name] = {"mean_cosine": obs[k], "p": p[k], "q": float(q[k]),
                      "effect": effect[k], "interval": (float(lo_hi[0, k]), float(lo_hi[1, k])),
                      "null_mean": mean[k], "null_sd": sd[k], "n_a": n_a, "n_b": n_b}

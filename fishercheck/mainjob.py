@@ -19,6 +19,7 @@ differences. :func:`run` returns a :class:`fishercheck.report_schema.Report` (wi
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 
@@ -151,14 +152,65 @@ def interference_summary(result: fisher_fast.InterferenceResult, top: int = 10) 
             "top": [dict(rec, score=float(rec["score"])) for rec in result.top_k[:top]]}
 
 
-def conflicts_summary(result: fisher_fast.ConflictResult,
-                      layout: fisher_fast.AttentionLayout) -> list[dict]:
-    """One record per slice (l, h, B), in layer, head, block order, with its indices.
+ALPHA = 0.05  # the q-value threshold of the report's conflicts
+
+
+def conflicts_summary(result: fisher_fast.ConflictResult, layout: fisher_fast.AttentionLayout,
+                      alpha: float = ALPHA) -> dict:
+    """The conflicts' hypothesis, whether it can be rejected at ``alpha``, and every slice.
 
     Returns:
-        ``[{"group", "layer", "head", "block", "mean_cosine", "p", "q", "effect",
-        "interval"}]``.
+        ``{"hypothesis", "alpha", "fdr", "min_attainable_p", "testable", "note", "slices"}``
+        (:class:`fishercheck.report_schema.Conflicts`); ``slices`` has one record per
+        (l, h, B), in layer, head, block order: ``{"group", "layer", "head", "block",
+        "mean_cosine", "p", "q", "effect", "interval"}``.
     """
+    min_p = float(result.min_attainable_p)
+    testable = min_p < alpha
+    note = "" if testable else untestable_note(len(result.ids_a), len(result.ids_b),
+                                               result.n_permutations, alpha)
+    return {"hypothesis": result.hypothesis, "alpha": alpha, "fdr": result.fdr,
+            "min_attainable_p": min_p, "testable": testable, "note": note,
+            "slices": _slices(result, layout)}
+
+
+def untestable_note(n_a: int, n_b: int, n_permutations: int, alpha: float) -> str:
+    """Why no p-value of the permutation test can fall below ``alpha`` (empty if one can).
+
+    Args:
+        n_a: task A's rows.
+        n_b: task B's rows.
+        n_permutations: P.
+        alpha: the threshold.
+    """
+    reasons = []
+    if 1.0 / (n_permutations + 1) >= alpha:
+        reasons.append(f"{n_permutations} permutations cannot give a p-value below "
+                       f"1/(P + 1) = {1.0 / (n_permutations + 1):.3g} (use --permutations "
+                       f"{math.ceil(1.0 / alpha)} or more)")
+    m, labellings = (2 if n_a == n_b else 1), math.comb(n_a + n_b, n_a)
+    if m / labellings >= alpha:
+        splits = f" ({labellings // 2} distinct splits: each is tied with its mirror image)" \
+            if m == 2 else ""
+        reasons.append(f"{n_a} + {n_b} rows have only C({n_a + n_b}, {n_a}) = {labellings} "
+                       f"labellings{splits}, so the exact test's smallest p-value is "
+                       f"{m / labellings:.3g} (use --pairs {_rows_needed(alpha)} or more)")
+    if not reasons:
+        return ""
+    return (f"no slice can reach q < {alpha:g} whatever the gradients: " + "; ".join(reasons)
+            + ".")
+
+
+def _rows_needed(alpha: float) -> int:
+    """The fewest rows per task (N_A = N_B = n) whose exact test can give p < alpha."""
+    n = 1
+    while 2 / math.comb(2 * n, n) >= alpha:
+        n += 1
+    return n
+
+
+def _slices(result: fisher_fast.ConflictResult, layout: fisher_fast.AttentionLayout) -> list[dict]:
+    """One record per slice (l, h, B), in layer, head, block order, with its indices."""
     out = []
     for la in layout.layers:
         for h in range(la.num_heads):

@@ -104,18 +104,20 @@ def interference_plot(results: Report, path: Path) -> None:
     _heatmaps([("mean M", arr)], path, "QK-OV interference of task A on task B (mean over pairs)")
 
 
-def conflicts_plot(results: Report, path: Path, alpha: float = 0.05) -> None:
-    """Heat maps of the mean between-task cosine per slice; a star where BH q < ``alpha``."""
+def conflicts_plot(results: Report, path: Path) -> None:
+    """Heat maps of the mean between-task cosine per slice; a star where q < the report's alpha."""
     L, H = results["layout"]["layers"], results["layout"]["heads"]
+    alpha = results["conflicts"]["alpha"]
     cos = np.full((L, H, len(BLOCKS)), np.nan)
     sig = np.zeros((L, H, len(BLOCKS)), dtype=bool)
-    for rec in results["conflicts"]:
+    for rec in results["conflicts"]["slices"]:
         idx = (rec["layer"], rec["head"], BLOCKS.index(rec["block"]))
         cos[idx] = number(rec["mean_cosine"])
         sig[idx] = number(rec["q"]) < alpha
-    _heatmaps([("mean cosine", cos)], path,
-              f"Between-task gradient cosine per slice (★: BH q < {alpha})", cmap="coolwarm",
-              marks=sig, symmetric=True)
+    stars = (f"★: q < {alpha:g}" if results["conflicts"]["testable"] else
+             f"no ★ possible: too few rows or permutations for q < {alpha:g}")
+    _heatmaps([("mean cosine", cos)], path, f"Between-task gradient cosine per slice ({stars})",
+              cmap="coolwarm", marks=sig, symmetric=True)
 
 
 PLOTS = {

@@ -125,6 +125,18 @@ class ConflictSlice(TypedDict):
     interval: list[Number]  # 95 % bootstrap interval of the mean cosine: [low, high]
 
 
+class Conflicts(TypedDict):
+    """Per-head conflicts: the hypothesis tested, whether it can be rejected, and each slice."""
+
+    hypothesis: str  # the null of every slice's permutation test, in words
+    alpha: float  # the q threshold the report uses
+    fdr: str  # "bh" or "by"
+    min_attainable_p: float  # no p-value of the test can be smaller (sizes and permutations)
+    testable: bool  # min_attainable_p < alpha
+    note: str  # why not testable ("" when testable)
+    slices: list[ConflictSlice]
+
+
 class _CheckRequired(TypedDict):
     rows_per_task: int
     empirical_fisher: Number
@@ -143,7 +155,7 @@ class _ReportRequired(TypedDict):
     layout: Layout
     tasks: dict[str, Task]
     interference: Interference
-    conflicts: list[ConflictSlice]
+    conflicts: Conflicts
     timings: dict[str, Number]
 
 
@@ -188,8 +200,8 @@ def validate(report: object) -> None:
     if sorted(report["interference"]["means"]) != sorted(BLOCKS):
         raise ValueError(f"report.interference.means: expected the blocks {list(BLOCKS)}, got "
                          f"{sorted(report['interference']['means'])}.")
-    for k, s in enumerate(report["conflicts"]):
-        where = f"report.conflicts[{k}]"
+    for k, s in enumerate(report["conflicts"]["slices"]):
+        where = f"report.conflicts.slices[{k}]"
         if not (0 <= s["layer"] < L and 0 <= s["head"] < H and s["block"] in BLOCKS):
             raise ValueError(f"{where}: expected layer in [0, {L}), head in [0, {H}), block in "
                              f"{BLOCKS}, got ({s['layer']}, {s['head']}, {s['block']!r}).")

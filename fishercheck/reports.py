@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from fishercheck.report_schema import BLOCKS, Report, to_json, validate
+from fishercheck.report_schema import BLOCKS, Conflicts, Report, number, to_json, validate
 
 
 def json_text(results: Report) -> str:
@@ -90,19 +90,8 @@ def markdown(results: Report) -> str:
     for t in results["interference"]["top"][:8]:
         lines.append(f"| {_fmt(t['score'])} | {t['id_a']} | {t['id_b']} | {t['layer']} | "
                      f"{t['head']} | {t['block']} |")
-    conf = results["conflicts"]
-    sig = sorted([c for c in conf if c["q"] < 0.05], key=lambda c: c["mean_cosine"])
-    lines += ["", "## Per-head conflicts (permutation test, BH q-values)", "",
-              f"{len(sig)} of {len(conf)} slices have q < 0.05 "
-              f"({results['settings']['n_permutations']} permutations)"
-              + (f"; the {SHOWN_SLICES} most negative mean cosines are listed (all in "
-                 f"report.json)." if len(sig) > SHOWN_SLICES else "."), ""]
-    if sig:
-        lines += ["| slice | mean cosine | p | q | effect | 95% interval |", "|---|---|---|---|---|---|"]
-        for c in sig[:SHOWN_SLICES]:
-            lines.append(f"| {c['group']} | {_fmt(c['mean_cosine'])} | {_fmt(c['p'])} | "
-                         f"{_fmt(c['q'])} | {_fmt(c['effect'])} | "
-                         f"[{_fmt(c['interval'][0])}, {_fmt(c['interval'][1])}] |")
+    lines += ["", "## Per-head conflicts (permutation test, BH q-values)", ""]
+    lines += _conflicts_section(results["conflicts"], results["settings"]["n_permutations"])
     if "check" in results:
         ck = results["check"]
         lines += ["", "## Check against fisher_ref (the float64 oracle)", "",
@@ -115,6 +104,40 @@ def markdown(results: Report) -> str:
     t = results["timings"]
     lines += ["", "Timings: " + ", ".join(f"{k} {v:.1f}" for k, v in t.items()), ""]
     return "\n".join(lines)
+
+
+def _conflicts_section(conf: Conflicts, n_permutations: int) -> list[str]:
+    """The conflicts' hypothesis in words, then what the test can say and the slices it flags.
+
+    Untestable sizes (too few rows or permutations for any p below ``alpha``) are said
+    instead of a table of p = 1-like values.
+    """
+    alpha = conf["alpha"]
+    lines = [f"Tested for each slice: {conf['hypothesis']}", ""]
+    if not conf["testable"]:
+        return lines + [f"**Not testable with these sizes**: {conf['note']} Per-slice p- and "
+                        f"q-values are therefore not shown (report.json keeps them, with "
+                        f"`conflicts.testable` false)."]
+    slices = conf["slices"]
+    sig = sorted([c for c in slices if number(c["q"]) < alpha], key=lambda c: number(c["mean_cosine"]))
+    below = sum(number(c["interval"][1]) < 0 for c in sig)
+    above = sum(number(c["interval"][0]) > 0 for c in sig)
+    lines += [f"{len(sig)} of {len(slices)} slices have q < {alpha:g} ({n_permutations} "
+              f"permutations; the smallest attainable p is {conf['min_attainable_p']:.3g}): on "
+              f"these the two tasks' gradients differ. A conflict — gradients pointing against "
+              f"each other — is a 95% interval of the mean cosine below 0: {below} of them; "
+              f"{len(sig) - below - above} have an interval containing 0 (they differ, with no "
+              f"conflict shown) and {above} one above 0."
+              + (f" The {SHOWN_SLICES} most negative mean cosines are listed (all in "
+                 f"report.json)." if len(sig) > SHOWN_SLICES else "")]
+    if sig:
+        lines += ["", "| slice | mean cosine | q | 95% interval of the mean cosine | p | effect (z) |",
+                  "|---|---|---|---|---|---|"]
+        for c in sig[:SHOWN_SLICES]:
+            lines.append(f"| {c['group']} | {_fmt(c['mean_cosine'])} | {_fmt(c['q'])} | "
+                         f"[{_fmt(c['interval'][0])}, {_fmt(c['interval'][1])}] | "
+                         f"{_fmt(c['p'])} | {_fmt(c['effect'])} |")
+    return lines
 
 
 def write_markdown(results: Report, path: Path) -> None:

@@ -59,7 +59,7 @@ def test_run_report_json_is_consistent(run_dir):
         for r in rec["per_layer"]:  # E[g²] >= (E[g])² elementwise, so also summed
             assert r["E_g2"] >= r["Eg_2"] > 0 and r["ratio"] == pytest.approx(r["E_g2"] / r["Eg_2"])
         assert len(rec["head_fisher"]) == 2 and len(rec["head_fisher"][0]) == 4
-    assert all(1 / 100 <= c["p"] <= 1 and c["q"] >= c["p"] for c in report["conflicts"])
+    assert all(1 / 100 <= c["p"] <= 1 and c["q"] >= c["p"] for c in report["conflicts"]["slices"])
     check = report["check"]  # fisher_fast float32 against the float64 oracle
     assert check["empirical_fisher"] < 1e-4 and check["interference"] < 1e-4
 
@@ -70,8 +70,38 @@ def test_run_report_json_fits_the_schema(run_dir):
     _, out = run_dir
     report = json.loads((out / "report.json").read_text())
     validate(report)
-    slices = {(c["layer"], c["head"], c["block"]) for c in report["conflicts"]}
+    slices = {(c["layer"], c["head"], c["block"]) for c in report["conflicts"]["slices"]}
     assert slices == {(la, h, b) for la in range(2) for h in range(4) for b in "QKVO"}
+
+
+def test_run_report_states_the_conflicts_hypothesis_and_intervals_beside_q(run_dir):
+    # 6 + 6 rows (C(12, 6) = 924 labellings) and 99 permutations: p can reach 0.01
+    _, out = run_dir
+    conf = json.loads((out / "report.json").read_text())["conflicts"]
+    assert conf["testable"] is True and conf["note"] == ""
+    assert conf["min_attainable_p"] == pytest.approx(1 / 100)
+    text = (out / "report.md").read_text()
+    assert "Tested for each slice: H0: the two tasks' per-sample gradients restricted to the " \
+           "group are exchangeable" in text
+    assert "| slice | mean cosine | q | 95% interval of the mean cosine | p | effect (z) |" in text
+    sig = [c for c in conf["slices"] if c["q"] < 0.05]
+    below = sum(c["interval"][1] < 0 for c in sig)
+    assert f"a 95% interval of the mean cosine below 0: {below} of them" in text
+
+
+def test_too_few_rows_for_any_significance_is_said_instead_of_p_values(tmp_path):
+    out = tmp_path / "out"
+    assert main(["run", "--out", str(out), "--max-samples", "3", "--pairs", "3",
+                 "--permutations", "9", "--no-plots"]) == 0
+    conf = json.loads((out / "report.json").read_text())["conflicts"]
+    assert conf["testable"] is False and conf["min_attainable_p"] == pytest.approx(0.1)
+    text = (out / "report.md").read_text()
+    assert "**Not testable with these sizes**: no slice can reach q < 0.05 whatever the " \
+           "gradients: 9 permutations cannot give a p-value below 1/(P + 1) = 0.1 (use " \
+           "--permutations 20 or more); 3 + 3 rows have only C(6, 3) = 20 labellings (10 " \
+           "distinct splits: each is tied with its mirror image), so the exact test's smallest " \
+           "p-value is 0.1 (use --pairs 4 or more)." in text
+    assert "| slice |" not in text and "nan" not in text.split("## Per-head conflicts")[1]
 
 
 def test_run_report_markdown_names_the_model_and_tasks(run_dir):
@@ -82,7 +112,7 @@ def test_run_report_markdown_names_the_model_and_tasks(run_dir):
     # the significant-conflicts table lists at most SHOWN_SLICES rows and says so when cut
     from fishercheck.reports import SHOWN_SLICES
     report = json.loads((out / "report.json").read_text())
-    n_sig = sum(c["q"] < 0.05 for c in report["conflicts"])
+    n_sig = sum(c["q"] < 0.05 for c in report["conflicts"]["slices"])
     rows = [line for line in text.splitlines() if line.startswith("| L")]
     assert len(rows) == min(n_sig, SHOWN_SLICES)
     assert ("most negative mean cosines are listed" in text) == (n_sig > SHOWN_SLICES)

@@ -14,6 +14,7 @@ from fishercheck.mainjob import (
     parameter_blocks,
     per_layer,
     relative_difference,
+    untestable_note,
 )
 
 
@@ -72,6 +73,25 @@ def test_head_groups_equal_the_masked_sums_of_each_slice(cfg):
                 masks = fisher_fast.qkov_mask(model, layer, h, block)
                 want[layer, h, b] = sum(float(values[n].double()[m].sum()) for n, m in masks.items())
     np.testing.assert_allclose(head_groups(values, layout), want, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("n_a, n_b, P, said", [
+    (32, 32, 1000, []),  # testable: the note is empty
+    (4, 4, 1000, []),  # 2 / C(8, 4) = 0.029 < 0.05
+    (32, 32, 19, ["19 permutations cannot give a p-value below 1/(P + 1) = 0.05",
+                  "--permutations 20 or more"]),
+    (3, 4, 1000, []),  # 1 / C(7, 3) = 1/35 < 0.05
+    (2, 3, 1000, ["2 + 3 rows have only C(5, 2) = 10 labellings, so the exact test's smallest "
+                  "p-value is 0.1"]),
+    (2, 2, 1000, ["2 + 2 rows have only C(4, 2) = 6 labellings (3 distinct splits",
+                  "smallest p-value is 0.333 (use --pairs 4 or more)"]),
+])
+def test_untestable_note(n_a, n_b, P, said):
+    note = untestable_note(n_a, n_b, P, 0.05)
+    if not said:
+        assert note == ""
+    for phrase in said:
+        assert phrase in note, note
 
 
 def test_relative_difference_is_normwise():

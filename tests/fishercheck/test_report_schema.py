@@ -26,9 +26,11 @@ def _report():
         "interference": {"means": {b: [[0.0, 1.0]] for b in "QKVO"},
                          "top": [{"score": 1.0, "id_a": "a_0", "id_b": 3, "layer": 0, "head": 1,
                                   "block": "V"}]},
-        "conflicts": [{"group": "L0.H1.K", "layer": 0, "head": 1, "block": "K",
-                       "mean_cosine": -0.1, "p": 0.1, "q": 0.2, "effect": float("nan"),
-                       "interval": [-0.2, 0.0]}],
+        "conflicts": {"hypothesis": "H0", "alpha": 0.05, "fdr": "bh", "min_attainable_p": 0.1,
+                      "testable": False, "note": "too few", "slices": [
+                          {"group": "L0.H1.K", "layer": 0, "head": 1, "block": "K",
+                           "mean_cosine": -0.1, "p": 0.1, "q": 0.2, "effect": float("nan"),
+                           "interval": [-0.2, 0.0]}]},
         "timings": {"total_s": 1.0},
     }
 
@@ -37,7 +39,7 @@ def test_a_hand_built_report_fits_before_and_after_json():
     report = _report()
     validate(report)
     validate(to_json(report))  # nan becomes "nan", still a number
-    assert to_json(report)["conflicts"][0]["effect"] == "nan"
+    assert to_json(report)["conflicts"]["slices"][0]["effect"] == "nan"
 
 
 def _set(path, value):
@@ -72,11 +74,13 @@ DEFECTS = [
                  id="head-array-shape"),
     pytest.param(_set(("interference", "means", "O"), [[1.0, 2.0, 3.0]]),
                  r"report\.interference\.means\.O\[0\]: expected 2 entries", id="means-shape"),
-    pytest.param(_set(("conflicts", 0, "head"), 2),
-                 r"report\.conflicts\[0\]: expected layer in \[0, 1\), head in \[0, 2\)",
+    pytest.param(_set(("conflicts", "slices", 0, "head"), 2),
+                 r"report\.conflicts\.slices\[0\]: expected layer in \[0, 1\), head in \[0, 2\)",
                  id="slice-out-of-range"),
-    pytest.param(_set(("conflicts", 0, "interval"), [0.0]),
-                 r"report\.conflicts\[0\]\.interval: expected \[low, high\]", id="interval"),
+    pytest.param(_set(("conflicts", "slices", 0, "interval"), [0.0]),
+                 r"report\.conflicts\.slices\[0\]\.interval: expected \[low, high\]", id="interval"),
+    pytest.param(_set(("conflicts", "testable"), "no"),
+                 r"report\.conflicts\.testable: expected bool, got 'no'", id="conflicts-testable"),
     pytest.param(_set(("interference", "top", 0, "id_a"), None),
                  r"report\.interference\.top\[0\]\.id_a: expected one of \['str', 'int'\], got None",
                  id="sample-id"),
