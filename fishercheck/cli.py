@@ -10,9 +10,13 @@ See docs/cli.md and docs/conformance.md.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import signal
 import sys
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -126,80 +130,132 @@ def _device(name: str) -> torch.device:
     return device
 
 
-def run_command(args: argparse.Namespace) -> int:
-    """``fishercheck run``: check the inputs, run the main job, write the report; exit status.
-
-    Raises:
-        ValueError: bad input (``main`` prints it and exits with status 2).
-    """
-    from fishercheck import inputs
-
+def _check_run_options(args: argparse.Namespace) -> None:
+    """The options of ``run`` that need no file: positive counts, --model with both tasks."""
     for name in ("max_samples", "max_length", "pairs", "permutations", "check_rows"):
         if getattr(args, name) is not None:
             _positive("--" + name.replace("_", "-"), getattr(args, name))
     if args.model is not None and (args.task_a is None or args.task_b is None):
         raise ValueError("--model: expected --task-a and --task-b with it, got "
                          f"task-a={args.task_a!r}, task-b={args.task_b!r}.")
-    device = _device(args.device)
-    start = time.perf_counter()
     if args.tokenizer is not None and args.model is None:
         raise ValueError(f"--tokenizer: expected it with --model, got --tokenizer "
                          f"{args.tokenizer!r} for the embedded default.")
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM during a run (``main`` exits with 128 + the signal's number)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def _signals_interrupt() -> Iterator[None]:
+    """SIGINT and SIGTERM raise :class:`Interrupted`, so that a run cleans up after itself."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise Interrupted(signum)
+
+    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def run_command(args: argparse.Namespace) -> int:
+    """``fishercheck run``: check the inputs, run the main job, write the report; exit status.
+
+    The report is written into a fresh directory beside ``--out`` and swapped in whole
+    (:class:`fishercheck.outputs.OutputDir`): a run that fails leaves ``--out`` as it was.
+
+    Raises:
+        ValueError: bad input (``main`` prints it and exits with status 2).
+        Interrupted: SIGINT or SIGTERM (after cleaning up).
+    """
+    from fishercheck import inputs, outputs, plots
+
+    start = time.perf_counter()
+    _check_run_options(args)
+    device = _device(args.device)
+    out = outputs.OutputDir(args.out, known=("report.json", "report.md", *plots.PLOTS))
     default_a, default_b = inputs.default_tasks()
-    path_a, path_b = args.task_a or default_a, args.task_b or default_b
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out: expected a directory (created if missing), got the existing "
-                         f"file {args.out!r}.")
-    texts = [inputs.read_texts(p, args.text_field, args.max_samples) for p in (path_a, path_b)]
-    inp = inputs.load_model(args.model, args.tokenizer, allow_partial=args.allow_partial)
+    paths = (Path(args.task_a) if args.task_a else default_a,
+             Path(args.task_b) if args.task_b else default_b)
+    with _signals_interrupt(), out as staging:
+        texts = [inputs.read_texts(p, args.text_field, args.max_samples) for p in paths]
+        inp = inputs.load_model(args.model, args.tokenizer, allow_partial=args.allow_partial)
+        max_length = _max_length(args, inp.model)
+        batches = [inputs.make_batch(inp.tokenizer, t, prefix, max_length, source=p)
+                   for t, prefix, p in zip(texts, ("a", "b"), paths, strict=True)]
+        for batch, path in zip(batches, paths, strict=True):
+            inputs.check_batch(batch, inp.model, path)
+        results = _main_job(args, inp, batches, device)
+        results["meta"] = _meta(inp, paths, device, max_length, batches)
+        _write(results, staging, plots=not args.no_plots, start=start)
+        out.commit()
+    _summary(results, args.out)
+    return 0
+
+
+def _max_length(args: argparse.Namespace, model: torch.nn.Module) -> int:
+    """Tokens per row: --max-length (default 64), at most the model's positions."""
+    from fishercheck import inputs
+
     max_length = DEFAULT_MAX_LENGTH if args.max_length is None else args.max_length
-    positions = inputs.model_max_length(inp.model)
+    positions = inputs.model_max_length(model)
     if positions is not None and max_length > positions:
         if args.max_length is not None:  # the user asked for more than the model has
             print(f"fishercheck run: --max-length {max_length} is more than the model's "
                   f"{positions} positions: rows are cut to {positions} tokens", file=sys.stderr)
         max_length = positions
-    batches = [inputs.make_batch(inp.tokenizer, t, prefix, max_length, source=p)
-               for t, prefix, p in zip(texts, ("a", "b"), (path_a, path_b), strict=True)]
-    for batch, path in zip(batches, (path_a, path_b), strict=True):
-        inputs.check_batch(batch, inp.model, path)
-    created = not out.exists()
-    out.mkdir(parents=True, exist_ok=True)
-    try:
-        return _run_and_report(args, inp, batches, out, device, start, max_length,
-                               (path_a, path_b))
-    except BaseException:
-        if created and out.is_dir() and not any(out.iterdir()):
-            out.rmdir()  # a failed run leaves no empty directory behind
-        raise
+    return max_length
 
 
-def _run_and_report(args: argparse.Namespace, inp: object, batches: list[dict], out: Path,
-                    device: torch.device, start: float, max_length: int,
-                    paths: tuple[Path, Path]) -> int:
-    """The main job on checked inputs, its report and plots written to ``out``."""
-    from fishercheck import mainjob, plots, reports
+def _main_job(args: argparse.Namespace, inp: object, batches: list[dict],
+              device: torch.device) -> dict:
+    """:func:`fishercheck.mainjob.run` on ``device``."""
+    from fishercheck import mainjob
 
-    path_a, path_b = paths
     model = inp.model.to(device)
     batches = [{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in b.items()}
                for b in batches]
-    results = mainjob.run(model, *batches, n_pairs=args.pairs, n_permutations=args.permutations,
-                          seed=args.seed, check=args.check, check_rows=args.check_rows,
-                          dtype=getattr(torch, args.dtype))
-    results["meta"] = {"model": inp.source, "trained": inp.trained, "weights": inp.weights,
-                       "missing_tensors": inp.missing, "unexpected_tensors": inp.unexpected,
-                       "task_a": str(path_a),
-                       "task_b": str(path_b), "device": str(device), "max_length": max_length,
-                       "rows": {t: int(b["input_ids"].shape[0])
-                                for t, b in zip("AB", batches, strict=True)},
-                       "plots": []}
-    if not args.no_plots:
-        results["meta"]["plots"] = plots.write_plots(results, out)
+    return mainjob.run(model, *batches, n_pairs=args.pairs, n_permutations=args.permutations,
+                       seed=args.seed, check=args.check, check_rows=args.check_rows,
+                       dtype=getattr(torch, args.dtype))
+
+
+def _meta(inp: object, paths: tuple[Path, Path], device: torch.device, max_length: int,
+          batches: list[dict]) -> dict:
+    """The report's ``meta``: the model and how it loaded, the task files, where it ran."""
+    return {"model": inp.source, "trained": inp.trained, "weights": inp.weights,
+            "missing_tensors": inp.missing, "unexpected_tensors": inp.unexpected,
+            "task_a": str(paths[0]), "task_b": str(paths[1]), "device": str(device),
+            "max_length": max_length,
+            "rows": {t: int(b["input_ids"].shape[0]) for t, b in zip("AB", batches, strict=True)},
+            "plots": []}
+
+
+def _write(results: dict, directory: Path, *, plots: bool, start: float) -> None:
+    """The plots, report.json and report.md, each written whole into ``directory``."""
+    from fishercheck import plots as plotting
+    from fishercheck import reports
+
+    if plots:
+        results["meta"]["plots"] = plotting.write_plots(results, directory)
     results["timings"]["total_s"] = time.perf_counter() - start
-    reports.write_json(results, out / "report.json")
-    reports.write_markdown(results, out / "report.md")
+    reports.write_json(results, directory / "report.json")
+    reports.write_markdown(results, directory / "report.md")
+
+
+def _summary(results: dict, out: str) -> None:
+    """What the run wrote, and the per-layer ratios, on stdout."""
     print(f"fishercheck: wrote report.json, report.md and {len(results['meta']['plots'])} plots "
           f"to {out} in {results['timings']['total_s']:.1f} s")
     for task, rec in results["tasks"].items():
@@ -207,7 +263,6 @@ def _run_and_report(args: argparse.Namespace, inp: object, batches: list[dict], 
         print(f"  task {task}: E[g²] / (E[g])² per layer: {ratios}")
     if "check" in results:
         print(f"  check against fisher_ref: {results['check']}")
-    return 0
 
 
 def conform_command(args: argparse.Namespace) -> int:
@@ -218,6 +273,7 @@ def conform_command(args: argparse.Namespace) -> int:
     """
     from fisher_ref.conformance.runner import run_conformance
     from fishercheck.adapters import resolve
+    from fishercheck.outputs import write_text
 
     if args.report and (not Path(args.report).resolve().parent.is_dir()
                         or Path(args.report).is_dir()):
@@ -232,7 +288,7 @@ def conform_command(args: argparse.Namespace) -> int:
                              progress=lambda r: print(f"  {r.name}: {r.verdict}", file=sys.stderr))
     print(report.table())
     if args.report:
-        report.to_json(args.report)
+        write_text(Path(args.report), report.to_json() + "\n")
     return 0 if report.passed else 1
 
 
@@ -250,6 +306,12 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         print(f"fishercheck {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as exc:
+        signum = exc.signum if isinstance(exc, Interrupted) else signal.SIGINT
+        where = f"; --out {args.out!r} is as it was" if args.command == "run" else ""
+        print(f"fishercheck {args.command}: interrupted ({signal.Signals(signum).name}){where}.",
+              file=sys.stderr)
+        return 128 + int(signum)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fishercheck.outputs import replacing
 from fishercheck.report_schema import BLOCKS, Report, number
 
 
@@ -135,9 +136,12 @@ def _array(nested: list) -> np.ndarray:
 
 
 def write_plots(results: Report, out: Path) -> list[str]:
-    """Draw every plot of :data:`PLOTS` into ``out``; returns the file names written."""
+    """Draw every plot of :data:`PLOTS` into ``out``, each file written whole (a temporary
+    name, then renamed); returns the file names written.
+    """
     written = []
     for name, fn in PLOTS.items():
-        fn(results, out / name)
+        with replacing(out / name) as tmp:
+            fn(results, tmp)
         written.append(name)
     return written

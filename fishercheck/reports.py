@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from fishercheck.outputs import write_text
 from fishercheck.report_schema import BLOCKS, Conflicts, Report, number, to_json, validate
 
 
@@ -24,8 +25,8 @@ def json_text(results: Report) -> str:
 
 
 def write_json(results: Report, path: Path) -> None:
-    """Write ``report.json`` (see :func:`json_text`)."""
-    path.write_text(json_text(results))
+    """Write ``report.json`` whole (see :func:`json_text`); nothing is written if it fails."""
+    write_text(path, json_text(results))
 
 
 def _fmt(x: float) -> str:
@@ -141,5 +142,5 @@ def _conflicts_section(conf: Conflicts, n_permutations: int) -> list[str]:
 
 
 def write_markdown(results: Report, path: Path) -> None:
-    """Write ``report.md`` (see :func:`markdown`)."""
-    path.write_text(markdown(results))
+    """Write ``report.md`` whole (see :func:`markdown`)."""
+    write_text(path, markdown(results))

@@ -145,6 +145,38 @@ def test_run_on_cuda_checks_against_the_cpu_oracle(tmp_path, device):
     assert report["check"]["empirical_fisher"] < 1e-4 and report["check"]["interference"] < 1e-4
 
 
+SMALL = ["--max-samples", "4", "--pairs", "4", "--permutations", "19"]
+
+
+def test_a_rerun_replaces_the_whole_output_directory(tmp_path):
+    out = tmp_path / "out"
+    assert main(["run", "--out", str(out), *SMALL]) == 0
+    assert (out / "heads.png").is_file()
+    assert main(["run", "--out", str(out), *SMALL, "--no-plots", "--seed", "1"]) == 0
+    # no plot of the first run is left beside the second run's report
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    assert sorted(p.name for p in out.iterdir()) == ["report.json", "report.md"]
+    assert json.loads((out / "report.json").read_text())["settings"]["seed"] == 1
+
+
+def test_an_interrupted_run_leaves_the_previous_report(tmp_path, capsys, monkeypatch):
+    import fishercheck.mainjob
+
+    out = tmp_path / "out"
+    assert main(["run", "--out", str(out), *SMALL, "--no-plots"]) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(fishercheck.mainjob, "run", interrupted)
+    capsys.readouterr()
+    assert main(["run", "--out", str(out), *SMALL]) == 130
+    assert f"fishercheck run: interrupted (SIGINT); --out '{out}' is as it was." in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
 def test_run_rejects_model_without_tasks(tmp_path, capsys):
     assert main(["run", "--out", str(tmp_path), "--model", str(tmp_path)]) == 2
     assert "expected --task-a and --task-b" in capsys.readouterr().err
