@@ -21,6 +21,8 @@ from pathlib import Path
 
 import torch
 
+from fishercheck.progress import Progress
+
 _EPILOG = """\
 examples:
   fishercheck run --out report/                     # embedded tiny GPT-2 and two tasks
@@ -86,6 +88,8 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--check-rows", type=int, default=8, metavar="N",
                    help="rows per task for --check (default: 8)")
     r.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    r.add_argument("--quiet", action="store_true",
+                   help="no progress bars (they are drawn on stderr only when it is a terminal)")
     c = sub.add_parser("conform", formatter_class=fmt, epilog=_EPILOG,
                        help="check an implementation against the definitions",
                        description="Run the named, Hypothesis-driven properties against an "
@@ -103,6 +107,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="run only this property (repeatable); one of: " + ", ".join(PROPERTIES))
     c.add_argument("--explore", action="store_true",
                    help="random (not derandomized) examples: finds new cases, not for CI gates")
+    c.add_argument("--quiet", action="store_true",
+                   help="no progress on stderr (a bar when stderr is a terminal, else one line "
+                        "per property)")
     return p
 
 
@@ -179,7 +186,7 @@ def run_command(args: argparse.Namespace) -> int:
         ValueError: bad input (``main`` prints it and exits with status 2).
         Interrupted: SIGINT or SIGTERM (after cleaning up).
     """
-    from fishercheck import inputs, outputs, plots
+    from fishercheck import inputs, mainjob, outputs, plots, progress
 
     start = time.perf_counter()
     _check_run_options(args)
@@ -188,23 +195,28 @@ def run_command(args: argparse.Namespace) -> int:
     default_a, default_b = inputs.default_tasks()
     paths = (Path(args.task_a) if args.task_a else default_a,
              Path(args.task_b) if args.task_b else default_b)
-    with _signals_interrupt(), out as staging:
-        texts = [inputs.read_texts(p, args.text_field, args.max_samples) for p in paths]
-        inp = inputs.load_model(args.model, args.tokenizer, allow_partial=args.allow_partial)
-        max_length = _max_length(args, inp.model)
-        batches = [inputs.make_batch(inp.tokenizer, t, prefix, max_length, source=p)
-                   for t, prefix, p in zip(texts, ("a", "b"), paths, strict=True)]
-        for batch, path in zip(batches, paths, strict=True):
-            inputs.check_batch(batch, inp.model, path)
-        results = _main_job(args, inp, batches, device)
+    n_steps = 4 + len(mainjob.steps(args.check)) + (0 if args.no_plots else 1)
+    bars = progress.Progress(n_steps, enabled=progress.wanted(args.quiet), desc="fishercheck run")
+    with _signals_interrupt(), out as staging, bars:
+        with bars.step("reading the tasks"):
+            texts = [inputs.read_texts(p, args.text_field, args.max_samples) for p in paths]
+        with bars.step("loading the model"):
+            inp = inputs.load_model(args.model, args.tokenizer, allow_partial=args.allow_partial)
+        with bars.step("tokenising"):
+            max_length = _max_length(args, inp.model, bars)
+            batches = [inputs.make_batch(inp.tokenizer, t, prefix, max_length, source=p)
+                       for t, prefix, p in zip(texts, ("a", "b"), paths, strict=True)]
+            for batch, path in zip(batches, paths, strict=True):
+                inputs.check_batch(batch, inp.model, path)
+        results = _main_job(args, inp, batches, device, bars)
         results["meta"] = _meta(inp, paths, device, max_length, batches)
-        _write(results, staging, plots=not args.no_plots, start=start)
+        _write(results, staging, plots=not args.no_plots, start=start, bars=bars)
         out.commit()
     _summary(results, args.out)
     return 0
 
 
-def _max_length(args: argparse.Namespace, model: torch.nn.Module) -> int:
+def _max_length(args: argparse.Namespace, model: torch.nn.Module, bars: Progress) -> int:
     """Tokens per row: --max-length (default 64), at most the model's positions."""
     from fishercheck import inputs
 
@@ -212,14 +224,14 @@ def _max_length(args: argparse.Namespace, model: torch.nn.Module) -> int:
     positions = inputs.model_max_length(model)
     if positions is not None and max_length > positions:
         if args.max_length is not None:  # the user asked for more than the model has
-            print(f"fishercheck run: --max-length {max_length} is more than the model's "
-                  f"{positions} positions: rows are cut to {positions} tokens", file=sys.stderr)
+            bars.write(f"fishercheck run: --max-length {max_length} is more than the model's "
+                       f"{positions} positions: rows are cut to {positions} tokens")
         max_length = positions
     return max_length
 
 
 def _main_job(args: argparse.Namespace, inp: object, batches: list[dict],
-              device: torch.device) -> dict:
+              device: torch.device, bars: Progress) -> dict:
     """:func:`fishercheck.mainjob.run` on ``device``."""
     from fishercheck import mainjob
 
@@ -228,7 +240,7 @@ def _main_job(args: argparse.Namespace, inp: object, batches: list[dict],
                for b in batches]
     return mainjob.run(model, *batches, n_pairs=args.pairs, n_permutations=args.permutations,
                        seed=args.seed, check=args.check, check_rows=args.check_rows,
-                       dtype=getattr(torch, args.dtype))
+                       dtype=getattr(torch, args.dtype), progress=bars)
 
 
 def _meta(inp: object, paths: tuple[Path, Path], device: torch.device, max_length: int,
@@ -242,16 +254,18 @@ def _meta(inp: object, paths: tuple[Path, Path], device: torch.device, max_lengt
             "plots": []}
 
 
-def _write(results: dict, directory: Path, *, plots: bool, start: float) -> None:
+def _write(results: dict, directory: Path, *, plots: bool, start: float, bars: Progress) -> None:
     """The plots, report.json and report.md, each written whole into ``directory``."""
     from fishercheck import plots as plotting
     from fishercheck import reports
 
     if plots:
-        results["meta"]["plots"] = plotting.write_plots(results, directory)
-    results["timings"]["total_s"] = time.perf_counter() - start
-    reports.write_json(results, directory / "report.json")
-    reports.write_markdown(results, directory / "report.md")
+        with bars.step("plots", rows=len(plotting.PLOTS), unit="plot") as advance:
+            results["meta"]["plots"] = plotting.write_plots(results, directory, advance)
+    with bars.step("writing the report"):
+        results["timings"]["total_s"] = time.perf_counter() - start
+        reports.write_json(results, directory / "report.json")
+        reports.write_markdown(results, directory / "report.md")
 
 
 def _summary(results: dict, out: str) -> None:
@@ -271,7 +285,9 @@ def conform_command(args: argparse.Namespace) -> int:
     Raises:
         ValueError: bad arguments or an adapter that cannot be built (exit status 2).
     """
+    from fisher_ref.conformance.properties import PROPERTIES
     from fisher_ref.conformance.runner import run_conformance
+    from fishercheck import progress
     from fishercheck.adapters import resolve
     from fishercheck.outputs import write_text
 
@@ -283,9 +299,16 @@ def conform_command(args: argparse.Namespace) -> int:
         # as `python -m` would: the console script can import the user's project from here
         sys.path.insert(0, os.getcwd())
     adapter = resolve(args.impl)
-    report = run_conformance(adapter, profile=args.profile, properties=args.properties,
-                             derandomize=not args.explore,
-                             progress=lambda r: print(f"  {r.name}: {r.verdict}", file=sys.stderr))
+    names = args.properties or list(PROPERTIES)
+    bar = progress.wanted(args.quiet)
+    with progress.Progress(len(names), enabled=bar, desc="fishercheck conform") as bars:
+        def done(result: object) -> None:
+            bars.write(f"  {result.name}: {result.verdict}")
+            bars.advance(result.name)
+
+        report = run_conformance(adapter, profile=args.profile, properties=args.properties,
+                                 derandomize=not args.explore,
+                                 progress=None if args.quiet else done)
     print(report.table())
     if args.report:
         write_text(Path(args.report), report.to_json() + "\n")

@@ -29,6 +29,7 @@ import torch
 import fisher_fast
 from fisher_fast.attention.slicing import block_params, per_head_sum
 from fisher_ref.impact import estimator_impact
+from fishercheck.progress import OFF, Progress
 from fishercheck.report_schema import BLOCKS, LAYER_EMBEDDINGS, LAYER_FINAL
 
 Batch = dict  # HF-style: input_ids / attention_mask / labels Tensor[batch, pos], sample_ids
@@ -291,9 +292,15 @@ def oracle_check(model: torch.nn.Module, batch_a: Batch, batch_b: Batch, *, n: i
     return out
 
 
+def steps(check: bool) -> list[str]:
+    """The names of :func:`run`'s steps (one progress step each)."""
+    return (["task A: E[g²] and (E[g])²", "task B: E[g²] and (E[g])²", "interference",
+             "conflicts"] + (["check against fisher_ref"] if check else []))
+
+
 def run(model: torch.nn.Module, batch_a: Batch, batch_b: Batch, *, n_pairs: int = 32,
         n_permutations: int = 1000, seed: int = 0, check: bool = False, check_rows: int = 8,
-        dtype: torch.dtype = torch.float32, chunk_rows: int = 32) -> dict:
+        dtype: torch.dtype = torch.float32, chunk_rows: int = 32, progress: Progress = OFF) -> dict:
     """Every quantity of the main job, as plain Python data (see the module docstring).
 
     Args:
@@ -307,17 +314,20 @@ def run(model: torch.nn.Module, batch_a: Batch, batch_b: Batch, *, n_pairs: int 
         check_rows: rows per task for ``check``.
         dtype: fisher_fast's accumulation dtype.
         chunk_rows: rows per accumulator update.
+        progress: where to report each of :func:`steps` (and the rows of the first two).
 
     Returns:
         The report (:class:`fishercheck.report_schema.Report`) without ``meta``.
     """
     timings, results = {}, {"tasks": {}}
+    names = steps(check)
     layout = fisher_fast.attention_layout(model)
     blocks, n_layers = parameter_blocks(model, layout), len(layout.layers)
     t0 = time.perf_counter()
-    for task, batch in (("A", batch_a), ("B", batch_b)):
-        F, S, units = moments(model, batch, chunk_rows=chunk_rows, dtype=dtype)
-        RF, RS = head_groups(F, layout), head_groups(S, layout)
+    for name, (task, batch) in zip(names, (("A", batch_a), ("B", batch_b)), strict=False):
+        with progress.step(name, rows=batch["input_ids"].shape[0]) as advance:
+            F, S, units = moments(model, batch, chunk_rows=chunk_rows, dtype=dtype, advance=advance)
+            RF, RS = head_groups(F, layout), head_groups(S, layout)
         results["tasks"][task] = {
             "n_units": units, "per_layer": per_layer(F, S, blocks, n_layers),
             "head_fisher": RF.tolist(), "head_squared_mean": RS.tolist(),
@@ -327,18 +337,22 @@ def run(model: torch.nn.Module, batch_a: Batch, batch_b: Batch, *, n_pairs: int 
     t0 = time.perf_counter()
     a, b = rows(batch_a, n_pairs), rows(batch_b, n_pairs)
     pairs_used = {"A": int(a["input_ids"].shape[0]), "B": int(b["input_ids"].shape[0])}
-    results["interference"] = interference_summary(fisher_fast.interference(model, a, b, dtype=dtype))
+    with progress.step(names[2]):
+        inter = fisher_fast.interference(model, a, b, dtype=dtype)
+    results["interference"] = interference_summary(inter)
     timings["interference_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    conf = fisher_fast.conflicts(model, a, b, groups="heads", n_permutations=n_permutations,
-                                 seed=seed, dtype=dtype)
+    with progress.step(names[3]):
+        conf = fisher_fast.conflicts(model, a, b, groups="heads", n_permutations=n_permutations,
+                                     seed=seed, dtype=dtype)
     results["conflicts"] = conflicts_summary(conf, layout)
     timings["conflicts_s"] = time.perf_counter() - t0
     if check:
         t0 = time.perf_counter()
-        results["check"] = oracle_check(model, batch_a, batch_b, n=check_rows,
-                                        n_permutations=min(n_permutations, 200), seed=seed,
-                                        dtype=dtype)
+        with progress.step(names[4]):
+            results["check"] = oracle_check(model, batch_a, batch_b, n=check_rows,
+                                            n_permutations=min(n_permutations, 200), seed=seed,
+                                            dtype=dtype)
         timings["check_s"] = time.perf_counter() - t0
     results["layout"] = {"layers": n_layers, "heads": layout.layers[0].num_heads,
                          "kv_heads": layout.layers[0].num_kv_heads,

@@ -6,6 +6,7 @@ conflict slices' (layer, head, block) indices), never the group names.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -135,13 +136,21 @@ def _array(nested: list) -> np.ndarray:
     return np.array(nested, dtype=float)
 
 
-def write_plots(results: Report, out: Path) -> list[str]:
+def write_plots(results: Report, out: Path,
+                advance: Callable[[int], object] | None = None) -> list[str]:
     """Draw every plot of :data:`PLOTS` into ``out``, each file written whole (a temporary
     name, then renamed); returns the file names written.
+
+    Args:
+        results: the report.
+        out: the directory.
+        advance: called with 1 after each plot (a progress bar), or None.
     """
     written = []
     for name, fn in PLOTS.items():
         with replacing(out / name) as tmp:
             fn(results, tmp)
         written.append(name)
+        if advance is not None:
+            advance(1)
     return written
