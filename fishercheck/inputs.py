@@ -203,7 +203,19 @@ def model_max_length(model: torch.nn.Module) -> int | None:
 
 
 def read_texts(path: str | Path, text_field: str = "text", limit: int | None = None) -> list[str]:
-    """Lines of a .txt file, or the ``text_field`` of each record of a .jsonl file."""
+    """Lines of a .txt file, or the ``text_field`` of each record of a .jsonl file.
+
+    Blank lines, and records whose text is empty or only whitespace, are skipped.
+
+    Args:
+        path: the task file (``.txt`` or ``.jsonl``, any case).
+        text_field: the field of each ``.jsonl`` record.
+        limit: at most this many texts.
+
+    Raises:
+        ValueError: a missing file, another suffix, non-UTF-8 bytes, invalid JSON, a record
+            without a string ``text_field``, or no text at all.
+    """
     p = Path(path)
     if not p.is_file():
         raise ValueError(f"task file: expected an existing .txt or .jsonl file, got {str(path)!r}.")
@@ -216,7 +228,7 @@ def read_texts(path: str | Path, text_field: str = "text", limit: int | None = N
     except UnicodeDecodeError as exc:
         raise ValueError(f"task file {str(p)!r}: expected UTF-8 text, got {exc.reason} at "
                          f"byte {exc.start}.") from None
-    texts = []
+    texts, blank = [], 0
     for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
@@ -234,11 +246,15 @@ def read_texts(path: str | Path, text_field: str = "text", limit: int | None = N
             if not isinstance(line, str):
                 raise ValueError(f"{p}:{n}: expected the field {text_field!r} to be a string, got "
                                  f"{type(line).__name__}.")
+            if not line.strip():  # an empty text is skipped, as a blank line of a .txt file
+                blank += 1
+                continue
         texts.append(line)
         if limit is not None and len(texts) >= limit:
             break
     if not texts:
-        raise ValueError(f"task file {p}: expected at least one text, got none.")
+        empty = f" ({blank} records with an empty {text_field!r})" if blank else ""
+        raise ValueError(f"task file {p}: expected at least one text, got none{empty}.")
     return texts
 
 
@@ -292,12 +308,13 @@ def check_batch(batch: dict, model: torch.nn.Module, path: str | Path) -> None:
     """Token ids the model can embed, and at least one row with a label to predict (two or
     more tokens: the causal-LM loss shifts by one).
     """
+    ids = batch["input_ids"]
+    if ids.numel() == 0 or not bool((batch["labels"][:, 1:] != -100).any()):
+        raise ValueError(f"task file {str(path)!r}: expected at least one text of two or more "
+                         f"tokens (the loss predicts each token from the previous ones), got "
+                         f"{ids.shape[0]} text(s) of at most one token.")
     vocab = model.get_input_embeddings().num_embeddings
-    top = int(batch["input_ids"].max())
+    top = int(ids.max())
     if top >= vocab:
         raise ValueError(f"task file {str(path)!r}: expected token ids below the model's "
                          f"vocabulary size {vocab}, got id {top}: is the tokenizer the model's?")
-    if not bool((batch["labels"][:, 1:] != -100).any()):
-        raise ValueError(f"task file {str(path)!r}: expected at least one text of two or more "
-                         f"tokens (the loss predicts each token from the previous ones), got "
-                         f"{batch['input_ids'].shape[0]} text(s) of at most one token.")

@@ -77,7 +77,8 @@ class OutputDir:
         self.parent, self.name = self.out.parent, self.out.name
         self.lock_path = self.parent / f"{self.name}.lock"
         self.path = self.parent / f"{self.name}.incomplete-{os.getpid()}"
-        self._known, self._created, self._lock, self._committed = set(known), [], None, False
+        self._known, self._created, self._lock = set(known), [], None
+        self._staged = self._committed = False
         self._check()
 
     def _error(self, expected: str, got: str) -> ValueError:
@@ -110,6 +111,7 @@ class OutputDir:
             self._acquire()
             self._remove_stale()
             self.path.mkdir()
+            self._staged = True
             (self.path / INCOMPLETE).write_text(
                 f"fishercheck run (pid {os.getpid()}) into {self.out}: in progress, or "
                 f"interrupted; not a complete report. The next run into it removes this.\n")
@@ -191,8 +193,9 @@ class OutputDir:
                 shutil.rmtree(old, ignore_errors=True)
 
     def _cleanup(self) -> None:
-        if not self._committed:
+        if self._staged and not self._committed:
             shutil.rmtree(self.path, ignore_errors=True)
+            self._staged = False
         if self._lock is not None:
             with contextlib.suppress(OSError):
                 self.lock_path.unlink()  # while still holding it: the next run finds none

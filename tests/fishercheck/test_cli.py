@@ -120,19 +120,6 @@ def test_run_report_markdown_names_the_model_and_tasks(run_dir):
     assert report["meta"]["rows"] == {"A": 12, "B": 12}
 
 
-@pytest.mark.parametrize("device,message", [
-    ("tpu", "--device: expected cpu, cuda, cuda:N or auto, got 'tpu'"),
-    ("nonsense", "--device: expected cpu, cuda, cuda:N or auto, got 'nonsense'"),
-    ("cuda", "--device: expected an available CUDA device, got 'cuda' (0 CUDA devices here)"),
-])
-def test_run_rejects_an_unavailable_device(tmp_path, capsys, monkeypatch, device, message):
-    import torch
-
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # as on CI, on any machine
-    assert main(["run", "--out", str(tmp_path), "--device", device]) == 2
-    assert message in capsys.readouterr().err
-
-
 @pytest.mark.gpu
 def test_run_on_cuda_checks_against_the_cpu_oracle(tmp_path, device):
     out = tmp_path / "cuda-run"
@@ -175,11 +162,6 @@ def test_an_interrupted_run_leaves_the_previous_report(tmp_path, capsys, monkeyp
     assert f"fishercheck run: interrupted (SIGINT); --out '{out}' is as it was." in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
-
-
-def test_run_rejects_model_without_tasks(tmp_path, capsys):
-    assert main(["run", "--out", str(tmp_path), "--model", str(tmp_path)]) == 2
-    assert "expected --task-a and --task-b" in capsys.readouterr().err
 
 
 def test_conform_passes_for_fisher_fast(tmp_path, capsys):
@@ -240,13 +222,6 @@ def test_conform_prints_the_same_pasteable_counterexample_twice(capsys):
     assert "= TinyConfig(arch=" in first and "attention_mask=[[" in first, first
 
 
-def test_conform_rejects_an_adapter_without_capabilities(tmp_path, capsys, monkeypatch):
-    (tmp_path / "empty_adapter.py").write_text("class Adapter:\n    def fisher(self): ...\n")
-    monkeypatch.syspath_prepend(str(tmp_path))
-    assert main(["conform", "--impl", "empty_adapter:Adapter"]) == 2
-    assert "expected at least one capability method" in capsys.readouterr().err
-
-
 def test_conform_imports_an_adapter_from_the_working_directory(tmp_path, capsys, monkeypatch):
     # the console script's sys.path lacks the working directory; `conform` adds it
     (tmp_path / "my_project").mkdir()
@@ -257,22 +232,3 @@ def test_conform_imports_an_adapter_from_the_working_directory(tmp_path, capsys,
     monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
     assert main(["conform", "--impl", "my_project.adapter:Adapter", "--property",
                  "loss_scaling"]) == 0
-
-
-@pytest.mark.parametrize("source, spec, message", [
-    ("raise RuntimeError('boom')\n", "broken:Adapter", "importing 'broken' raised RuntimeError: boom"),
-    ("def f(:\n", "broken:Adapter", "importing 'broken' raised SyntaxError"),
-    ("class Adapter:\n    def __init__(self, path):\n        pass\n", "broken:Adapter",
-     "expected a class or factory callable with no arguments"),
-], ids=["raises-at-import", "syntax-error", "needs-arguments"])
-def test_conform_exits_2_for_an_adapter_that_cannot_be_built(tmp_path, capsys, monkeypatch,
-                                                            source, spec, message):
-    (tmp_path / "broken.py").write_text(source)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    assert main(["conform", "--impl", spec]) == 2
-    assert message in capsys.readouterr().err
-
-
-def test_conform_report_that_is_a_directory_is_an_error(tmp_path, capsys):
-    assert main(["conform", "--impl", "fisher_fast", "--report", str(tmp_path)]) == 2
-    assert "--report: expected a file" in capsys.readouterr().err

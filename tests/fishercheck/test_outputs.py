@@ -64,12 +64,13 @@ def test_a_failed_run_changes_nothing_and_removes_the_parents_it_made(tmp_path):
 
 def test_a_second_run_into_the_same_out_is_refused_while_the_first_holds_it(tmp_path):
     out = tmp_path / "out"
-    with OutputDir(out, KNOWN):
+    with OutputDir(out, KNOWN) as staging:
         second = OutputDir(out, KNOWN)
         with pytest.raises(ValueError, match=rf"--out: expected no other fishercheck run writing to "
                                              rf"it, got '{out}' locked by the run with pid {os.getpid()}"):
             second.__enter__()
-        assert (tmp_path / "out.lock").is_file()  # the refused run left the holder's lock
+        # the refused run left the holder's lock and directory alone
+        assert (tmp_path / "out.lock").is_file() and (staging / INCOMPLETE).is_file()
     run = OutputDir(out, KNOWN)  # released: the next run proceeds
     with run as staging:
         (staging / "report.md").write_text("x")
@@ -115,7 +116,10 @@ def test_out_containing_the_working_directory_is_refused(tmp_path, monkeypatch):
         OutputDir(".", KNOWN)
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+@pytest.mark.parametrize("sig", [
+    signal.SIGINT,
+    pytest.param(signal.SIGTERM, marks=pytest.mark.slow),  # the same path (a fresh process: ~5 s)
+], ids=["SIGINT", "SIGTERM"])
 def test_a_signalled_run_leaves_out_as_it_was(tmp_path, sig):
     out = tmp_path / "out"
     out.mkdir()
