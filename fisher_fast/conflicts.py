@@ -30,6 +30,7 @@ bootstrap ``Generator(PCG64(seed + 1))``, each resample ``ia`` then ``ib``, inte
 
 from __future__ import annotations
 
+import math
 import numbers
 
 import numpy as np
@@ -52,6 +53,30 @@ _CHUNK_ELEMENTS = 1 << 24   # float64 entries per temporary in the permutation p
 TIE_ATOL = 1e-12
 
 
+# The null hypothesis of every group's permutation test, in words (ConflictResult.hypothesis).
+HYPOTHESIS = ("H0: the two tasks' per-sample gradients restricted to the group are exchangeable "
+              "(the task labels carry no information), i.e. the mean between-task cosine is "
+              "distributed as under a random relabelling of the pooled units; p is one-sided, "
+              "small when the observed mean between-task cosine is lower than under "
+              "relabelling. Rejecting H0 says the two tasks' gradients differ on the group, not "
+              "that they point against each other (a negative mean cosine).")
+
+
+def min_attainable_p(n_a: int, n_b: int, n_permutations: int) -> float:
+    r"""The smallest p-value the permutation test can reach with these sizes.
+
+    The exact test's smallest p is m / C(N_A + N_B, N_A): the observed split (and, when
+    N_A = N_B, its mirror image, which has the same pairs: m = 2; else m = 1) among all
+    labellings of the pooled units. With P permutations p is also never below 1/(P + 1).
+    The Monte Carlo p-value scatters around the exact one, so when this is at or above a
+    threshold no group can be called significant at it, whatever the gradients.
+
+    .. math:: p_{\min} = \max\left(\frac{1}{P + 1},\; \frac{m}{\binom{N_A + N_B}{N_A}}\right)
+    """
+    m = 2 if n_a == n_b else 1
+    return max(1.0 / (n_permutations + 1), m / math.comb(n_a + n_b, n_a))
+
+
 class ConflictResult(dict):
     """``{group name: {"mean_cosine", "p", "q", "effect", "interval", "null_mean", "null_sd",
     "n_a", "n_b"}}`` with ``nulls`` (group -> permutation statistics, ``ndarray[P]``),
@@ -59,13 +84,21 @@ class ConflictResult(dict):
 
     Groups are ordered layers, then heads, then blocks (``"L0.H0.Q"``, ``"L0.H0.K"``, …) or
     in parameter order.
+
+    Attributes:
+        hypothesis: the null hypothesis tested for each group, in words (:data:`HYPOTHESIS`).
+        min_attainable_p: the smallest p-value the test can reach with these numbers of units
+            and permutations (:func:`min_attainable_p`).
     """
+
+    hypothesis = HYPOTHESIS
 
     def __init__(self, data, *, nulls, fdr, n_permutations, seed, ids_a, ids_b):
         super().__init__(data)
         self.nulls, self.fdr = nulls, fdr
         self.n_permutations, self.seed = n_permutations, seed
         self.ids_a, self.ids_b = list(ids_a), list(ids_b)
+        self.min_attainable_p = min_attainable_p(len(self.ids_a), len(self.ids_b), n_permutations)
 
 
 def conflicts(model: torch.nn.Module, batch_a: dict, batch_b: dict, *, groups: str = "heads",

@@ -10,12 +10,18 @@ See docs/cli.md and docs/conformance.md.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import signal
 import sys
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+
+from fishercheck.progress import Progress
 
 _EPILOG = """\
 examples:
@@ -28,7 +34,11 @@ exit status: 0 success (conform: every provided property passed), 1 conform foun
 See docs/cli.md and docs/conformance.md."""
 
 
+DEFAULT_MAX_LENGTH = 64  # tokens per row unless --max-length (or the model's positions) says less
+
+
 def _parser() -> argparse.ArgumentParser:
+    """The ``fishercheck`` argument parser (``run`` and ``conform``)."""
     from fisher_ref.conformance.properties import PROPERTIES
 
     fmt = argparse.RawDescriptionHelpFormatter
@@ -46,6 +56,9 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--out", required=True, metavar="DIR", help="output directory (created)")
     r.add_argument("--model", metavar="DIR",
                    help="local HF causal-LM checkpoint directory (default: embedded model)")
+    r.add_argument("--allow-partial", action="store_true",
+                   help="run a checkpoint that lacks some of the model's tensors (left random) or "
+                        "holds others (ignored); the report lists them (default: an error)")
     r.add_argument("--tokenizer", metavar="DIR",
                    help="local tokenizer directory (default: the --model directory)")
     r.add_argument("--task-a", metavar="FILE", help="task A texts: .txt (one per line) or .jsonl "
@@ -56,8 +69,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="field of .jsonl records (default: text)")
     r.add_argument("--max-samples", type=int, default=64, metavar="N",
                    help="rows per task (default: 64)")
-    r.add_argument("--max-length", type=int, default=64, metavar="N",
-                   help="tokens per row (default: 64)")
+    r.add_argument("--max-length", type=int, default=None, metavar="N",
+                   help=f"tokens per row (default: {DEFAULT_MAX_LENGTH}, or the model's positions "
+                        f"if fewer)")
     r.add_argument("--pairs", type=int, default=32, metavar="N",
                    help="rows per task for interference and conflicts (default: 32)")
     r.add_argument("--permutations", type=int, default=1000, metavar="N",
@@ -74,6 +88,8 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--check-rows", type=int, default=8, metavar="N",
                    help="rows per task for --check (default: 8)")
     r.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    r.add_argument("--quiet", action="store_true",
+                   help="no progress bars (they are drawn on stderr only when it is a terminal)")
     c = sub.add_parser("conform", formatter_class=fmt, epilog=_EPILOG,
                        help="check an implementation against the definitions",
                        description="Run the named, Hypothesis-driven properties against an "
@@ -91,10 +107,14 @@ def _parser() -> argparse.ArgumentParser:
                    help="run only this property (repeatable); one of: " + ", ".join(PROPERTIES))
     c.add_argument("--explore", action="store_true",
                    help="random (not derandomized) examples: finds new cases, not for CI gates")
+    c.add_argument("--quiet", action="store_true",
+                   help="no progress on stderr (a bar when stderr is a terminal, else one line "
+                        "per property)")
     return p
 
 
 def _positive(name: str, value: int) -> None:
+    """A ``ValueError`` unless ``value`` >= 1."""
     if value < 1:
         raise ValueError(f"{name}: expected a positive integer, got {value}.")
 
@@ -117,67 +137,139 @@ def _device(name: str) -> torch.device:
     return device
 
 
-def run_command(args) -> int:
-    from fishercheck import inputs
-
+def _check_run_options(args: argparse.Namespace) -> None:
+    """The options of ``run`` that need no file: positive counts, --model with both tasks."""
     for name in ("max_samples", "max_length", "pairs", "permutations", "check_rows"):
-        _positive("--" + name.replace("_", "-"), getattr(args, name))
+        if getattr(args, name) is not None:
+            _positive("--" + name.replace("_", "-"), getattr(args, name))
     if args.model is not None and (args.task_a is None or args.task_b is None):
         raise ValueError("--model: expected --task-a and --task-b with it, got "
                          f"task-a={args.task_a!r}, task-b={args.task_b!r}.")
-    device = _device(args.device)
-    start = time.perf_counter()
     if args.tokenizer is not None and args.model is None:
         raise ValueError(f"--tokenizer: expected it with --model, got --tokenizer "
                          f"{args.tokenizer!r} for the embedded default.")
-    default_a, default_b = inputs.default_tasks()
-    path_a, path_b = args.task_a or default_a, args.task_b or default_b
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out: expected a directory (created if missing), got the existing "
-                         f"file {args.out!r}.")
-    texts = [inputs.read_texts(p, args.text_field, args.max_samples) for p in (path_a, path_b)]
-    inp = inputs.load_model(args.model, args.tokenizer)
-    max_length = args.max_length
-    positions = inputs.model_max_length(inp.model)
-    if positions is not None and max_length > positions:
-        print(f"fishercheck run: --max-length {max_length} is more than the model's {positions} "
-              f"positions: rows are cut to {positions} tokens", file=sys.stderr)
-        max_length = positions
-    batches = [inputs.make_batch(inp.tokenizer, t, prefix, max_length, source=p)
-               for t, prefix, p in zip(texts, ("a", "b"), (path_a, path_b))]
-    for batch, path in zip(batches, (path_a, path_b)):
-        inputs.check_batch(batch, inp.model, path)
-    created = not out.exists()
-    out.mkdir(parents=True, exist_ok=True)
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM during a run (``main`` exits with 128 + the signal's number)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def _signals_interrupt() -> Iterator[None]:
+    """SIGINT and SIGTERM raise :class:`Interrupted`, so that a run cleans up after itself."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise Interrupted(signum)
+
+    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        return _run_and_report(args, inp, batches, out, device, start, max_length,
-                               (path_a, path_b))
-    except BaseException:
-        if created and out.is_dir() and not any(out.iterdir()):
-            out.rmdir()  # a failed run leaves no empty directory behind
-        raise
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
-def _run_and_report(args, inp, batches, out, device, start, max_length, paths) -> int:
-    from fishercheck import mainjob, plots, reports
+def run_command(args: argparse.Namespace) -> int:
+    """``fishercheck run``: check the inputs, run the main job, write the report; exit status.
 
-    path_a, path_b = paths
+    The report is written into a fresh directory beside ``--out`` and swapped in whole
+    (:class:`fishercheck.outputs.OutputDir`): a run that fails leaves ``--out`` as it was.
+
+    Raises:
+        ValueError: bad input (``main`` prints it and exits with status 2).
+        Interrupted: SIGINT or SIGTERM (after cleaning up).
+    """
+    from fishercheck import inputs, mainjob, outputs, plots, progress
+
+    start = time.perf_counter()
+    _check_run_options(args)
+    device = _device(args.device)
+    out = outputs.OutputDir(args.out, known=("report.json", "report.md", *plots.PLOTS))
+    default_a, default_b = inputs.default_tasks()
+    paths = (Path(args.task_a) if args.task_a else default_a,
+             Path(args.task_b) if args.task_b else default_b)
+    n_steps = 4 + len(mainjob.steps(args.check)) + (0 if args.no_plots else 1)
+    bars = progress.Progress(n_steps, enabled=progress.wanted(args.quiet), desc="fishercheck run")
+    with _signals_interrupt(), out as staging, bars:
+        with bars.step("reading the tasks"):
+            texts = [inputs.read_texts(p, args.text_field, args.max_samples) for p in paths]
+        with bars.step("loading the model"):
+            inp = inputs.load_model(args.model, args.tokenizer, allow_partial=args.allow_partial)
+        with bars.step("tokenising"):
+            max_length = _max_length(args, inp.model, bars)
+            batches = [inputs.make_batch(inp.tokenizer, t, prefix, max_length, source=p)
+                       for t, prefix, p in zip(texts, ("a", "b"), paths, strict=True)]
+            for batch, path in zip(batches, paths, strict=True):
+                inputs.check_batch(batch, inp.model, path)
+        results = _main_job(args, inp, batches, device, bars)
+        results["meta"] = _meta(inp, paths, device, max_length, batches)
+        _write(results, staging, plots=not args.no_plots, start=start, bars=bars)
+        out.commit()
+    _summary(results, args.out)
+    return 0
+
+
+def _max_length(args: argparse.Namespace, model: torch.nn.Module, bars: Progress) -> int:
+    """Tokens per row: --max-length (default 64), at most the model's positions."""
+    from fishercheck import inputs
+
+    max_length = DEFAULT_MAX_LENGTH if args.max_length is None else args.max_length
+    positions = inputs.model_max_length(model)
+    if positions is not None and max_length > positions:
+        if args.max_length is not None:  # the user asked for more than the model has
+            bars.write(f"fishercheck run: --max-length {max_length} is more than the model's "
+                       f"{positions} positions: rows are cut to {positions} tokens")
+        max_length = positions
+    return max_length
+
+
+def _main_job(args: argparse.Namespace, inp: object, batches: list[dict],
+              device: torch.device, bars: Progress) -> dict:
+    """:func:`fishercheck.mainjob.run` on ``device``."""
+    from fishercheck import mainjob
+
     model = inp.model.to(device)
     batches = [{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in b.items()}
                for b in batches]
-    results = mainjob.run(model, *batches, n_pairs=args.pairs, n_permutations=args.permutations,
-                          seed=args.seed, check=args.check, check_rows=args.check_rows,
-                          dtype=getattr(torch, args.dtype))
-    results["meta"] = {"model": inp.source, "trained": inp.trained, "task_a": str(path_a),
-                       "task_b": str(path_b), "device": str(device), "max_length": max_length,
-                       "rows": {t: int(b["input_ids"].shape[0]) for t, b in zip("AB", batches)},
-                       "plots": []}
-    if not args.no_plots:
-        results["meta"]["plots"] = plots.write_plots(results, out)
-    results["timings"]["total_s"] = time.perf_counter() - start
-    reports.write_json(results, out / "report.json")
-    reports.write_markdown(results, out / "report.md")
+    return mainjob.run(model, *batches, n_pairs=args.pairs, n_permutations=args.permutations,
+                       seed=args.seed, check=args.check, check_rows=args.check_rows,
+                       dtype=getattr(torch, args.dtype), progress=bars)
+
+
+def _meta(inp: object, paths: tuple[Path, Path], device: torch.device, max_length: int,
+          batches: list[dict]) -> dict:
+    """The report's ``meta``: the model and how it loaded, the task files, where it ran."""
+    return {"model": inp.source, "trained": inp.trained, "weights": inp.weights,
+            "missing_tensors": inp.missing, "unexpected_tensors": inp.unexpected,
+            "task_a": str(paths[0]), "task_b": str(paths[1]), "device": str(device),
+            "max_length": max_length,
+            "rows": {t: int(b["input_ids"].shape[0]) for t, b in zip("AB", batches, strict=True)},
+            "plots": []}
+
+
+def _write(results: dict, directory: Path, *, plots: bool, start: float, bars: Progress) -> None:
+    """The plots, report.json and report.md, each written whole into ``directory``."""
+    from fishercheck import plots as plotting
+    from fishercheck import reports
+
+    if plots:
+        with bars.step("plots", rows=len(plotting.PLOTS), unit="plot") as advance:
+            results["meta"]["plots"] = plotting.write_plots(results, directory, advance)
+    with bars.step("writing the report"):
+        results["timings"]["total_s"] = time.perf_counter() - start
+        reports.write_json(results, directory / "report.json")
+        reports.write_markdown(results, directory / "report.md")
+
+
+def _summary(results: dict, out: str) -> None:
+    """What the run wrote, and the per-layer ratios, on stdout."""
     print(f"fishercheck: wrote report.json, report.md and {len(results['meta']['plots'])} plots "
           f"to {out} in {results['timings']['total_s']:.1f} s")
     for task, rec in results["tasks"].items():
@@ -185,12 +277,19 @@ def _run_and_report(args, inp, batches, out, device, start, max_length, paths) -
         print(f"  task {task}: E[g²] / (E[g])² per layer: {ratios}")
     if "check" in results:
         print(f"  check against fisher_ref: {results['check']}")
-    return 0
 
 
-def conform_command(args) -> int:
+def conform_command(args: argparse.Namespace) -> int:
+    """``fishercheck conform``: the conformance harness on an adapter; exit status 0 or 1.
+
+    Raises:
+        ValueError: bad arguments or an adapter that cannot be built (exit status 2).
+    """
+    from fisher_ref.conformance.properties import PROPERTIES
     from fisher_ref.conformance.runner import run_conformance
+    from fishercheck import progress
     from fishercheck.adapters import resolve
+    from fishercheck.outputs import write_text
 
     if args.report and (not Path(args.report).resolve().parent.is_dir()
                         or Path(args.report).is_dir()):
@@ -200,16 +299,28 @@ def conform_command(args) -> int:
         # as `python -m` would: the console script can import the user's project from here
         sys.path.insert(0, os.getcwd())
     adapter = resolve(args.impl)
-    report = run_conformance(adapter, profile=args.profile, properties=args.properties,
-                             derandomize=not args.explore,
-                             progress=lambda r: print(f"  {r.name}: {r.verdict}", file=sys.stderr))
+    names = args.properties or list(PROPERTIES)
+    bar = progress.wanted(args.quiet)
+    with progress.Progress(len(names), enabled=bar, desc="fishercheck conform") as bars:
+        def done(result: object) -> None:
+            bars.write(f"  {result.name}: {result.verdict}")
+            bars.advance(result.name)
+
+        report = run_conformance(adapter, profile=args.profile, properties=args.properties,
+                                 derandomize=not args.explore,
+                                 progress=None if args.quiet else done)
     print(report.table())
     if args.report:
-        report.to_json(args.report)
+        write_text(Path(args.report), report.to_json() + "\n")
     return 0 if report.passed else 1
 
 
-def main(argv=None) -> int:
+def main(argv: list[str] | None = None) -> int:
+    """The ``fishercheck`` command; returns the exit status (2 on bad input, with a message).
+
+    Args:
+        argv: the arguments (default: ``sys.argv[1:]``).
+    """
     args = _parser().parse_args(argv)
     try:
         if args.command == "run":
@@ -218,6 +329,12 @@ def main(argv=None) -> int:
     except ValueError as exc:
         print(f"fishercheck {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as exc:
+        signum = exc.signum if isinstance(exc, Interrupted) else signal.SIGINT
+        where = f"; --out {args.out!r} is as it was" if args.command == "run" else ""
+        print(f"fishercheck {args.command}: interrupted ({signal.Signals(signum).name}){where}.",
+              file=sys.stderr)
+        return 128 + int(signum)
 
 
 if __name__ == "__main__":

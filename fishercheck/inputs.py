@@ -1,11 +1,12 @@
 """The main job's inputs: the model (embedded default or a local HF checkpoint), its
-tokenizer, and the two tasks' texts turned into HF-style causal-LM batches.
+tokenizer, and the two tasks' texts turned into HF-style causal-LM batches
+(``input_ids``, ``attention_mask``, ``labels``: ``Tensor[batch, pos]``; ``sample_ids``).
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -15,7 +16,11 @@ CHAR_VOCAB = "char_vocab.json"
 
 
 class CharTokenizer:
-    """The embedded model's character tokenizer: id 0 pads, "\\n" opens and closes a line."""
+    r"""The embedded model's character tokenizer: id 0 pads, "\n" opens and closes a line.
+
+    Args:
+        vocab: the characters, by id.
+    """
 
     def __init__(self, vocab: list[str]):
         self.vocab = list(vocab)
@@ -25,9 +30,15 @@ class CharTokenizer:
 
     @classmethod
     def from_dir(cls, path: Path) -> CharTokenizer:
+        """The vocabulary saved as ``char_vocab.json`` in ``path``."""
         return cls(json.loads((Path(path) / CHAR_VOCAB).read_text()))
 
     def encode(self, text: str) -> list[int]:
+        r"""Token ids of ``text`` between two "\n" ids.
+
+        Raises:
+            ValueError: a character outside the vocabulary.
+        """
         unknown = sorted({c for c in text if c not in self.index})
         if unknown:
             raise ValueError(f"text: expected characters from the model's vocabulary, got {unknown}.")
@@ -36,17 +47,28 @@ class CharTokenizer:
 
 @dataclass
 class Inputs:
+    """The loaded model (eval mode), its tokenizer, where it came from and whether it is trained."""
+
     model: torch.nn.Module
     tokenizer: object
     source: str  # "embedded default" or the checkpoint path
-    trained: bool  # False: the model's weights are random (reported)
+    trained: bool  # True only if every tensor of the model came from the checkpoint
+    missing: list[str] = field(default_factory=list)  # randomly initialised (--allow-partial)
+    unexpected: list[str] = field(default_factory=list)  # in the checkpoint, not in the model
+
+    @property
+    def weights(self) -> str:
+        """``"loaded"`` (every tensor), ``"partial"`` (some missing) or ``"random"`` (none)."""
+        if self.trained:
+            return "loaded"
+        return "partial" if self.missing else "random"
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "vocab.txt",
                    "tokenizer.model", "spiece.model")  # what tokenizer.save_pretrained writes
 
 
-def load_tokenizer(directory: Path, option: str = "--model"):
+def load_tokenizer(directory: Path, option: str = "--model") -> object:
     """The tokenizer saved in ``directory``: ``char_vocab.json`` (fishercheck's character
     vocabulary) or what ``tokenizer.save_pretrained`` writes, loaded with
     ``local_files_only=True``. Never downloads; a directory without tokenizer files is an
@@ -73,11 +95,24 @@ def load_tokenizer(directory: Path, option: str = "--model"):
     return tokenizer
 
 
-def load_model(path: str | None, tokenizer_path: str | None = None) -> Inputs:
+def load_model(path: str | None, tokenizer_path: str | None = None, *,
+               allow_partial: bool = False) -> Inputs:
     """The embedded default (``path=None``) or a local HF causal-LM checkpoint (no download).
 
     The tokenizer comes from ``tokenizer_path`` when given, else from the checkpoint
-    directory (see :func:`load_tokenizer`).
+    directory (see :func:`load_tokenizer`). A directory with a config and no weights gives
+    a model with random weights (seeded, ``trained=False``).
+
+    Args:
+        path: the checkpoint directory, or None for the embedded default.
+        tokenizer_path: a tokenizer directory, or None for the checkpoint's.
+        allow_partial: accept weights that miss some of the model's tensors (left randomly
+            initialised, seeded; ``trained=False``) or hold tensors the model lacks (ignored);
+            both are listed in the result.
+
+    Raises:
+        ValueError: no checkpoint, no tokenizer, weights that do not load, or (without
+            ``allow_partial``) missing or unexpected tensors.
     """
     import transformers as tf
 
@@ -96,25 +131,47 @@ def load_model(path: str | None, tokenizer_path: str | None = None) -> Inputs:
         tokenizer = load_tokenizer(directory)
     weights = any(directory.glob("*.safetensors")) or any(directory.glob("*.bin"))
     tf.utils.logging.disable_progress_bar()  # no "Loading weights" bar in the CLI's output
+    verbosity = tf.utils.logging.get_verbosity()
+    tf.utils.logging.set_verbosity_error()  # its load report: missing tensors are ours to say
+    info = {}
     try:
-        if weights:
-            model = tf.AutoModelForCausalLM.from_pretrained(directory, local_files_only=True,
-                                                            attn_implementation="eager")
-        else:  # a config only: random weights, said so in the report
-            config = tf.AutoConfig.from_pretrained(directory, local_files_only=True)
-            config._attn_implementation = "eager"
+        with torch.random.fork_rng(devices=[]):  # tensors not loaded: seeded, global RNG kept
             torch.manual_seed(0)
-            model = tf.AutoModelForCausalLM.from_config(config)
+            if weights:
+                model, info = tf.AutoModelForCausalLM.from_pretrained(
+                    directory, local_files_only=True, attn_implementation="eager",
+                    output_loading_info=True)
+            else:  # a config only: random weights, said so in the report
+                config = tf.AutoConfig.from_pretrained(directory, local_files_only=True)
+                config._attn_implementation = "eager"
+                model = tf.AutoModelForCausalLM.from_config(config)
     except Exception as exc:  # corrupt weights, an unknown architecture, a bad config
         first = (str(exc).splitlines() or [""])[0]
         raise ValueError(f"--model: expected a loadable causal-LM checkpoint in "
                          f"{str(directory)!r}, got {type(exc).__name__}: {first}") from exc
+    finally:
+        tf.utils.logging.set_verbosity(verbosity)
     _check_causal(model, directory)
+    missing, unexpected = sorted(info.get("missing_keys", ())), sorted(info.get("unexpected_keys", ()))
+    if (missing or unexpected) and not allow_partial:
+        raise ValueError(f"--model: expected the checkpoint in {str(directory)!r} to hold every "
+                         f"tensor of the model and no other, got {_few(missing, 'missing')} "
+                         f"(they would be random) and {_few(unexpected, 'unexpected')}; pass "
+                         f"--allow-partial to run anyway (the report lists them).")
     source = str(directory)
     if path is None:
         source = ("embedded default: a character-level GPT-2 (2 layers, 4 heads, width 32) "
                   "trained by fishercheck/data/train_default.py on both tasks (held-out lines)")
-    return Inputs(model.eval(), tokenizer, source, bool(weights))
+    return Inputs(model.eval(), tokenizer, source, bool(weights) and not missing, missing,
+                  unexpected)
+
+
+def _few(names: list[str], what: str, shown: int = 3) -> str:
+    """``"2 missing (a, b)"``, ``"5 missing (a, b, c, …)"``: a count and the first names."""
+    if not names:
+        return f"0 {what}"
+    more = ", …" if len(names) > shown else ""
+    return f"{len(names)} {what} ({', '.join(names[:shown])}{more})"
 
 
 # encoder families that AutoModelForCausalLM also loads: without is_decoder=True their
@@ -124,7 +181,7 @@ _ENCODER_TYPES = {"bert", "roberta", "xlm-roberta", "xlm-roberta-xl", "camembert
                   "megatron-bert"}
 
 
-def _check_causal(model, directory) -> None:
+def _check_causal(model: torch.nn.Module, directory: Path) -> None:
     config = getattr(model, "config", None)
     if getattr(config, "model_type", None) in _ENCODER_TYPES and not getattr(config, "is_decoder", False):
         raise ValueError(f"--model: expected a causal LM, got a {config.model_type} checkpoint "
@@ -133,7 +190,7 @@ def _check_causal(model, directory) -> None:
                          f"predicts. Save it with config.is_decoder=True to run it as a decoder.")
 
 
-def model_max_length(model) -> int | None:
+def model_max_length(model: torch.nn.Module) -> int | None:
     """The model's number of positions (``n_positions`` / ``max_position_embeddings``), if it
     has absolute ones.
     """
@@ -146,7 +203,19 @@ def model_max_length(model) -> int | None:
 
 
 def read_texts(path: str | Path, text_field: str = "text", limit: int | None = None) -> list[str]:
-    """Lines of a .txt file, or the ``text_field`` of each record of a .jsonl file."""
+    """Lines of a .txt file, or the ``text_field`` of each record of a .jsonl file.
+
+    Blank lines, and records whose text is empty or only whitespace, are skipped.
+
+    Args:
+        path: the task file (``.txt`` or ``.jsonl``, any case).
+        text_field: the field of each ``.jsonl`` record.
+        limit: at most this many texts.
+
+    Raises:
+        ValueError: a missing file, another suffix, non-UTF-8 bytes, invalid JSON, a record
+            without a string ``text_field``, or no text at all.
+    """
     p = Path(path)
     if not p.is_file():
         raise ValueError(f"task file: expected an existing .txt or .jsonl file, got {str(path)!r}.")
@@ -159,7 +228,7 @@ def read_texts(path: str | Path, text_field: str = "text", limit: int | None = N
     except UnicodeDecodeError as exc:
         raise ValueError(f"task file {str(p)!r}: expected UTF-8 text, got {exc.reason} at "
                          f"byte {exc.start}.") from None
-    texts = []
+    texts, blank = [], 0
     for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
@@ -177,23 +246,38 @@ def read_texts(path: str | Path, text_field: str = "text", limit: int | None = N
             if not isinstance(line, str):
                 raise ValueError(f"{p}:{n}: expected the field {text_field!r} to be a string, got "
                                  f"{type(line).__name__}.")
+            if not line.strip():  # an empty text is skipped, as a blank line of a .txt file
+                blank += 1
+                continue
         texts.append(line)
         if limit is not None and len(texts) >= limit:
             break
     if not texts:
-        raise ValueError(f"task file {p}: expected at least one text, got none.")
+        empty = f" ({blank} records with an empty {text_field!r})" if blank else ""
+        raise ValueError(f"task file {p}: expected at least one text, got none{empty}.")
     return texts
 
 
-def _encode(tokenizer, text: str) -> list[int]:
+def _encode(tokenizer: object, text: str) -> list[int]:
     if isinstance(tokenizer, CharTokenizer):
         return tokenizer.encode(text)
     return list(tokenizer(text)["input_ids"])
 
 
-def make_batch(tokenizer, texts: list[str], prefix: str, max_length: int, source=None) -> dict:
-    """Right-padded causal-LM batch; ids ``f"{prefix}_{k}"``; labels -100 on padding.
-    ``source`` (the task file) names where a text that cannot be encoded came from.
+def make_batch(tokenizer: object, texts: list[str], prefix: str, max_length: int,
+               source: str | Path | None = None) -> dict:
+    """A right-padded causal-LM batch of ``texts``, each cut to ``max_length`` tokens.
+
+    Args:
+        tokenizer: a :class:`CharTokenizer` or a Hugging Face tokenizer.
+        texts: one text per row.
+        prefix: the rows' sample ids are ``f"{prefix}_{k}"``.
+        max_length: tokens per row at most.
+        source: the task file, named in the error for a text that cannot be encoded.
+
+    Returns:
+        ``input_ids``, ``attention_mask`` and ``labels`` (-100 on padding), each
+        ``LongTensor[batch, pos]``, and ``sample_ids`` (``list[str]``).
     """
     rows = []
     for k, t in enumerate(texts):
@@ -216,19 +300,21 @@ def make_batch(tokenizer, texts: list[str], prefix: str, max_length: int, source
 
 
 def default_tasks() -> tuple[Path, Path]:
+    """The embedded default's task files (A: addition, B: reversal)."""
     return DATA / "task_a.txt", DATA / "task_b.txt"
 
 
-def check_batch(batch: dict, model: torch.nn.Module, path) -> None:
+def check_batch(batch: dict, model: torch.nn.Module, path: str | Path) -> None:
     """Token ids the model can embed, and at least one row with a label to predict (two or
     more tokens: the causal-LM loss shifts by one).
     """
+    ids = batch["input_ids"]
+    if ids.numel() == 0 or not bool((batch["labels"][:, 1:] != -100).any()):
+        raise ValueError(f"task file {str(path)!r}: expected at least one text of two or more "
+                         f"tokens (the loss predicts each token from the previous ones), got "
+                         f"{ids.shape[0]} text(s) of at most one token.")
     vocab = model.get_input_embeddings().num_embeddings
-    top = int(batch["input_ids"].max())
+    top = int(ids.max())
     if top >= vocab:
         raise ValueError(f"task file {str(path)!r}: expected token ids below the model's "
                          f"vocabulary size {vocab}, got id {top}: is the tokenizer the model's?")
-    if not bool((batch["labels"][:, 1:] != -100).any()):
-        raise ValueError(f"task file {str(path)!r}: expected at least one text of two or more "
-                         f"tokens (the loss predicts each token from the previous ones), got "
-                         f"{batch['input_ids'].shape[0]} text(s) of at most one token.")

@@ -13,83 +13,215 @@ For each task (SPEC §1–§3, sample units, mean per-row loss):
 Across tasks: QK-OV interference (SPEC §6, per-(l, h) means and the top pairs) and per-head
 conflicts (SPEC §7: mean between-task cosine, permutation p, BH q). ``check=True``
 recomputes a subset with fisher_ref, the float64 oracle, and reports the largest relative
-differences.
+differences. :func:`run` returns a :class:`fishercheck.report_schema.Report` (without
+``meta``, which the CLI adds).
 """
 
 from __future__ import annotations
 
-import re
+import math
 import time
+from collections.abc import Callable
 
 import numpy as np
 import torch
 
 import fisher_fast
+from fisher_fast.attention.slicing import block_params, per_head_sum
 from fisher_ref.impact import estimator_impact
+from fishercheck.progress import OFF, Progress
+from fishercheck.report_schema import BLOCKS, LAYER_EMBEDDINGS, LAYER_FINAL
 
-BLOCKS = ("Q", "K", "V", "O")
-_LAYER = re.compile(r"\.(?:h|layers|layer|blocks)\.(\d+)\.")
-
-
-def layer_of(name: str) -> str:
-    """"layer l" for a transformer block's parameter, else "embeddings" or "head/final"."""
-    m = _LAYER.search(name)
-    if m:
-        return f"layer {int(m.group(1))}"
-    return "embeddings" if re.search(r"wte|wpe|embed", name) else "final/head"
+Batch = dict  # HF-style: input_ids / attention_mask / labels Tensor[batch, pos], sample_ids
 
 
-def rows(batch: dict, n: int) -> dict:
-    """The first n rows of a batch."""
+def rows(batch: Batch, n: int) -> Batch:
+    """The first ``n`` rows of a batch (every tensor and the ``sample_ids`` list)."""
     return {k: v[:n] for k, v in batch.items()}
 
 
-def moments(model, batch: dict, *, chunk_rows: int, dtype) -> tuple[dict, dict, int]:
-    """F and S streamed through a FisherAccumulator in blocks of ``chunk_rows`` rows."""
+def parameter_blocks(model: torch.nn.Module, layout: fisher_fast.AttentionLayout) -> dict[str, int]:
+    """The block of the model each parameter belongs to, read from the module tree.
+
+    A transformer layer is the child of an ``nn.ModuleList`` that holds the layer's attention
+    module (``layout.layers[l].module``); parameters before the first layer (in
+    ``named_parameters()`` order) are the embeddings, those after the last are the final
+    norm and head.
+
+    Returns:
+        ``{parameter name: b}`` with ``b = -1`` (embeddings), ``l`` (layer l in ``[0, L)``)
+        or ``L`` (final norm / head); see :func:`block_label`.
+
+    Raises:
+        ValueError: an attention module that is not inside a list of layers.
+    """
+    modules = dict(model.named_modules())
+    prefixes = {}
+    for la in layout.layers:
+        parts = la.module.split(".")
+        for i in range(len(parts) - 1, 0, -1):
+            if isinstance(modules.get(".".join(parts[:i])), torch.nn.ModuleList):
+                prefixes[".".join(parts[:i + 1]) + "."] = la.index
+                break
+        else:
+            raise ValueError(f"main job: expected the attention module {la.module!r} inside a list "
+                             f"of layers (torch.nn.ModuleList), got none above it.")
+    n_layers, out, seen_layer = len(layout.layers), {}, False
+    for name, _ in model.named_parameters():
+        layer = next((i for p, i in prefixes.items() if name.startswith(p)), None)
+        seen_layer |= layer is not None
+        out[name] = layer if layer is not None else (n_layers if seen_layer else -1)
+    return out
+
+
+def block_label(b: int, n_layers: int) -> str:
+    """``"embeddings"`` for -1, ``"layer {b}"`` for a layer, ``"final/head"`` for ``n_layers``."""
+    if b < 0:
+        return LAYER_EMBEDDINGS
+    return LAYER_FINAL if b >= n_layers else f"layer {b}"
+
+
+def moments(model: torch.nn.Module, batch: Batch, *, chunk_rows: int, dtype: torch.dtype,
+            advance: Callable[[int], object] | None = None) -> tuple[dict, dict, int]:
+    """F and S streamed through one ``FisherAccumulator`` in blocks of ``chunk_rows`` rows.
+
+    Args:
+        model: the model.
+        batch: one task's rows.
+        chunk_rows: rows per ``update``.
+        dtype: fisher_fast's accumulation dtype.
+        advance: called with the number of rows after each block (a progress bar), or None.
+
+    Returns:
+        ``(F, S, n_units)``: ``{name: Tensor[*param_shape]}`` twice, and the units counted.
+    """
     acc = fisher_fast.FisherAccumulator(model, dtype=dtype)
     n = batch["input_ids"].shape[0]
     for start in range(0, n, chunk_rows):
         acc.update({k: v[start:start + chunk_rows] for k, v in batch.items()})
+        if advance is not None:
+            advance(min(chunk_rows, n - start))
     return acc.empirical_fisher(), acc.squared_mean_gradient(), acc.n_units()
 
 
-def per_layer(F: dict, S: dict) -> list[dict]:
-    out: dict[str, dict] = {}
+def per_layer(F: dict, S: dict, blocks: dict[str, int], n_layers: int) -> list[dict]:
+    """ΣF, ΣS and ΣF / ΣS per block of the model (see :func:`parameter_blocks`).
+
+    Args:
+        F: E[g²], ``{name: Tensor[*param_shape]}``.
+        S: (E[g])², ``{name: Tensor[*param_shape]}``.
+        blocks: ``{name: block}`` from :func:`parameter_blocks`.
+        n_layers: L.
+
+    Returns:
+        ``[{"layer", "E_g2", "Eg_2", "ratio"}]`` in model order (embeddings, layers, final);
+        the ratio is ``inf`` where ΣS is 0.
+    """
+    sums: dict[int, list[float]] = {}
     for name in F:
-        rec = out.setdefault(layer_of(name), {"layer": layer_of(name), "E_g2": 0.0, "Eg_2": 0.0})
-        rec["E_g2"] += float(F[name].double().sum())
-        rec["Eg_2"] += float(S[name].double().sum())
-    for rec in out.values():
-        rec["ratio"] = rec["E_g2"] / rec["Eg_2"] if rec["Eg_2"] > 0 else float("inf")
-    order = lambda r: (r["layer"] != "embeddings", r["layer"] == "final/head",  # noqa: E731
-                       int(r["layer"].split()[-1]) if r["layer"].startswith("layer") else 0)
-    return sorted(out.values(), key=order)
+        s = sums.setdefault(blocks[name], [0.0, 0.0])
+        s[0] += float(F[name].double().sum())
+        s[1] += float(S[name].double().sum())
+    return [{"layer": block_label(b, n_layers), "E_g2": f, "Eg_2": s,
+             "ratio": f / s if s > 0 else float("inf")} for b, (f, s) in sorted(sums.items())]
 
 
-def head_groups(model, F: dict, layout) -> np.ndarray:
-    """R(F)[l, h, B] over the weight slices I(l, h, B)."""
+def head_groups(values: dict, layout: fisher_fast.AttentionLayout) -> np.ndarray:
+    r"""``ndarray[L, H, 4]``: R(x)[l, h, B], the sum of ``x`` over each weight slice I(l, h, B).
+
+    One ``per_head_sum`` per (layer, block), in float64; K and V of query heads that share
+    a kv head hold that kv head's sum.
+
+    .. math:: R(x)[l, h, B] = \sum_{p \in I(l, h, B)} x_p
+
+    Args:
+        values: ``{name: Tensor[*param_shape]}`` holding every attention weight.
+        layout: the model's attention layout.
+    """
     L, H = len(layout.layers), layout.layers[0].num_heads
     out = np.zeros((L, H, len(BLOCKS)))
     for la in layout.layers:
-        for h in range(la.num_heads):
-            for b, block in enumerate(BLOCKS):
-                masks = fisher_fast.qkov_mask(model, la.index, h, block)
-                out[la.index, h, b] = sum(float(F[n].double()[m.to(F[n].device)].sum())
-                                          for n, m in masks.items())
+        for b, block in enumerate(BLOCKS):
+            weights = {n: values[n].double() for n, _ in block_params(la, block)}
+            out[la.index, :, b] = per_head_sum(weights, la, block).cpu().numpy()
     return out
 
 
-def interference_summary(result, top: int = 10) -> dict:
+def interference_summary(result: fisher_fast.InterferenceResult, top: int = 10) -> dict:
+    """``{"means": {block: [L][H]}, "top": [the ``top`` largest entries]}`` (report schema)."""
     return {"means": {b: result.means[b].double().cpu().numpy().tolist() for b in BLOCKS},
             "top": [dict(rec, score=float(rec["score"])) for rec in result.top_k[:top]]}
 
 
-def conflicts_summary(result) -> list[dict]:
+ALPHA = 0.05  # the q-value threshold of the report's conflicts
+
+
+def conflicts_summary(result: fisher_fast.ConflictResult, layout: fisher_fast.AttentionLayout,
+                      alpha: float = ALPHA) -> dict:
+    """The conflicts' hypothesis, whether it can be rejected at ``alpha``, and every slice.
+
+    Returns:
+        ``{"hypothesis", "alpha", "fdr", "min_attainable_p", "testable", "note", "slices"}``
+        (:class:`fishercheck.report_schema.Conflicts`); ``slices`` has one record per
+        (l, h, B), in layer, head, block order: ``{"group", "layer", "head", "block",
+        "mean_cosine", "p", "q", "effect", "interval"}``.
+    """
+    min_p = float(result.min_attainable_p)
+    testable = min_p < alpha
+    note = "" if testable else untestable_note(len(result.ids_a), len(result.ids_b),
+                                               result.n_permutations, alpha)
+    return {"hypothesis": result.hypothesis, "alpha": alpha, "fdr": result.fdr,
+            "min_attainable_p": min_p, "testable": testable, "note": note,
+            "slices": _slices(result, layout)}
+
+
+def untestable_note(n_a: int, n_b: int, n_permutations: int, alpha: float) -> str:
+    """Why no p-value of the permutation test can fall below ``alpha`` (empty if one can).
+
+    Args:
+        n_a: task A's rows.
+        n_b: task B's rows.
+        n_permutations: P.
+        alpha: the threshold.
+    """
+    reasons = []
+    if 1.0 / (n_permutations + 1) >= alpha:
+        reasons.append(f"{n_permutations} permutations cannot give a p-value below "
+                       f"1/(P + 1) = {1.0 / (n_permutations + 1):.3g} (use --permutations "
+                       f"{math.ceil(1.0 / alpha)} or more)")
+    m, labellings = (2 if n_a == n_b else 1), math.comb(n_a + n_b, n_a)
+    if m / labellings >= alpha:
+        splits = f" ({labellings // 2} distinct splits: each is tied with its mirror image)" \
+            if m == 2 else ""
+        reasons.append(f"{n_a} + {n_b} rows have only C({n_a + n_b}, {n_a}) = {labellings} "
+                       f"labellings{splits}, so the exact test's smallest p-value is "
+                       f"{m / labellings:.3g} (use --pairs {_rows_needed(alpha)} or more)")
+    if not reasons:
+        return ""
+    return (f"no slice can reach q < {alpha:g} whatever the gradients: " + "; ".join(reasons)
+            + ".")
+
+
+def _rows_needed(alpha: float) -> int:
+    """The fewest rows per task (N_A = N_B = n) whose exact test can give p < alpha."""
+    n = 1
+    while 2 / math.comb(2 * n, n) >= alpha:
+        n += 1
+    return n
+
+
+def _slices(result: fisher_fast.ConflictResult, layout: fisher_fast.AttentionLayout) -> list[dict]:
+    """One record per slice (l, h, B), in layer, head, block order, with its indices."""
     out = []
-    for group, rec in result.items():
-        out.append({"group": group, "mean_cosine": float(rec["mean_cosine"]), "p": float(rec["p"]),
-                    "q": float(rec["q"]), "effect": float(rec["effect"]),
-                    "interval": [float(x) for x in rec["interval"]]})
+    for la in layout.layers:
+        for h in range(la.num_heads):
+            for block in BLOCKS:
+                group = f"L{la.index}.H{h}.{block}"  # fisher_fast's key of the slice
+                rec = result[group]
+                out.append({"group": group, "layer": la.index, "head": h, "block": block,
+                            "mean_cosine": float(rec["mean_cosine"]), "p": float(rec["p"]),
+                            "q": float(rec["q"]), "effect": float(rec["effect"]),
+                            "interval": [float(x) for x in rec["interval"]]})
     return out
 
 
@@ -104,6 +236,10 @@ def relative_difference(fast_values: dict, ref_values: dict) -> float:
     """Max over parameters of max|fast - ref| / max|ref| (normwise, so small entries do not
     explode); a parameter whose max|ref| is below FLOOR times the largest of all parameters
     (or 0) is scaled by that largest value.
+
+    Args:
+        fast_values: ``{name: tensor-like}``, fisher_fast's values.
+        ref_values: ``{name: tensor-like}``, the oracle's, with the same keys and shapes.
     """
     ref = {k: torch.as_tensor(v).double().cpu() for k, v in ref_values.items()}
     overall = max((float(r.abs().max()) for r in ref.values() if r.numel()), default=0.0)
@@ -117,9 +253,14 @@ def relative_difference(fast_values: dict, ref_values: dict) -> float:
     return worst
 
 
-def oracle_check(model, batch_a: dict, batch_b: dict, *, n: int, n_permutations: int, seed: int,
-                 dtype) -> dict:
-    """Recompute F, S, interference and conflict p-values on n rows per task with fisher_ref."""
+def oracle_check(model: torch.nn.Module, batch_a: Batch, batch_b: Batch, *, n: int,
+                 n_permutations: int, seed: int, dtype: torch.dtype) -> dict:
+    """Recompute F, S, interference and conflict p-values on n rows per task with fisher_ref.
+
+    Returns:
+        ``{"rows_per_task", "empirical_fisher", "squared_mean_gradient", "interference",
+        "conflict_p_max_abs_difference"}`` (see :func:`relative_difference`).
+    """
     import copy
 
     import fisher_ref
@@ -142,7 +283,7 @@ def oracle_check(model, batch_a: dict, batch_b: dict, *, n: int, n_permutations:
     ri = ref_interference(ref_model, ra, rb)
     out["interference"] = relative_difference(dict(fi), dict(ri))
     fc = fisher_fast.conflicts(model, a, b, n_permutations=n_permutations, seed=seed,
-                           n_bootstrap=100, dtype=dtype)
+                               n_bootstrap=100, dtype=dtype)
     rc = ref_conflicts(ref_model, ra, rb, n_permutations=n_permutations, seed=seed,
                        n_bootstrap=100)
     shared = [g for g in rc if g in fc]
@@ -151,20 +292,44 @@ def oracle_check(model, batch_a: dict, batch_b: dict, *, n: int, n_permutations:
     return out
 
 
-def run(model, batch_a: dict, batch_b: dict, *, n_pairs: int = 32, n_permutations: int = 1000,
-        seed: int = 0, check: bool = False, check_rows: int = 8, dtype=torch.float32,
-        chunk_rows: int = 32) -> dict:
-    """Every quantity of the main job, as plain Python data (see the module docstring)."""
+def steps(check: bool) -> list[str]:
+    """The names of :func:`run`'s steps (one progress step each)."""
+    return (["task A: E[g²] and (E[g])²", "task B: E[g²] and (E[g])²", "interference",
+             "conflicts"] + (["check against fisher_ref"] if check else []))
+
+
+def run(model: torch.nn.Module, batch_a: Batch, batch_b: Batch, *, n_pairs: int = 32,
+        n_permutations: int = 1000, seed: int = 0, check: bool = False, check_rows: int = 8,
+        dtype: torch.dtype = torch.float32, chunk_rows: int = 32, progress: Progress = OFF) -> dict:
+    """Every quantity of the main job, as plain Python data (see the module docstring).
+
+    Args:
+        model: a causal LM in eval mode.
+        batch_a: task A's rows.
+        batch_b: task B's rows.
+        n_pairs: rows per task for interference and conflicts.
+        n_permutations: permutations of the conflicts' test.
+        seed: their seed.
+        check: recompute ``check_rows`` rows per task with fisher_ref.
+        check_rows: rows per task for ``check``.
+        dtype: fisher_fast's accumulation dtype.
+        chunk_rows: rows per accumulator update.
+        progress: where to report each of :func:`steps` (and the rows of the first two).
+
+    Returns:
+        The report (:class:`fishercheck.report_schema.Report`) without ``meta``.
+    """
     timings, results = {}, {"tasks": {}}
+    names = steps(check)
     layout = fisher_fast.attention_layout(model)
+    blocks, n_layers = parameter_blocks(model, layout), len(layout.layers)
     t0 = time.perf_counter()
-    groups = {}
-    for task, batch in (("A", batch_a), ("B", batch_b)):
-        F, S, units = moments(model, batch, chunk_rows=chunk_rows, dtype=dtype)
-        RF, RS = head_groups(model, F, layout), head_groups(model, S, layout)
-        groups[task] = (RF, RS)
+    for name, (task, batch) in zip(names, (("A", batch_a), ("B", batch_b)), strict=False):
+        with progress.step(name, rows=batch["input_ids"].shape[0]) as advance:
+            F, S, units = moments(model, batch, chunk_rows=chunk_rows, dtype=dtype, advance=advance)
+            RF, RS = head_groups(F, layout), head_groups(S, layout)
         results["tasks"][task] = {
-            "n_units": units, "per_layer": per_layer(F, S),
+            "n_units": units, "per_layer": per_layer(F, S, blocks, n_layers),
             "head_fisher": RF.tolist(), "head_squared_mean": RS.tolist(),
             "impact": estimator_impact(RF.reshape(-1), RS.reshape(-1)),
         }
@@ -172,20 +337,24 @@ def run(model, batch_a: dict, batch_b: dict, *, n_pairs: int = 32, n_permutation
     t0 = time.perf_counter()
     a, b = rows(batch_a, n_pairs), rows(batch_b, n_pairs)
     pairs_used = {"A": int(a["input_ids"].shape[0]), "B": int(b["input_ids"].shape[0])}
-    results["interference"] = interference_summary(fisher_fast.interference(model, a, b, dtype=dtype))
+    with progress.step(names[2]):
+        inter = fisher_fast.interference(model, a, b, dtype=dtype)
+    results["interference"] = interference_summary(inter)
     timings["interference_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    conf = fisher_fast.conflicts(model, a, b, groups="heads", n_permutations=n_permutations, seed=seed,
-                             dtype=dtype)
-    results["conflicts"] = conflicts_summary(conf)
+    with progress.step(names[3]):
+        conf = fisher_fast.conflicts(model, a, b, groups="heads", n_permutations=n_permutations,
+                                     seed=seed, dtype=dtype)
+    results["conflicts"] = conflicts_summary(conf, layout)
     timings["conflicts_s"] = time.perf_counter() - t0
     if check:
         t0 = time.perf_counter()
-        results["check"] = oracle_check(model, batch_a, batch_b, n=check_rows,
-                                        n_permutations=min(n_permutations, 200), seed=seed,
-                                        dtype=dtype)
+        with progress.step(names[4]):
+            results["check"] = oracle_check(model, batch_a, batch_b, n=check_rows,
+                                            n_permutations=min(n_permutations, 200), seed=seed,
+                                            dtype=dtype)
         timings["check_s"] = time.perf_counter() - t0
-    results["layout"] = {"layers": len(layout.layers), "heads": layout.layers[0].num_heads,
+    results["layout"] = {"layers": n_layers, "heads": layout.layers[0].num_heads,
                          "kv_heads": layout.layers[0].num_kv_heads,
                          "head_dim": layout.layers[0].head_dim, "kind": layout.kind}
     results["settings"] = {"pairs_per_task": pairs_used, "n_permutations": n_permutations,

@@ -1,48 +1,67 @@
-"""The main job's report files: report.json (everything) and report.md (the summary)."""
+"""The main job's report files: report.json (everything) and report.md (the summary).
+
+Both are rendered from a :class:`fishercheck.report_schema.Report`, validated against the
+schema before anything is written.
+"""
 
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
-BLOCKS = ("Q", "K", "V", "O")
+from fishercheck.outputs import write_text
+from fishercheck.report_schema import BLOCKS, Conflicts, Report, number, to_json, validate
 
 
-def _clean(x):
-    """JSON-safe: non-finite floats become strings ("inf", "nan")."""
-    if isinstance(x, float) and not math.isfinite(x):
-        return str(x)
-    if isinstance(x, dict):
-        return {str(k): _clean(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_clean(v) for v in x]
-    return x
+def json_text(results: Report) -> str:
+    """``report.json``'s text: the results made JSON-safe and checked against the schema.
+
+    Raises:
+        ValueError: the results do not fit the schema (a bug in the main job).
+    """
+    data = to_json(results)
+    validate(data)
+    return json.dumps(data, indent=1) + "\n"
 
 
-def write_json(results: dict, path: Path) -> None:
-    path.write_text(json.dumps(_clean(results), indent=1) + "\n")
+def write_json(results: Report, path: Path) -> None:
+    """Write ``report.json`` whole (see :func:`json_text`); nothing is written if it fails."""
+    write_text(path, json_text(results))
 
 
 def _fmt(x: float) -> str:
     return f"{x:.4g}" if isinstance(x, (int, float)) else str(x)
 
 
-def _top_heads(arr, k: int = 6) -> list[tuple[str, float]]:
-    flat = [(f"L{l}.H{h}.{BLOCKS[b]}", arr[l][h][b]) for l in range(len(arr))
-            for h in range(len(arr[l])) for b in range(4)]
+def _top_heads(arr: list, k: int = 6) -> list[tuple[str, float]]:
+    """The ``k`` largest entries of a ``[L][H][4]`` head array, named ``L{l}.H{h}.{B}``."""
+    flat = [(f"L{layer}.H{h}.{block}", arr[layer][h][b]) for layer in range(len(arr))
+            for h in range(len(arr[layer])) for b, block in enumerate(BLOCKS)]
     return sorted(flat, key=lambda t: -t[1])[:k]
+
+
+def _weights_note(meta: dict) -> str:
+    """What the report's model line adds about its weights (nothing when all loaded)."""
+    if meta["weights"] == "random":
+        return " — **randomly initialised weights**: the numbers describe an untrained model"
+    note = ""
+    if meta["missing_tensors"]:
+        note += (f" — **partially loaded**: {len(meta['missing_tensors'])} of the model's tensors "
+                 f"were not in the checkpoint and are randomly initialised: "
+                 f"{', '.join(meta['missing_tensors'])}")
+    if meta["unexpected_tensors"]:
+        note += (f" — {len(meta['unexpected_tensors'])} tensors of the checkpoint are not in the "
+                 f"model and were ignored: {', '.join(meta['unexpected_tensors'])}")
+    return note
 
 
 SHOWN_SLICES = 12  # rows of the significant-conflicts table in report.md
 
 
-def markdown(results: dict) -> str:
+def markdown(results: Report) -> str:
+    """``report.md``: the summary tables of a report, with links to its plots."""
     meta = results["meta"]
-    lines = ["# fishercheck report", "",
-             f"- model: {meta['model']}" + ("" if meta["trained"] else
-                                             " — **randomly initialised weights**: the numbers "
-                                             "describe an untrained model"),
+    lines = ["# fishercheck report", "", f"- model: {meta['model']}" + _weights_note(meta),
              f"- task A: {meta['task_a']} ({results['tasks']['A']['n_units']} samples)",
              f"- task B: {meta['task_b']} ({results['tasks']['B']['n_units']} samples)",
              f"- computed with fisher_fast ({results['settings']['dtype']}), unit = sample, "
@@ -55,7 +74,8 @@ def markdown(results: dict) -> str:
             lines.append(f"| {task} | {r['layer']} | {_fmt(r['E_g2'])} | {_fmt(r['Eg_2'])} | "
                          f"{_fmt(r['ratio'])} |")
     lines += ["", "## Impact of the estimator on head rankings (R(F) against R(S))", "",
-              "| task | Spearman | Kendall | top-10% Jaccard | top-20% Jaccard | pruning-mask Jaccard (50%) |",
+              "| task | Spearman | Kendall | top-10% Jaccard | top-20% Jaccard "
+              "| pruning-mask Jaccard (50%) |",
               "|---|---|---|---|---|---|"]
     for task, rec in results["tasks"].items():
         i = rec["impact"]
@@ -71,19 +91,8 @@ def markdown(results: dict) -> str:
     for t in results["interference"]["top"][:8]:
         lines.append(f"| {_fmt(t['score'])} | {t['id_a']} | {t['id_b']} | {t['layer']} | "
                      f"{t['head']} | {t['block']} |")
-    conf = results["conflicts"]
-    sig = sorted([c for c in conf if c["q"] < 0.05], key=lambda c: c["mean_cosine"])
-    lines += ["", "## Per-head conflicts (permutation test, BH q-values)", "",
-              f"{len(sig)} of {len(conf)} slices have q < 0.05 "
-              f"({results['settings']['n_permutations']} permutations)"
-              + (f"; the {SHOWN_SLICES} most negative mean cosines are listed (all in "
-                 f"report.json)." if len(sig) > SHOWN_SLICES else "."), ""]
-    if sig:
-        lines += ["| slice | mean cosine | p | q | effect | 95% interval |", "|---|---|---|---|---|---|"]
-        for c in sig[:SHOWN_SLICES]:
-            lines.append(f"| {c['group']} | {_fmt(c['mean_cosine'])} | {_fmt(c['p'])} | "
-                         f"{_fmt(c['q'])} | {_fmt(c['effect'])} | "
-                         f"[{_fmt(c['interval'][0])}, {_fmt(c['interval'][1])}] |")
+    lines += ["", "## Per-head conflicts (permutation test, BH q-values)", ""]
+    lines += _conflicts_section(results["conflicts"], results["settings"]["n_permutations"])
     if "check" in results:
         ck = results["check"]
         lines += ["", "## Check against fisher_ref (the float64 oracle)", "",
@@ -98,5 +107,40 @@ def markdown(results: dict) -> str:
     return "\n".join(lines)
 
 
-def write_markdown(results: dict, path: Path) -> None:
-    path.write_text(markdown(results))
+def _conflicts_section(conf: Conflicts, n_permutations: int) -> list[str]:
+    """The conflicts' hypothesis in words, then what the test can say and the slices it flags.
+
+    Untestable sizes (too few rows or permutations for any p below ``alpha``) are said
+    instead of a table of p = 1-like values.
+    """
+    alpha = conf["alpha"]
+    lines = [f"Tested for each slice: {conf['hypothesis']}", ""]
+    if not conf["testable"]:
+        return lines + [f"**Not testable with these sizes**: {conf['note']} Per-slice p- and "
+                        f"q-values are therefore not shown (report.json keeps them, with "
+                        f"`conflicts.testable` false)."]
+    slices = conf["slices"]
+    sig = sorted([c for c in slices if number(c["q"]) < alpha], key=lambda c: number(c["mean_cosine"]))
+    below = sum(number(c["interval"][1]) < 0 for c in sig)
+    above = sum(number(c["interval"][0]) > 0 for c in sig)
+    lines += [f"{len(sig)} of {len(slices)} slices have q < {alpha:g} ({n_permutations} "
+              f"permutations; the smallest attainable p is {conf['min_attainable_p']:.3g}): on "
+              f"these the two tasks' gradients differ. A conflict — gradients pointing against "
+              f"each other — is a 95% interval of the mean cosine below 0: {below} of them; "
+              f"{len(sig) - below - above} have an interval containing 0 (they differ, with no "
+              f"conflict shown) and {above} one above 0."
+              + (f" The {SHOWN_SLICES} most negative mean cosines are listed (all in "
+                 f"report.json)." if len(sig) > SHOWN_SLICES else "")]
+    if sig:
+        lines += ["", "| slice | mean cosine | q | 95% interval of the mean cosine | p | effect (z) |",
+                  "|---|---|---|---|---|---|"]
+        for c in sig[:SHOWN_SLICES]:
+            lines.append(f"| {c['group']} | {_fmt(c['mean_cosine'])} | {_fmt(c['q'])} | "
+                         f"[{_fmt(c['interval'][0])}, {_fmt(c['interval'][1])}] | "
+                         f"{_fmt(c['p'])} | {_fmt(c['effect'])} |")
+    return lines
+
+
+def write_markdown(results: Report, path: Path) -> None:
+    """Write ``report.md`` whole (see :func:`markdown`)."""
+    write_text(path, markdown(results))

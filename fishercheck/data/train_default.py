@@ -1,4 +1,4 @@
-"""Produce fishercheck's embedded default: a tiny character-level GPT-2 and two text tasks.
+r"""Produce fishercheck's embedded default: a tiny character-level GPT-2 and two text tasks.
 
 Run from the repository root (takes well under a minute on one CPU core)::
 
@@ -8,7 +8,7 @@ It writes, next to this file:
 
 - ``task_a.txt``: task A, "addition": lines such as ``12+7=19``.
 - ``task_b.txt``: task B, "reversal": lines such as ``kqd>dqk``.
-- ``char_vocab.json``: the character vocabulary (id 0 is padding, ``"\\n"`` starts and ends a line).
+- ``char_vocab.json``: the character vocabulary (id 0 is padding, ``"\n"`` starts and ends a line).
 - ``config.json`` and ``model.safetensors``: a GPT-2 (2 layers, 4 heads, width 32) trained for
   3000 AdamW steps (linear decay) on fresh lines of both tasks (different seeds from the shipped
   files, so the shipped lines are held out). Everything is seeded; rerunning reproduces the
@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import random
 import string
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -31,21 +32,27 @@ MAX_LEN = 16  # characters per encoded line, "\n" delimiters included
 
 
 def addition_line(rng: random.Random) -> str:
+    """A line of task A: ``a+b=c`` with a, b in [0, 50)."""
     a, b = rng.randrange(0, 50), rng.randrange(0, 50)
     return f"{a}+{b}={a + b}"
 
 
 def reversal_line(rng: random.Random) -> str:
+    """A line of task B: a word of 2-5 letters from a-l, ``>``, the word reversed."""
     w = "".join(rng.choice(string.ascii_lowercase[:12]) for _ in range(rng.randrange(2, 6)))
     return f"{w}>{w[::-1]}"
 
 
-def lines(make, n: int, seed: int) -> list[str]:
+def lines(make: Callable[[random.Random], str], n: int, seed: int) -> list[str]:
+    """``n`` lines of ``make`` from ``random.Random(seed)``."""
     rng = random.Random(seed)
     return [make(rng) for _ in range(n)]
 
 
-def encode(batch_lines: list[str]) -> dict:
+def encode(batch_lines: list[str]) -> dict[str, torch.Tensor]:
+    r"""A right-padded training batch: ``input_ids``, ``attention_mask``, ``labels`` ``[batch, pos]``
+    (each line between two ``"\n"``; labels -100 on padding).
+    """
     index = {c: i for i, c in enumerate(VOCAB)}
     rows = [[index["\n"]] + [index[c] for c in s] + [index["\n"]] for s in batch_lines]
     T = max(len(r) for r in rows)
@@ -59,6 +66,7 @@ def encode(batch_lines: list[str]) -> dict:
 
 
 def main(steps: int = 3000, batch_size: int = 64) -> None:
+    """Write the task files, the vocabulary and the trained model next to this file."""
     import transformers as tf
 
     torch.manual_seed(0)

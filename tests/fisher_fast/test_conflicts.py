@@ -173,7 +173,8 @@ def test_model_heads_group_is_the_masked_gradient():
     assert len(res) == 2 * 4 * 4 and res.ids_a == ["a_1", "a_2", "a_3"]
     (name, mask), = qkov_mask(model, 1, 3, "K").items()       # fused qkv: one tensor
     ga, gb = (per_sample_gradients(model, x, dtype=torch.float64) for x in (a, b))
-    ref = conflicts_from_units(_units({"w": ga.tensors[name][:, mask]}), _units({"w": gb.tensors[name][:, mask]}),
+    ref = conflicts_from_units(_units({"w": ga.tensors[name][:, mask]}),
+                               _units({"w": gb.tensors[name][:, mask]}),
                                groups="parameters", n_permutations=25, n_bootstrap=10)["w"]
     for key in ("mean_cosine", "p", "effect", "null_sd"):
         assert res["L1.H3.K"][key] == pytest.approx(ref[key], rel=REORDER_RTOL,
@@ -188,3 +189,27 @@ def test_numpy_integers_are_accepted_for_counts_and_seed():
                                seed=np.int64(3), n_bootstrap=np.int32(10))
     assert got.n_permutations == 20 and type(got.seed) is int
     assert all(got[g]["p"] == want[g]["p"] for g in want)
+
+
+@pytest.mark.parametrize("n_a, n_b, n_permutations, want", [
+    (2, 2, 1000, 2 / 6),  # C(4, 2) = 6 labellings; a split and its mirror have the same pairs
+    (3, 4, 1000, 1 / 35),  # C(7, 3) = 35
+    (4, 4, 1000, 2 / 70),
+    (32, 32, 99, 1 / 100),  # labellings enough: the Monte Carlo floor 1 / (P + 1)
+    (1, 1, 10, 1.0),  # one distinct split: nothing can be tested
+])
+def test_min_attainable_p(n_a, n_b, n_permutations, want):
+    from fisher_fast.conflicts import min_attainable_p
+
+    assert min_attainable_p(n_a, n_b, n_permutations) == pytest.approx(want, rel=1e-15)
+
+
+def test_the_result_names_its_hypothesis_and_too_few_units_stay_above_the_floor():
+    g = np.random.default_rng(1)
+    xa, xb = g.normal(size=(2, 5)) + 3.0, g.normal(size=(2, 5)) - 3.0  # opposed tasks
+    res = conflicts_from_units(_units({"w": xa}), _units({"w": xb}), groups="parameters",
+                               n_permutations=999, seed=0, n_bootstrap=10)
+    assert "exchangeable" in res.hypothesis and "relabelling" in res.hypothesis
+    assert res.min_attainable_p == pytest.approx(1 / 3)
+    assert res["w"]["mean_cosine"] < -0.5  # clearly opposed, yet with 2 + 2 units a third of
+    assert res["w"]["p"] > 0.25  # the labellings tie with the observed split
