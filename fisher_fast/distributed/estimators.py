@@ -12,6 +12,7 @@ offered (the accumulator keeps no class expansion); see docs/distributed.md.
 from __future__ import annotations
 
 import torch.distributed as dist
+from torch import nn
 
 from ..batching.checks import check_positive_int
 from ..results import FisherResult, SampleIds
@@ -36,14 +37,14 @@ def _reduced(model, batch, sample_ids, group, timeout, options: dict, acc_option
     return acc.all_reduce()
 
 
-def mean_gradient(model, batch: dict | None, *, group: dist.ProcessGroup | None = None,
+def mean_gradient(model: nn.Module, batch: dict | None, *, group: dist.ProcessGroup | None = None,
                   timeout: float = DEFAULT_TIMEOUT, sample_ids: SampleIds | None = None,
                   **options: object) -> FisherResult:
     r""":math:`\bar g = \sum_u w_u g_u / W` over every rank's units."""
     return _reduced(model, batch, sample_ids, group, timeout, options, {}).mean_gradient()
 
 
-def empirical_fisher(model, batch: dict | None, *, group: dist.ProcessGroup | None = None,
+def empirical_fisher(model: nn.Module, batch: dict | None, *, group: dist.ProcessGroup | None = None,
                      timeout: float = DEFAULT_TIMEOUT, sample_ids: SampleIds | None = None,
                      **options: object) -> FisherResult:
     r""":math:`F = \sum_u w_u g_u^2 / W` over every rank's units (E[g²] states only)."""
@@ -51,14 +52,14 @@ def empirical_fisher(model, batch: dict | None, *, group: dist.ProcessGroup | No
                     {"statistics": "fisher"}).empirical_fisher()
 
 
-def squared_mean_gradient(model, batch: dict | None, *, group: dist.ProcessGroup | None = None,
+def squared_mean_gradient(model: nn.Module, batch: dict | None, *, group: dist.ProcessGroup | None = None,
                           timeout: float = DEFAULT_TIMEOUT, sample_ids: SampleIds | None = None,
                           **options: object) -> FisherResult:
     r""":math:`S = \bar g^2` over every rank's units."""
     return _reduced(model, batch, sample_ids, group, timeout, options, {}).squared_mean_gradient()
 
 
-def gradient_variance(model, batch: dict | None, *, group: dist.ProcessGroup | None = None,
+def gradient_variance(model: nn.Module, batch: dict | None, *, group: dist.ProcessGroup | None = None,
                       timeout: float = DEFAULT_TIMEOUT, sample_ids: SampleIds | None = None,
                       unbiased: bool = False, **options: object) -> FisherResult:
     r""":math:`V = \sum_u w_u (g_u - \bar g)^2 / W` over every rank's units (``unbiased``:
@@ -68,7 +69,7 @@ def gradient_variance(model, batch: dict | None, *, group: dist.ProcessGroup | N
     return acc.gradient_variance(unbiased=unbiased)
 
 
-def batch_squared_gradient(model, batch: dict | None, *, group: dist.ProcessGroup | None = None,
+def batch_squared_gradient(model: nn.Module, batch: dict | None, *, group: dist.ProcessGroup | None = None,
                            timeout: float = DEFAULT_TIMEOUT, sample_ids: SampleIds | None = None,
                            micro_batch_size: int = 1, **options: object) -> FisherResult:
     r""":math:`\sum_m W_m \bar g_m^2 / W` over micro-batches of ``micro_batch_size``
@@ -81,7 +82,7 @@ def batch_squared_gradient(model, batch: dict | None, *, group: dist.ProcessGrou
     return acc.batch_squared_gradient(b)
 
 
-def mc_fisher(model, batch: dict | None, *, group: dist.ProcessGroup | None = None,
+def mc_fisher(model: nn.Module, batch: dict | None, *, group: dist.ProcessGroup | None = None,
               timeout: float = DEFAULT_TIMEOUT, sample_ids: SampleIds | None = None,
               n_samples: int = 1, seed: int = 0, **options: object) -> FisherResult:
     r"""Monte-Carlo Fisher over every rank's units: labels drawn per sample id exactly as
@@ -92,7 +93,7 @@ def mc_fisher(model, batch: dict | None, *, group: dist.ProcessGroup | None = No
     return acc.empirical_fisher()
 
 
-def group_fisher(model, batch: dict | None, *, group: dist.ProcessGroup | None = None,
+def group_fisher(model: nn.Module, batch: dict | None, *, group: dist.ProcessGroup | None = None,
                  timeout: float = DEFAULT_TIMEOUT, sample_ids: SampleIds | None = None,
                  groups: str | dict = "generic", layout: dict | None = None,
                  **options: object) -> FisherResult:

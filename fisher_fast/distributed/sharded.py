@@ -5,6 +5,7 @@ sample ids, so that :meth:`ShardedAccumulator.all_reduce` can check them across 
 from __future__ import annotations
 
 import torch.distributed as dist
+from torch import nn
 
 from ..accumulator import FisherAccumulator
 from ..results import LossFn, SampleIds
@@ -33,7 +34,7 @@ class ShardedAccumulator:
         **options: the keyword arguments of ``FisherAccumulator``.
     """
 
-    def __init__(self, model, loss_fn: LossFn | None = None, *,
+    def __init__(self, model: nn.Module, loss_fn: LossFn | None = None, *,
                  group: dist.ProcessGroup | None = None, timeout: float = DEFAULT_TIMEOUT,
                  **options: object):
         self._ranks = RankGroup(group, timeout)

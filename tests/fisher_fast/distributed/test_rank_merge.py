@@ -1,5 +1,6 @@
 """rank_merge: the ranks' states merged in rank order equal one process on all the rows
-(in process: each 'rank' is an accumulator on its shard, no collectives)."""
+(in process: each 'rank' is an accumulator on its shard, no collectives).
+"""
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ from fisher_ref.testing.compare import assert_dicts_close
 from fisher_ref.testing.tolerances import tolerance
 from tests.fisher_fast._fast_modules import TinyLM, tiny_batch
 
-TOL = dict(zip(("rtol", "atol"), tolerance("welford")))
+TOL = dict(zip(("rtol", "atol"), tolerance("welford"), strict=True))
 OPTS = dict(dtype=torch.float64, groups="generic", micro_batch_sizes=(2,))
 
 

@@ -14,8 +14,8 @@ from tests.fisher_fast.distributed import _scenarios as sc
 from tests.fisher_fast.distributed._ranks import run_ranks
 from tests.fisher_fast.distributed._scenarios import TinyLM
 
-TOL = dict(zip(("rtol", "atol"), tolerance("welford")))
-TOL32 = dict(zip(("rtol", "atol"), tolerance("float32-fisher", torch.float32)))
+TOL = dict(zip(("rtol", "atol"), tolerance("welford"), strict=True))
+TOL32 = dict(zip(("rtol", "atol"), tolerance("float32-fisher", torch.float32), strict=True))
 WORLDS = [2, pytest.param(3, marks=pytest.mark.slow)]
 
 
