@@ -60,4 +60,5 @@ def run_ranks(scenario, world: int, out_dir, *args, deadline: float = DEADLINE) 
                 p.join(5)
             raise AssertionError(f"{world} ranks of {scenario.__name__} did not finish within "
                                  f"{deadline:g} s")
-    return [torch.load(Path(out_dir) / f"rank{r}.pt") for r in range(world)]
+    # our own files, holding numpy arrays and lists: not weights only
+    return [torch.load(Path(out_dir) / f"rank{r}.pt", weights_only=False) for r in range(world)]

@@ -155,3 +155,68 @@ def functional(rank: int, world: int) -> dict:
         "group_fisher": {k: _cpu(v) for k, v in est.group_fisher(model, mine, **kw).items()},
         "token_units": _cpu(est.empirical_fisher(model, mine, unit="token", **kw)),
     }
+
+
+class TinyAttention(nn.Module):
+    """Causal attention with separate q/k/v/o projections (detected as a LLaMA-like layout)."""
+
+    def __init__(self, heads: int = 2, head_dim: int = 2):
+        super().__init__()
+        self.num_heads, self.head_dim = heads, head_dim
+        self.q_proj, self.k_proj = nn.Linear(D, heads * head_dim), nn.Linear(D, heads * head_dim)
+        self.v_proj, self.o_proj = nn.Linear(D, heads * head_dim), nn.Linear(heads * head_dim, D)
+
+    def forward(self, h):
+        B, n, _ = h.shape
+
+        def split(x):
+            return x.view(B, n, self.num_heads, self.head_dim).transpose(1, 2)
+        q, k, v = split(self.q_proj(h)), split(self.k_proj(h)), split(self.v_proj(h))
+        scores = q @ k.transpose(-1, -2) / self.head_dim ** 0.5
+        scores = scores.masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1), float("-inf"))
+        out = (scores.softmax(-1) @ v).transpose(1, 2).reshape(B, n, -1)
+        return self.o_proj(out)
+
+
+class TinyAttnLM(nn.Module):
+    """ids -> embeddings -> attention (residual) -> LayerNorm -> Linear logits, float64."""
+
+    def __init__(self, seed: int = 0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.emb, self.pos = nn.Embedding(V, D, padding_idx=0), nn.Embedding(T, D)
+        self.attn, self.ln, self.head = TinyAttention(), nn.LayerNorm(D), nn.Linear(D, V)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.add_(0.3 * torch.randn_like(p))
+        self.double().eval()
+
+    def forward(self, input_ids, attention_mask=None):
+        h = self.emb(input_ids) + self.pos(torch.arange(input_ids.shape[1])[None])
+        return self.head(self.ln(h + self.attn(h)))
+
+
+#: rows per rank of tasks A and B for the cross-task scenario
+CROSS_ROWS = {2: ((3, 2), (2, 3)), 3: ((3, 0, 2), (2, 2, 1))}
+CONFLICT_OPTS = dict(n_permutations=200, seed=5, n_bootstrap=50, dtype=torch.float64)
+INTERFERENCE_OPTS = dict(top_k=5, dtype=torch.float64)
+
+
+def cross_task(rank: int, world: int) -> dict:
+    """Conflicts (heads and parameters) and interference of sharded tasks A and B."""
+    rows_a, rows_b = CROSS_ROWS[world]
+    model = TinyAttnLM()
+    a, b = shard(rank, rows_a, seed=40, task="a"), shard(rank, rows_b, seed=50, task="b")
+    ct, kw = ffd.cross_task, dict(timeout=30)
+    out = {}
+    for groups in ("heads", "parameters"):
+        res = ct.conflicts(model, a, b, groups=groups, **CONFLICT_OPTS, **kw)
+        out[groups] = {"result": dict(res), "nulls": res.nulls, "ids": (res.ids_a, res.ids_b)}
+    inter = ct.interference(model, a, b, **INTERFERENCE_OPTS, **kw)
+    out["interference"] = {"blocks": {k: inter[k].cpu() for k in ("Q", "K", "V", "O")},
+                           "top": inter.top_k, "ids": (inter.ids_a, inter.ids_b)}
+    clash = shard(rank, (2,) * world, seed=60, task="c")
+    clash["sample_ids"] = [f"c.r{rank}.0", "c.same"]
+    out["clash"] = _message(lambda: ct.conflicts(model, clash, b, groups="parameters",
+                                                 n_permutations=10, **kw))
+    return out
