@@ -57,6 +57,8 @@ def concat_batches(batches: list) -> dict:
 #: multiple of 2 units so that batch_squared_gradient(2) joins exactly)
 ROWS = {2: (5, 3), 3: (5, 0, 3)}
 EMPTY = {0: (1,)}
+#: rows per rank with rank 0 empty (in the default, 2-rank run too)
+EMPTY_FIRST = {2: (0, 3), 3: (0, 2, 3)}
 ESTIMATORS = ("mean_gradient", "empirical_fisher", "squared_mean_gradient", "gradient_variance")
 FAILED_RANK = 1
 
@@ -154,6 +156,7 @@ def functional(rank: int, world: int) -> dict:
         "mc_fisher": _cpu(est.mc_fisher(model, mine, n_samples=2, seed=3, **kw)),
         "group_fisher": {k: _cpu(v) for k, v in est.group_fisher(model, mine, **kw).items()},
         "token_units": _cpu(est.empirical_fisher(model, mine, unit="token", **kw)),
+        "empty_rank_0": _cpu(est.gradient_variance(model, shard(rank, EMPTY_FIRST[world]), **kw)),
     }
 
 

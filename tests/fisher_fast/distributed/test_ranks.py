@@ -123,3 +123,10 @@ def test_functional_estimators_equal_one_process(functional):
     for name, stats in ff.group_fisher(model, batch, **kw).items():
         assert_dicts_close(results[0]["group_fisher"][name], stats, **TOL)
     _assert_bit_identical(results, "mc_fisher")
+
+
+def test_a_rank_without_rows_contributes_nothing(functional):
+    world, results = functional
+    whole = ff.gradient_variance(TinyLM(), sc.all_rows(sc.EMPTY_FIRST[world]), dtype=torch.float64)
+    for res in results:
+        assert_dicts_close(res["empty_rank_0"], whole, **TOL)
