@@ -3,6 +3,7 @@
 See docs/fisher_fast.md. Never imports fisher_ref.
 """
 
+from . import distributed  # noqa: F401 - fisher_fast.distributed: data parallel (docs/distributed.md)
 from .accumulator import FisherAccumulator
 from .capture.plan import capture_plan
 from .estimators import (
