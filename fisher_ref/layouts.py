@@ -212,7 +212,7 @@ def _opt(path, module, model):
 
 
 def _falcon(path, module, model):
-    """Falcon's fused ``query_key_value``, in the packing its forward reads (FalconConfig):
+    """Falcon's fused ``query_key_value``, in the packing its forward reads (FalconConfig).
 
     - ``new_decoder_architecture`` (Falcon-40B/180B): ``[H_kv, r + 2, dh]`` (``fused_grouped``,
       ``H_kv = num_kv_heads``);

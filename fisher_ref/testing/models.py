@@ -101,6 +101,9 @@ class TinyConfig:
         if self.arch == "falcon-mq" and kv != 1:
             raise ValueError(f"falcon-mq: expected num_kv_heads None or 1 (multi-query), got "
                              f"{self.num_kv_heads}.")
+        if self.arch == "rwkv" and self.num_layers < 2:
+            raise ValueError(f"rwkv: expected num_layers >= 2 (HF's RWKV initialisation divides by "
+                             f"num_layers - 1), got {self.num_layers}.")
         if self.arch in _HEAD_DIM_FROM_HIDDEN and self.d_model != self.num_heads * self.head_dim:
             raise ValueError(f"{self.arch}: head_dim is hidden_size / num_heads; expected hidden None "
                              f"or {self.num_heads * self.head_dim}, got {self.hidden}.")
