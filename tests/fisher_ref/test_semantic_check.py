@@ -257,9 +257,11 @@ FAMILY_WRONG = [
                  "attention patterns changed for heads [2], expected [0, 1]",
                  id="falcon-grouped-read-as-blocks"),
     pytest.param(TinyConfig(arch="falcon-mq", num_layers=1, num_heads=4), _falcon_mq_k_v_swapped, 0, "K",
-                 "attention patterns changed for heads [], expected [0, 1, 2, 3]", id="falcon-mq-K-V-swapped"),
+                 "attention patterns changed for heads [], expected [0, 1, 2, 3]",
+                 id="falcon-mq-K-V-swapped"),
     pytest.param(TinyConfig(arch="falcon-rw", num_layers=1), _masks_of_declared(packing="fused_blocks"),
-                 0, "K", "attention patterns changed for heads [], expected [0]", id="falcon-rw-read-as-blocks"),
+                 0, "K", "attention patterns changed for heads [], expected [0]",
+                 id="falcon-rw-read-as-blocks"),
     pytest.param(TinyConfig(arch="bloom", num_layers=1), _q_k_swapped, 0, "Q",
                  "perturbing the Q slice's bias entries alone changed attention patterns for heads [], "
                  "expected [0]", id="bloom-Q-K-swapped"),
