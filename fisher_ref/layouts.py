@@ -12,13 +12,18 @@ Packings of the Q/K/V output axis (size ``H*dh + 2*H_kv*dh``):
 - ``"separate"``: three tensors, each ``[heads, dh]`` (LLaMA, Mistral, Qwen2, BERT);
 - ``"fused_blocks"``: one tensor ``[Q: H, dh | K: H_kv, dh | V: H_kv, dh]`` (GPT-2, Phi-3,
   torch's ``nn.MultiheadAttention`` ``in_proj_weight``);
-- ``"fused_per_head"``: one tensor ``[H, 3, dh]`` (GPT-NeoX; ``H_kv == H``).
+- ``"fused_per_head"``: one tensor ``[H, 3, dh]`` (GPT-NeoX, Bloom, Falcon-RW; ``H_kv == H``);
+- ``"fused_grouped"``: one tensor ``[H_kv, r + 2, dh]``, per key-value head j its r query
+  heads ``j*r .. j*r + r - 1``, then its key, then its value (Falcon's new decoder
+  architecture; with r = 1 it is ``fused_per_head``).
 
 The output projection's input axis is ``[H, dh]`` (head h at ``h*dh:(h+1)*dh``).
 
 Detection reads the model's own modules (their names, types and head sizes) and config;
 anything else is declared by hand and checked against the tensors' shapes. Whether a
-layout is *semantically* right is checked by :mod:`fisher_ref.semantic_check`.
+layout is *semantically* right is checked by :mod:`fisher_ref.semantic_check`. A model
+without attention heads (Mamba, RWKV, a plain MLP) gets one error that says so and names
+what still applies (every estimator that needs no heads).
 """
 
 from __future__ import annotations
@@ -27,14 +32,16 @@ from dataclasses import dataclass, fields
 
 import torch
 
-PACKINGS = ("separate", "fused_blocks", "fused_per_head")
+PACKINGS = ("separate", "fused_blocks", "fused_per_head", "fused_grouped")
+LLAMA_KINDS = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "starcoder2", "stablelm")
+OUT_PROJ_KINDS = ("opt", "gptj")
 ORIENTATIONS = ("linear", "conv1d")
 DECLARED_FIELDS = ("module", "o_module", "packing", "orientation", "q", "k", "v", "o",
                    "q_bias", "k_bias", "v_bias", "o_bias", "num_heads", "num_kv_heads", "head_dim")
 _OPTIONAL = ("q_bias", "k_bias", "v_bias", "o_bias")
 _DECLARE_HINT = (
     "declare the layout: attention_layout(model, layout={'layers': [{'module': ..., "
-    "'o_module': ..., 'packing': 'separate'|'fused_blocks'|'fused_per_head', "
+    "'o_module': ..., 'packing': 'separate'|'fused_blocks'|'fused_per_head'|'fused_grouped', "
     "'orientation': 'linear'|'conv1d', 'q': ..., 'k': ..., 'v': ..., 'o': ..., "
     "'q_bias': ..., 'k_bias': ..., 'v_bias': ..., 'o_bias': ..., 'num_heads': H, "
     "'num_kv_heads': H_kv, 'head_dim': dh}, ...]}) with full named_parameters() names "
@@ -50,9 +57,11 @@ class LayerAttention:
         index: layer index l (position in the layout).
         module: path of the attention module (its output is ``(output, probabilities)``).
         o_module: path of the output projection module; its input is ``[..., H * dh]``.
-        kind: the family (``"gpt2"``, ``"llama"``, ``"bert"``, ``"gpt_neox"``, ``"phi3"``,
+        kind: the family (``"gpt2"``, ``"llama"`` and its kin of ``LLAMA_KINDS``, ``"bert"``,
+            ``"gpt_neox"``, ``"phi3"``, ``"opt"``, ``"gptj"``, ``"falcon"``, ``"bloom"``,
             ``"torch_mha"``, ``"declared"``).
-        packing: ``"separate"``, ``"fused_blocks"`` or ``"fused_per_head"``.
+        packing: ``"separate"``, ``"fused_blocks"``, ``"fused_per_head"`` or
+            ``"fused_grouped"``.
         orientation: ``"linear"`` (weight ``[out, in]``) or ``"conv1d"`` (``[in, out]``).
         q, k, v, o: weight names (fused packings: ``q == k == v``).
         q_bias, k_bias, v_bias, o_bias: bias names or None.
@@ -173,12 +182,69 @@ def _llama(path, module, model):
     H, kv = _heads(config, gqa=True)
     p = lambda c, s: f"{path}.{c}.{s}"  # noqa: E731
     kind = getattr(config, "model_type", None)
-    kind = kind if kind in ("llama", "mistral", "qwen2") else "llama"
+    kind = kind if kind in LLAMA_KINDS else "llama"
     return dict(module=path, o_module=f"{path}.o_proj", kind=kind, packing="separate",
                 orientation="linear", q=p("q_proj", "weight"), k=p("k_proj", "weight"),
                 v=p("v_proj", "weight"), o=p("o_proj", "weight"), q_bias=p("q_proj", "bias"),
                 k_bias=p("k_proj", "bias"), v_bias=p("v_proj", "bias"), o_bias=p("o_proj", "bias"),
                 num_heads=H, num_kv_heads=kv, head_dim=_head_dim(module, config, H, "head_dim"))
+
+
+def _opt(path, module, model):
+    """OPT and GPT-J: ``q_proj``, ``k_proj``, ``v_proj`` and ``out_proj`` Linears, one key-value
+    head per query head. Only for these model types: encoder-decoders (BART, Whisper) name
+    their cross-attention the same way, and cross-attention is not a layer of a layout.
+    """
+    names = {n for n, _ in module.named_children()}
+    if not {"q_proj", "k_proj", "v_proj", "out_proj"} <= names:
+        return None
+    config = _config_of(model, module)
+    kind = getattr(config, "model_type", None)
+    if kind not in OUT_PROJ_KINDS:
+        return None
+    H, _ = _heads(config, gqa=False)
+    p = lambda c, s: f"{path}.{c}.{s}"  # noqa: E731
+    return dict(module=path, o_module=f"{path}.out_proj", kind=kind, packing="separate",
+                orientation="linear", q=p("q_proj", "weight"), k=p("k_proj", "weight"),
+                v=p("v_proj", "weight"), o=p("out_proj", "weight"), q_bias=p("q_proj", "bias"),
+                k_bias=p("k_proj", "bias"), v_bias=p("v_proj", "bias"), o_bias=p("out_proj", "bias"),
+                num_heads=H, num_kv_heads=H, head_dim=_head_dim(module, config, H, "head_dim"))
+
+
+def _falcon(path, module, model):
+    """Falcon's fused ``query_key_value``, in the packing its forward reads (FalconConfig).
+
+    - ``new_decoder_architecture`` (Falcon-40B/180B): ``[H_kv, r + 2, dh]`` (``fused_grouped``,
+      ``H_kv = num_kv_heads``);
+    - else ``multi_query`` (Falcon-7B): ``[Q: H, dh | K: 1, dh | V: 1, dh]`` (``fused_blocks``);
+    - else (Falcon-RW): ``[H, 3, dh]`` (``fused_per_head``).
+    """
+    names = {n for n, _ in module.named_children()}
+    if not {"query_key_value", "dense"} <= names or not hasattr(module, "new_decoder_architecture"):
+        return None
+    config = _config_of(model, module)
+    H, _ = _heads(config, gqa=False)
+    if module.new_decoder_architecture:
+        packing, kv = "fused_grouped", int(config.num_kv_heads)
+    elif module.multi_query:
+        packing, kv = "fused_blocks", 1
+    else:
+        packing, kv = "fused_per_head", H
+    return _fused(path, "query_key_value", "dense", kind="falcon", packing=packing,
+                  orientation="linear", heads=H, kv_heads=kv,
+                  head_dim=_head_dim(module, config, H, "head_dim"))
+
+
+def _bloom(path, module, model):
+    """Bloom: fused ``query_key_value`` rows ``[H, 3, dh]`` (its ``_reshape``), ``dense``; ALiBi."""
+    names = {n for n, _ in module.named_children()}
+    config = _config_of(model, module)
+    if not {"query_key_value", "dense"} <= names or getattr(config, "model_type", None) != "bloom":
+        return None
+    H, _ = _heads(config, gqa=False)
+    return _fused(path, "query_key_value", "dense", kind="bloom", packing="fused_per_head",
+                  orientation="linear", heads=H, kv_heads=H,
+                  head_dim=_head_dim(module, config, H, "head_dim"))
 
 
 def _phi3(path, module, model):
@@ -194,7 +260,7 @@ def _phi3(path, module, model):
 
 def _neox(path, module, model):
     names = {n for n, _ in module.named_children()}
-    if not {"query_key_value", "dense"} <= names:
+    if not {"query_key_value", "dense"} <= names or not hasattr(module, "head_size"):
         return None
     config = _config_of(model, module)
     H, _ = _heads(config, gqa=False)
@@ -247,7 +313,21 @@ def _torch_mha(path, module, model):
                 num_heads=H, num_kv_heads=H, head_dim=int(module.head_dim))
 
 
-_DETECTORS = (_gpt2, _llama, _phi3, _neox, _bert, _torch_mha)
+_DETECTORS = (_gpt2, _llama, _opt, _phi3, _falcon, _bloom, _neox, _bert, _torch_mha)
+
+# Token mixers without attention heads: a model whose only mixers are these has no heads.
+HEADLESS_MIXERS = {
+    "MambaMixer": "Mamba's selective state-space mixer",
+    "Mamba2Mixer": "Mamba-2's state-space mixer",
+    "FalconMambaMixer": "Falcon-Mamba's selective state-space mixer",
+    "RwkvSelfAttention": "RWKV time mixing, a recurrence with no heads",
+}
+HEADS_ONLY = ("attention_layout", "qkov_mask", "head_group_ids", "group_fisher(groups='heads')",
+              "interference", "conflicts(groups='heads')", "check_layout / validate_layout")
+NO_HEADS_NEEDED = ("empirical_fisher", "mean_gradient", "squared_mean_gradient", "gradient_variance",
+                   "batch_squared_gradient", "mc_fisher", "exact_fisher", "per_sample_gradients",
+                   "per_sample_contributions", "group_fisher(groups='generic')",
+                   "conflicts(groups='parameters')")
 
 
 def _drop_missing_biases(entry: dict, params: dict) -> dict:
@@ -267,17 +347,40 @@ def _detect(model) -> AttentionLayout:
                 found.append(_drop_missing_biases(entry, params))
                 break
     if not found:
-        suspects = [f"{p} ({type(m).__name__})" for p, m in model.named_modules()
-                    if "attn" in p.lower().rsplit(".", 1)[-1] or "attention" in type(m).__name__.lower()]
-        what = f"attention-like modules {suspects[:6]}" if suspects else "no attention-like module"
-        raise ValueError(
-            f"attention_layout: expected a GPT-2, LLaMA/Mistral/Qwen2, BERT, GPT-NeoX, Phi-3 or "
-            f"torch nn.MultiheadAttention attention layout in {type(model).__name__}, got {what}; "
-            f"{_DECLARE_HINT}."
-        )
+        raise _not_found(model)
     kinds = sorted({e["kind"] for e in found})
     kind = kinds[0] if len(kinds) == 1 else "mixed"
     return _build(model, found, kind)
+
+
+def _not_found(model) -> ValueError:
+    """The error for a model in which no detector found a layer: unsupported attention
+    (attention-like modules found: declare the layout), or no attention heads at all.
+    """
+    headless, suspects = [], []
+    for p, m in model.named_modules():
+        cls = type(m).__name__
+        if cls in HEADLESS_MIXERS:
+            headless.append(f"{p} ({cls}: {HEADLESS_MIXERS[cls]})")
+        elif "attn" in p.lower().rsplit(".", 1)[-1] or "attention" in cls.lower():
+            suspects.append(f"{p} ({cls})")
+    name = type(model).__name__
+    if suspects:
+        return ValueError(
+            f"attention_layout: expected a GPT-2, LLaMA/Mistral/Qwen2/Qwen3/Gemma/StarCoder2/"
+            f"StableLM, OPT, GPT-J, Falcon, Bloom, BERT, GPT-NeoX, Phi-3 or torch "
+            f"nn.MultiheadAttention attention layout in {name}, got attention-like modules "
+            f"{suspects[:6]}; {_DECLARE_HINT}."
+        )
+    more = f" and {len(headless) - 1} more like it" if len(headless) > 1 else ""
+    found = f"its token mixer is {headless[0]}{more}" if headless else "got no attention-like module"
+    hint = "" if headless else (f" If it does have attention heads in modules not recognised, "
+                                f"{_DECLARE_HINT}.")
+    return ValueError(
+        f"attention_layout: expected a model with attention heads, got {name}, which has none "
+        f"({found}). The heads-only parts do not apply to it: {', '.join(HEADS_ONLY)}. Every "
+        f"estimator that needs no heads does: {', '.join(NO_HEADS_NEEDED)}.{hint}"
+    )
 
 
 # ---------------------------------------------------------------------------- declared
@@ -388,12 +491,15 @@ def attention_layout(model: torch.nn.Module, layout: AttentionLayout | dict | No
     r"""The attention layout of ``model``: detected, or declared and checked.
 
     Detected from the model's modules for GPT-2 (fused ``c_attn`` Conv1D, ``c_proj``),
-    LLaMA / Mistral / Qwen2 (``q_proj``, ``k_proj``, ``v_proj``, ``o_proj``; GQA; the
-    module's ``head_dim``, which comes from the config when it sets one), BERT
-    (``query``/``key``/``value`` + ``attention.output.dense``), GPT-NeoX
-    (``query_key_value`` rows ``[H, 3, dh]``), Phi-3 (``qkv_proj`` rows
-    ``[Q; K; V]``) and torch's ``nn.MultiheadAttention`` (``in_proj_weight`` rows
-    ``[Q; K; V]``, ``out_proj``; e.g. a ViT built from torch modules).
+    LLaMA / Mistral / Qwen2 / Qwen3 / Gemma / Gemma-2 / StarCoder2 / StableLM (``q_proj``,
+    ``k_proj``, ``v_proj``, ``o_proj``; GQA; the module's ``head_dim``, which comes from the
+    config when it sets one), OPT / GPT-J (``q_proj``, ``k_proj``, ``v_proj``, ``out_proj``),
+    BERT (``query``/``key``/``value`` + ``attention.output.dense``), GPT-NeoX and Bloom
+    (``query_key_value`` rows ``[H, 3, dh]``), Falcon (``query_key_value`` rows
+    ``[H_kv, r + 2, dh]`` in the new decoder architecture, ``[Q: H | K: 1 | V: 1]`` multi-query,
+    else ``[H, 3, dh]``), Phi-3 (``qkv_proj`` rows ``[Q; K; V]``) and torch's
+    ``nn.MultiheadAttention`` (``in_proj_weight`` rows ``[Q; K; V]``, ``out_proj``; e.g. a
+    ViT built from torch modules).
 
     Args:
         model: the model.
@@ -406,7 +512,8 @@ def attention_layout(model: torch.nn.Module, layout: AttentionLayout | dict | No
 
     Raises:
         ValueError: no supported layout was found (the message names what was found and
-            how to declare one), or a declared layout does not match the tensors.
+            how to declare one), the model has no attention heads (the message names what
+            applies instead), or a declared layout does not match the tensors.
     """
     if not isinstance(model, torch.nn.Module):
         raise ValueError(f"model: expected a torch.nn.Module, got {type(model).__name__}.")

@@ -29,7 +29,8 @@ O      none                   none
 
 Where the Q slice has bias entries, perturbing them alone must move head h's pattern: a
 query bias shifts the scores q_t·k_s by δ·k_s, which varies over s, while a key bias shifts
-them by q_t·δ, constant over s, which softmax ignores (without rotary embeddings). This
+them by q_t·δ, constant over s, which softmax ignores (without rotary embeddings; ALiBi,
+as in Bloom and Falcon-RW, adds a term of (t, s) alone and keeps it so). This
 tells Q from K in fused layouts without GQA (GPT-2), where the table above cannot: it is
 symmetric in Q and K when r = 1. Under partial rotary embeddings (GPT-NeoX) the key bias
 is invariant only in the pass-through dimensions, so the slice's last bias entry is also

@@ -6,6 +6,8 @@ Every projection axis that carries heads is labelled, element by element, with t
 - ``separate`` Q: axis ``[H, dh]``; K, V: ``[H_kv, dh]``;
 - ``fused_blocks``: ``[Q: H, dh | K: H_kv, dh | V: H_kv, dh]``;
 - ``fused_per_head``: ``[H, (Q, K, V), dh]``;
+- ``fused_grouped``: ``[H_kv, (Q_0 .. Q_{r-1}, K, V), dh]``: slot i < r of key-value head j
+  is query head ``j*r + i``, slot r its key, slot r + 1 its value;
 - O weight input axis: ``[H, dh]``.
 
 The Q/K/V axis is the weight's output axis (dim 0 of a Linear ``[out, in]``, dim 1 of a
@@ -69,6 +71,14 @@ def _qkv_labels(la: LayerAttention) -> dict[str, tuple[torch.Tensor, torch.Tenso
     if la.packing == "fused_blocks":
         block = torch.cat([_constant(0, H * dh), _constant(1, kv * dh), _constant(2, kv * dh)])
         head = torch.cat([_heads_axis(H, dh), _heads_axis(kv, dh), _heads_axis(kv, dh)])
+        return {la.q: (block, head)}
+    if la.packing == "fused_grouped":
+        # named axes [kv head j, slot i, dh]: slots 0..r-1 query heads j*r + i, then K, then V
+        r = la.group_size
+        j = torch.arange(kv)[:, None, None].expand(kv, r + 2, dh)
+        i = torch.arange(r + 2)[None, :, None].expand(kv, r + 2, dh)
+        block = torch.where(i < r, 0, torch.where(i == r, 1, 2)).reshape(-1)
+        head = torch.where(i < r, j * r + i, j).reshape(-1)
         return {la.q: (block, head)}
     # fused_per_head: named axes [head, qkv, dh]
     block = torch.arange(3)[None, :, None].expand(H, 3, dh).reshape(-1)

@@ -1,9 +1,11 @@
 """Attention layouts: which parameter tensors hold each layer's Q, K, V and O heads.
 
-A layout is read from the model's modules (GPT-2, LLaMA / Mistral / Qwen2, BERT, GPT-NeoX,
-Phi-3, torch's ``nn.MultiheadAttention``) or declared by hand, and always checked against
-the tensors' shapes. Nothing here computes a statistic; ``fisher_fast.attention.slicing``
-turns a layout into per-head views.
+A layout is read from the model's modules (GPT-2; LLaMA / Mistral / Qwen2 / Qwen3 / Gemma /
+Gemma-2 / StarCoder2 / StableLM; OPT, GPT-J; Falcon, Bloom, GPT-NeoX; BERT; Phi-3; torch's
+``nn.MultiheadAttention``) or declared by hand, and always checked against the tensors'
+shapes. Nothing here computes a statistic; ``fisher_fast.attention.slicing`` turns a layout
+into per-head views. A model with no attention heads (Mamba, RWKV, an MLP) gets one error
+saying so and naming what applies to it instead.
 
 Packings (output axis of the projection, ``dh`` = head_dim, ``H`` query heads, ``H_kv``
 key/value heads):
@@ -11,7 +13,9 @@ key/value heads):
 ====================  =====================================================
 ``"separate"``        q, k, v distinct tensors: ``[H*dh]``, ``[H_kv*dh]``, ``[H_kv*dh]``
 ``"fused_blocks"``    one tensor ``[Q: H*dh | K: H_kv*dh | V: H_kv*dh]`` (GPT-2, Phi-3, MHA)
-``"fused_per_head"``  one tensor ``[H, 3, dh]`` (GPT-NeoX; needs H_kv = H)
+``"fused_per_head"``  one tensor ``[H, 3, dh]`` (GPT-NeoX, Bloom, Falcon-RW; needs H_kv = H)
+``"fused_grouped"``   one tensor ``[H_kv, r + 2, dh]``: per kv head its r query heads, its K,
+                      its V (Falcon's new decoder architecture; r = H / H_kv)
 ====================  =====================================================
 
 Orientation ``"linear"`` stores weights ``[out, in]``; ``"conv1d"`` (HF ``Conv1D``, GPT-2)
@@ -24,13 +28,20 @@ from dataclasses import dataclass, fields
 
 import torch
 
-PACKINGS = ("separate", "fused_blocks", "fused_per_head")
+PACKINGS = ("separate", "fused_blocks", "fused_per_head", "fused_grouped")
 ORIENTATIONS = ("linear", "conv1d")
 _NAME_FIELDS = ("q", "k", "v", "o", "q_bias", "k_bias", "v_bias", "o_bias")
 _DECLARED_FIELDS = ("module", "o_module", "packing", "orientation", *_NAME_FIELDS,
                     "num_heads", "num_kv_heads", "head_dim")
 _OPTIONAL_FIELDS = ("q_bias", "k_bias", "v_bias", "o_bias")
 _LLAMA_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
+_OUT_PROJ_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "out_proj")
+_LLAMA_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "starcoder2", "stablelm")
+_OUT_PROJ_FAMILIES = ("opt", "gptj")  # not BART/Whisper: their cross-attention looks the same
+# token mixers with no attention heads, by class name
+_HEADLESS = {"MambaMixer": "Mamba selective scan", "Mamba2Mixer": "Mamba-2 state-space mixer",
+             "FalconMambaMixer": "Falcon-Mamba selective scan",
+             "RwkvSelfAttention": "RWKV time mixing, a recurrence without heads"}
 
 
 @dataclass(frozen=True)
@@ -76,7 +87,7 @@ class AttentionLayout:
 
 _HOW_TO_DECLARE = (
     "Declare it with attention_layout(model, layout={'layers': [{'q': ..., 'k': ..., 'v': ..., "
-    "'o': ..., 'packing': 'separate'|'fused_blocks'|'fused_per_head', "
+    "'o': ..., 'packing': 'separate'|'fused_blocks'|'fused_per_head'|'fused_grouped', "
     "'orientation': 'linear'|'conv1d', 'num_heads': H, 'num_kv_heads': H_kv, 'head_dim': dh, "
     "'module': attention module path, 'o_module': output projection path, "
     "optional 'q_bias', 'k_bias', 'v_bias', 'o_bias'}, ...]})."
@@ -98,7 +109,8 @@ def attention_layout(model: torch.nn.Module, layout=None) -> AttentionLayout:
 
     Raises:
         ValueError: an unsupported model (naming the attention-like modules found and how to
-            declare a layout), an unknown or missing declared field, or a shape mismatch.
+            declare a layout), a model without attention heads (saying which estimators
+            apply to it), an unknown or missing declared field, or a shape mismatch.
     """
     names = _param_names(model)
     if layout is None:
@@ -141,19 +153,46 @@ def _detect(model, names) -> AttentionLayout:
         if entry is not None:
             found.append(entry)
     if not found:
-        suspects = sorted({f"{p} ({type(m).__name__})" for p, m in mods.items()
-                           if "attn" in type(m).__name__.lower()
-                           or "attention" in type(m).__name__.lower()})
-        what = ", ".join(suspects[:8]) if suspects else "no module whose class name mentions attention"
-        raise ValueError(
-            f"Unsupported model {type(model).__name__}: expected GPT-2, LLaMA/Mistral/Qwen2, BERT, "
-            f"GPT-NeoX, Phi-3 or torch nn.MultiheadAttention attention modules, got {what}. "
-            f"{_HOW_TO_DECLARE}"
-        )
+        raise _no_layout_error(model, mods)
     kinds = {e["kind"] for e in found}
     kind = kinds.pop() if len(kinds) == 1 else "mixed"
     layers = tuple(LayerAttention(index=i, **e) for i, e in enumerate(found))
     return AttentionLayout(kind=kind, layers=layers)
+
+
+def _no_layout_error(model, mods) -> ValueError:
+    """Attention modules no reader knows (declare the layout), or no attention heads at all."""
+    headless = [f"{p} ({type(m).__name__}: {_HEADLESS[type(m).__name__]})"
+                for p, m in mods.items() if type(m).__name__ in _HEADLESS]
+    suspects = sorted({f"{p} ({type(m).__name__})" for p, m in mods.items()
+                       if type(m).__name__ not in _HEADLESS
+                       and ("attn" in type(m).__name__.lower() or "attention" in type(m).__name__.lower())})
+    if suspects:
+        return ValueError(
+            f"Unsupported model {type(model).__name__}: expected GPT-2, LLaMA-family (LLaMA, "
+            f"Mistral, Qwen2/3, Gemma/Gemma-2, StarCoder2, StableLM), OPT, GPT-J, Falcon, Bloom, "
+            f"BERT, GPT-NeoX, Phi-3 or torch nn.MultiheadAttention attention modules, got "
+            f"{', '.join(suspects[:8])}. {_HOW_TO_DECLARE}"
+        )
+    where = (f"its sequence mixing is {headless[0]}" + (f" and {len(headless) - 1} more like it"
+                                                        if len(headless) > 1 else "")
+             if headless else "no module whose class name mentions attention")
+    declare = "" if headless else f" If it has attention heads under other names: {_HOW_TO_DECLARE}"
+    return ValueError(
+        f"{type(model).__name__} has no attention heads ({where}): expected a model with "
+        f"attention heads for attention_layout, qkov_mask, head_group_ids, "
+        f"group_fisher(groups='heads'), interference and conflicts(groups='heads'), which do not "
+        f"apply to it. What applies: every estimator that needs no heads (empirical_fisher, "
+        f"mean_gradient, squared_mean_gradient, gradient_variance, batch_squared_gradient, "
+        f"mc_fisher, exact_fisher, per_sample_gradients, per_sample_contributions, "
+        f"group_fisher(groups='generic'), conflicts(groups='parameters'), FisherAccumulator).{declare}"
+    )
+
+
+def _model_type(mod, mods) -> str | None:
+    """The ``model_type`` of the module's config, else of the model's (Bloom's attention has none)."""
+    config = getattr(mod, "config", None) or getattr(mods.get(""), "config", None)
+    return getattr(config, "model_type", None)
 
 
 def _entry(path, o_path, kind, packing, orientation, q, k, v, o, qb, kb, vb, ob, h, hkv, dh):
@@ -178,13 +217,13 @@ def _read_module(path, mod, mods, names) -> dict | None:
                       _pname(names, mod.c_proj, "weight"), b, b, b,
                       _pname(names, mod.c_proj, "bias"), h, h, dh)
     if all(hasattr(mod, a) for a in ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim")):
-        dh = mod.head_dim
         family = getattr(getattr(mod, "config", None), "model_type", None)
-        family = family if family in ("llama", "mistral", "qwen2") else "llama"
-        return _entry(path, join("o_proj"), family, "separate", "linear",
-                      *(_pname(names, getattr(mod, a), "weight") for a in _LLAMA_PROJECTIONS),
-                      *(_pname(names, getattr(mod, a), "bias") for a in _LLAMA_PROJECTIONS),
-                      mod.q_proj.weight.shape[0] // dh, mod.k_proj.weight.shape[0] // dh, dh)
+        family = family if family in _LLAMA_FAMILIES else "llama"
+        return _separate(path, join("o_proj"), family, mod, names, _LLAMA_PROJECTIONS)
+    if (all(hasattr(mod, a) for a in (*_OUT_PROJ_PROJECTIONS, "head_dim"))
+            and _model_type(mod, mods) in _OUT_PROJ_FAMILIES):
+        return _separate(path, join("out_proj"), _model_type(mod, mods), mod, names,
+                         _OUT_PROJ_PROJECTIONS)
     if hasattr(mod, "qkv_proj") and hasattr(mod, "o_proj") and hasattr(mod, "head_dim"):
         dh, hkv = mod.head_dim, mod.num_key_value_heads
         h = mod.qkv_proj.weight.shape[0] // dh - 2 * hkv
@@ -192,6 +231,14 @@ def _read_module(path, mod, mods, names) -> dict | None:
         return _entry(path, join("o_proj"), "phi3", "fused_blocks", "linear", w, w, w,
                       _pname(names, mod.o_proj, "weight"), b, b, b,
                       _pname(names, mod.o_proj, "bias"), h, hkv, dh)
+    if hasattr(mod, "query_key_value") and hasattr(mod, "dense") and hasattr(mod, "new_decoder_architecture"):
+        return _falcon(path, mod, names, join)
+    if hasattr(mod, "query_key_value") and hasattr(mod, "dense") and _model_type(mod, mods) == "bloom":
+        h, dh = mod.num_heads, mod.head_dim
+        w, b = _pname(names, mod.query_key_value, "weight"), _pname(names, mod.query_key_value, "bias")
+        return _entry(path, join("dense"), "bloom", "fused_per_head", "linear", w, w, w,
+                      _pname(names, mod.dense, "weight"), b, b, b,
+                      _pname(names, mod.dense, "bias"), h, h, dh)
     if hasattr(mod, "query_key_value") and hasattr(mod, "dense") and hasattr(mod, "head_size"):
         dh = mod.head_size
         h = mod.query_key_value.weight.shape[0] // (3 * dh)
@@ -219,6 +266,34 @@ def _read_module(path, mod, mods, names) -> dict | None:
                       *(_pname(names, getattr(mod, a), "bias") for a in ("query", "key", "value")),
                       _pname(names, dense, "bias"), h, h, dh)
     return None
+
+
+def _separate(path, o_path, family, mod, names, projections) -> dict:
+    """A layer with separate q/k/v Linears and an output Linear named ``projections``."""
+    dh = mod.head_dim
+    q, k = getattr(mod, projections[0]), getattr(mod, projections[1])
+    return _entry(path, o_path, family, "separate", "linear",
+                  *(_pname(names, getattr(mod, a), "weight") for a in projections),
+                  *(_pname(names, getattr(mod, a), "bias") for a in projections),
+                  q.weight.shape[0] // dh, k.weight.shape[0] // dh, dh)
+
+
+def _falcon(path, mod, names, join) -> dict:
+    """Falcon's ``query_key_value`` as its forward splits it: the new decoder architecture
+    groups rows per kv head ``[H_kv, r + 2, dh]``; the old one is multi-query
+    ``[Q: H | K: 1 | V: 1]`` or, without ``multi_query``, per head ``[H, 3, dh]``.
+    """
+    h, dh = mod.num_heads, mod.head_dim
+    if mod.new_decoder_architecture:
+        packing, hkv = "fused_grouped", mod.num_kv_heads
+    elif mod.multi_query:
+        packing, hkv = "fused_blocks", 1
+    else:
+        packing, hkv = "fused_per_head", h
+    w, b = _pname(names, mod.query_key_value, "weight"), _pname(names, mod.query_key_value, "bias")
+    return _entry(path, join("dense"), "falcon", packing, "linear", w, w, w,
+                  _pname(names, mod.dense, "weight"), b, b, b, _pname(names, mod.dense, "bias"),
+                  h, hkv, dh)
 
 
 def _torch_mha(path, mod, names, join) -> dict:

@@ -7,6 +7,13 @@ that multiply head h's output). Every view is a ``torch`` view of the parameter-
 through a view of a zero mask gives the slice's mask: masks, group ids and reductions share
 one piece of index arithmetic.
 
+One packing keeps its query heads on two axes: Falcon's ``fused_grouped`` output axis is
+``[H_kv, r + 2, dh]`` (per kv head j: query heads ``j*r .. j*r + r - 1``, then K_j, then
+V_j), so its Q view is ``[..., H_kv, r, d_head, d_other]`` (``head_axes_view``); merging the
+two head axes into H cannot be a view (the K and V rows sit between the groups), so
+``head_view`` returns that merge as a copy, for reading. Masks and group ids write through
+``head_axes_view``.
+
 The slice I(l, h, B) of SPEC §4: Q: head h's rows; K, V: kv-head ``h // r`` (r = H / H_kv);
 O: head h's input columns of the output projection (rows for a GPT-2 ``Conv1D``). With
 ``include_bias`` the Q/K/V slices also hold the matching bias entries; the O bias adds to
@@ -43,12 +50,21 @@ def kv_index(la: LayerAttention, device=None) -> torch.Tensor:
     return torch.arange(la.num_heads, device=device) // la.group_size
 
 
-def head_view(x: torch.Tensor, la: LayerAttention, block: str, part: str) -> torch.Tensor:
-    """A view of ``x`` (``[*lead, *param_shape]``) with named per-head axes.
+def head_axes(la: LayerAttention, block: str) -> tuple[int, ...]:
+    """The head axes of a block's view: ``(H,)`` or ``(H_kv,)``; ``(H_kv, r)`` for the Q of
+    ``fused_grouped`` (query head ``j * r + i`` at ``[j, i]``).
+    """
+    if block == "Q" and la.packing == "fused_grouped":
+        return (la.num_kv_heads, la.group_size)
+    return (num_block_heads(la, block),)
+
+
+def head_axes_view(x: torch.Tensor, la: LayerAttention, block: str, part: str) -> torch.Tensor:
+    """A view of ``x`` (``[*lead, *param_shape]``) with named per-head axes, always a view.
 
     Returns:
-        weight: ``[*lead, heads, d_head, d_other]``; bias: ``[*lead, heads, d_head]``. Heads
-        is H for Q/O and H_kv for K/V; ``d_other`` is d_model (input of Q/K/V, output of O).
+        weight: ``[*lead, *head_axes, d_head, d_other]``; bias: ``[*lead, *head_axes, d_head]``,
+        with ``head_axes(la, block)``; ``d_other`` is d_model (input of Q/K/V, output of O).
     """
     _check_block(block)
     dh = la.head_dim
@@ -66,6 +82,22 @@ def head_view(x: torch.Tensor, la: LayerAttention, block: str, part: str) -> tor
     return _block_heads(rows, la, block, axis=-2)
 
 
+def head_view(x: torch.Tensor, la: LayerAttention, block: str, part: str) -> torch.Tensor:
+    """``x`` (``[*lead, *param_shape]``) with one head axis: a view, except for the Q of
+    ``fused_grouped`` with H_kv > 1 (a copy: read it, never write through it).
+
+    Returns:
+        weight: ``[*lead, heads, d_head, d_other]``; bias: ``[*lead, heads, d_head]``. Heads
+        is H for Q/O and H_kv for K/V; ``d_other`` is d_model (input of Q/K/V, output of O).
+    """
+    v = head_axes_view(x, la, block, part)
+    n = len(head_axes(la, block))
+    if n == 1:
+        return v
+    first = v.dim() - (3 if part == "weight" else 2) - (n - 1)
+    return v.flatten(first, first + n - 1)
+
+
 def _block_heads(x: torch.Tensor, la: LayerAttention, block: str, axis: int) -> torch.Tensor:
     """Block Q, K or V of the output axis ``axis`` (negative) split as (heads, d_head): a view."""
     h, hkv, dh = la.num_heads, la.num_kv_heads, la.head_dim
@@ -75,6 +107,13 @@ def _block_heads(x: torch.Tensor, la: LayerAttention, block: str, axis: int) -> 
         start = {"Q": 0, "K": h * dh, "V": (h + hkv) * dh}[block]
         size = (h if block == "Q" else hkv) * dh
         return x.narrow(axis, start, size).unflatten(axis, (-1, dh))
+    if la.packing == "fused_grouped":
+        # Falcon: [H_kv, r + 2, dh]; Q is slots 0..r-1 (two head axes), K slot r, V slot r + 1.
+        r = la.group_size
+        grouped = x.unflatten(axis, (hkv, r + 2, dh))
+        if block == "Q":
+            return grouped.narrow(axis - 1, 0, r)
+        return grouped.select(axis - 1, r if block == "K" else r + 1)
     # GPT-NeoX: the output axis is [H, 3, dh]; pick the block's index on the middle axis.
     return x.unflatten(axis, (h, 3, dh)).select(axis - 1, "QKV".index(block))
 
@@ -130,7 +169,8 @@ def qkov_mask(model: torch.nn.Module, layer: int, head: int, block: str,
     out: dict[str, torch.Tensor] = {}
     for name, part in block_params(la, block, include_bias):
         m = out.setdefault(name, torch.zeros_like(params[name], dtype=torch.bool))
-        head_view(m, la, block, part)[hb] = True
+        axes = head_axes(la, block)
+        head_axes_view(m, la, block, part)[tuple(divmod(hb, axes[1]) if len(axes) == 2 else (hb,))] = True
     return out
 
 
@@ -157,9 +197,10 @@ def head_group_ids(model: torch.nn.Module, layout=None) -> dict[str, tuple[torch
                 ids = out.get(name, (None, 0))[0]
                 if ids is None:
                     ids = torch.full(params[name].shape, -1, dtype=torch.long, device=params[name].device)
-                v = head_view(ids, la, block, part)
+                v = head_axes_view(ids, la, block, part)
+                axes = head_axes(la, block)
                 v.copy_((torch.arange(nh, device=ids.device) + offset[block])
-                        .view(nh, *([1] * (v.dim() - 1))).expand_as(v))
+                        .view(*axes, *([1] * (v.dim() - len(axes)))).expand_as(v))
                 out[name] = (ids, n_groups)
         if la.o_bias is not None:
             out[la.o_bias] = (torch.zeros(params[la.o_bias].shape, dtype=torch.long,

@@ -22,11 +22,47 @@ SUPPORTED = [
 ]
 
 
+# the families of issue #12 (each layout proven on the model's own forward)
+FAMILIES = [
+    TinyConfig(arch="opt"),
+    TinyConfig(arch="gptj"),
+    TinyConfig(arch="falcon", num_heads=4, num_kv_heads=2, attention_bias=True),  # grouped, GQA
+    TinyConfig(arch="falcon", num_heads=2, attention_bias=True, extra=(("alibi", True),)),  # r = 1
+    TinyConfig(arch="falcon-mq", num_heads=4),
+    TinyConfig(arch="falcon-rw"),  # per head, ALiBi, biases
+    TinyConfig(arch="bloom"),
+    TinyConfig(arch="gemma", num_heads=4, num_kv_heads=2, hidden=12),
+    TinyConfig(arch="gemma2", num_heads=4, num_kv_heads=2, hidden=12),
+    TinyConfig(arch="qwen3", num_heads=4, num_kv_heads=2, hidden=12, attention_bias=True),
+    TinyConfig(arch="starcoder2", num_heads=4, num_kv_heads=2),
+    TinyConfig(arch="stablelm", num_heads=4, num_kv_heads=2, attention_bias=True,
+               extra=(("qk_layernorm", True),)),
+]
+
+
 @pytest.mark.parametrize("cfg", SUPPORTED, ids=lambda c: c.make_id())
 def test_detected_layout_passes(cfg):
     report = check_layout(build_model(cfg))
     assert report.passed, str(report)
     # per (layer, head): 4 perturbation checks and 3 complement checks
+    assert len(report.checks) == cfg.num_layers * cfg.num_heads * 7
+
+
+@pytest.mark.parametrize("cfg", FAMILIES, ids=lambda c: c.make_id())
+def test_new_family_layout_passes(cfg):
+    # the last layer, its first and last head (every kv group of H=4, H_kv=2): fast enough
+    # for the default run; test_new_family_layout_passes_everywhere checks every slice
+    heads = [0, cfg.num_heads - 1]
+    report = check_layout(build_model(cfg), layers=[cfg.num_layers - 1], heads=heads)
+    assert report.passed, str(report)
+    assert len(report.checks) == len(heads) * 7
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("cfg", FAMILIES, ids=lambda c: c.make_id())
+def test_new_family_layout_passes_everywhere(cfg):
+    report = check_layout(build_model(cfg))
+    assert report.passed, str(report)
     assert len(report.checks) == cfg.num_layers * cfg.num_heads * 7
 
 
@@ -151,6 +187,121 @@ def test_wrong_slicing_fails(cfg, make_mask_fn, block, message):
     assert not report.passed
     first = next(c for c in report.failures() if c.block == block and c.head == 0)
     assert message in "; ".join(first.problems), str(report)
+
+
+# ------------------------------------------- mis-sliced layouts of the issue #12 families
+
+
+def _declared_as(model, **change):
+    """The detected layout, declared by hand with ``change`` (shapes still agree)."""
+    return {"layers": [{k: v for k, v in asdict(la).items() if k not in ("index", "kind")} | change
+                       for la in attention_layout(model).layers]}
+
+
+def _masks_of_declared(**change):
+    def make(model):
+        layout = _declared_as(model, **change)
+        return lambda layer, head, block: qkov_mask(model, layer, head, block, include_bias=True,
+                                                    layout=layout)
+    return make
+
+
+def _falcon_mq_k_v_swapped(model):
+    """Multi-query rows read as [Q | V | K]: the one K slice and the one V slice exchanged."""
+    swap = {"Q": "Q", "K": "V", "V": "K", "O": "O"}
+    return lambda layer, head, block: qkov_mask(model, layer, head, swap[block], include_bias=True)
+
+
+def _kv_interleaved(model):
+    """K/V of query head h taken from kv head h % H_kv instead of h // r (repeat_kv)."""
+    lay = attention_layout(model)
+
+    def mask_fn(layer, head, block):
+        la = lay.layer(layer)
+        if block in ("K", "V"):
+            head = (head % la.num_kv_heads) * la.group_size  # a query head of kv head h % H_kv
+        return qkov_mask(model, layer, head, block, include_bias=True)
+    return mask_fn
+
+
+def _q_rows_strided(model):
+    """Q of head h as rows h, h + H, h + 2H, ... (the output axis read as [dh, H])."""
+    lay = attention_layout(model)
+    params = dict(model.named_parameters())
+
+    def mask_fn(layer, head, block):
+        la = lay.layer(layer)
+        if block != "Q":
+            return qkov_mask(model, layer, head, block)
+        w = params[la.q]
+        rows = torch.zeros(w.shape[0], dtype=torch.bool)
+        rows[head::la.num_heads] = True
+        return {la.q: rows[:, None].expand(w.shape).clone()}
+    return mask_fn
+
+
+def _v_of_next_kv_head(model):
+    lay = attention_layout(model)
+
+    def mask_fn(layer, head, block):
+        la = lay.layer(layer)
+        if block == "V":
+            head = (head + la.group_size) % la.num_heads
+        return qkov_mask(model, layer, head, block, include_bias=True)
+    return mask_fn
+
+
+FAMILY_WRONG = [
+    pytest.param(TinyConfig(arch="falcon", num_layers=1, num_heads=4, num_kv_heads=2),
+                 _masks_of_declared(packing="fused_blocks"), 0, "K",
+                 "attention patterns changed for heads [2], expected [0, 1]",
+                 id="falcon-grouped-read-as-blocks"),
+    pytest.param(TinyConfig(arch="falcon-mq", num_layers=1, num_heads=4), _falcon_mq_k_v_swapped, 0, "K",
+                 "attention patterns changed for heads [], expected [0, 1, 2, 3]",
+                 id="falcon-mq-K-V-swapped"),
+    pytest.param(TinyConfig(arch="falcon-rw", num_layers=1), _masks_of_declared(packing="fused_blocks"),
+                 0, "K", "attention patterns changed for heads [], expected [0]",
+                 id="falcon-rw-read-as-blocks"),
+    pytest.param(TinyConfig(arch="bloom", num_layers=1), _q_k_swapped, 0, "Q",
+                 "perturbing the Q slice's bias entries alone changed attention patterns for heads [], "
+                 "expected [0]", id="bloom-Q-K-swapped"),
+    pytest.param(TinyConfig(arch="opt", num_layers=1), _masks_of_declared(orientation="conv1d"), 0, "O",
+                 "with head 0 zeroed", id="opt-read-as-conv1d"),
+    pytest.param(TinyConfig(arch="gptj", num_layers=1), _q_rows_strided, 0, "Q",
+                 "attention patterns changed for heads [0, 1], expected [0]", id="gptj-Q-strided"),
+    pytest.param(TinyConfig(arch="gemma", num_layers=1, num_heads=2, num_kv_heads=1, hidden=12),
+                 head_dim_from_d_over_h, 0, "Q", "attention patterns changed for heads [0, 1], expected [0]",
+                 id="gemma-head_dim-d/H"),
+    pytest.param(TinyConfig(arch="gemma2", num_layers=1, num_heads=4, num_kv_heads=2, hidden=12),
+                 _kv_interleaved, 1, "K", "attention patterns changed for heads [2, 3], expected [0, 1]",
+                 id="gemma2-kv-interleaved"),
+    pytest.param(TinyConfig(arch="qwen3", num_layers=1, num_heads=4, num_kv_heads=2, hidden=12),
+                 _kv_interleaved, 1, "V", "O-projection inputs changed for heads [2, 3], expected [0, 1]",
+                 id="qwen3-kv-interleaved"),
+    pytest.param(TinyConfig(arch="starcoder2", num_layers=1, num_heads=4, num_kv_heads=2),
+                 _v_of_next_kv_head, 0, "V", "O-projection inputs changed for heads [2, 3], expected [0, 1]",
+                 id="starcoder2-V-of-next-kv-head"),
+    pytest.param(TinyConfig(arch="stablelm", num_layers=1, num_heads=4, num_kv_heads=2),
+                 _q_rows_strided, 0, "Q", "attention patterns changed for heads [0, 1, 2, 3], expected [0]",
+                 id="stablelm-Q-strided"),
+]
+
+
+@pytest.mark.parametrize("cfg, make_mask_fn, head, block, message", FAMILY_WRONG)
+def test_mis_sliced_family_fails(cfg, make_mask_fn, head, block, message):
+    model = build_model(cfg)
+    report = check_masks(model, make_mask_fn(model), attention_layout(model), heads=[head])
+    first = next(c for c in report.failures() if c.block == block and c.head == head)
+    assert message in "; ".join(first.problems), str(report)
+
+
+def test_falcon_grouped_declared_as_blocks_is_rejected():
+    model = build_model(TinyConfig(arch="falcon", num_layers=1, num_heads=4, num_kv_heads=2))
+    wrong = _declared_as(model, packing="fused_blocks")
+    assert attention_layout(model, wrong).layer(0).packing == "fused_blocks"  # shapes agree
+    with pytest.raises(ValueError, match="expected every QK-OV slice to pass the semantic check"):
+        validate_layout(model, wrong, heads=[0])
+    assert validate_layout(model, heads=[0]).layer(0).packing == "fused_grouped"
 
 
 def test_wrong_declared_layout_is_rejected():

@@ -14,8 +14,20 @@ NEOX = TinyConfig(arch="gpt_neox", num_layers=1)  # H=2, dh=4: query_key_value [
 PHI3 = TinyConfig(arch="phi3", num_layers=1, num_heads=4, num_kv_heads=2)  # dh=4: qkv [32, 16]
 LLAMA = TinyConfig(arch="llama", num_layers=1, num_heads=4, num_kv_heads=2, head_dim=2,
                    hidden=12, attention_bias=True)  # q [8, 12], k/v [4, 12], o [12, 8]
+# Falcon, new decoder architecture, H=4, H_kv=2, r=2, dh=2: query_key_value [16, 8], rows
+# [kv 0: Q0 Q1 K0 V0 | kv 1: Q2 Q3 K1 V1], dh rows each (FalconAttention.forward's view)
+FALCON = TinyConfig(arch="falcon", num_layers=1, num_heads=4, num_kv_heads=2, head_dim=2,
+                    attention_bias=True)
+FALCON_MQ = TinyConfig(arch="falcon-mq", num_layers=1, num_heads=4, head_dim=2)  # [Q0..Q3 K V] [12, 8]
+BLOOM = TinyConfig(arch="bloom", num_layers=1)  # H=2, dh=4: query_key_value [24, 8] = [H, 3, dh]
+OPT = TinyConfig(arch="opt", num_layers=1)  # q/k/v_proj [8, 8], out_proj [8, 8]
 ALL = [GPT2, NEOX, PHI3, LLAMA, TinyConfig(arch="bert", num_layers=1),
-       TinyConfig(arch="qwen2", num_layers=1, num_heads=4, num_kv_heads=2)]
+       TinyConfig(arch="qwen2", num_layers=1, num_heads=4, num_kv_heads=2), FALCON, FALCON_MQ, BLOOM, OPT,
+       TinyConfig(arch="falcon-rw", num_layers=1), TinyConfig(arch="gptj", num_layers=1),
+       TinyConfig(arch="gemma2", num_layers=1, num_heads=4, num_kv_heads=2, hidden=12),
+       TinyConfig(arch="qwen3", num_layers=1, num_heads=4, num_kv_heads=1),
+       TinyConfig(arch="starcoder2", num_layers=1, num_heads=4, num_kv_heads=2),
+       TinyConfig(arch="stablelm", num_layers=1, num_heads=4, num_kv_heads=2, attention_bias=True)]
 
 
 def _rows(mask, axis):
@@ -41,6 +53,21 @@ TABLE = [
     (LLAMA, "Q", 3, "self_attn.q_proj.weight", 0, [6, 7]),
     (LLAMA, "K", 3, "self_attn.k_proj.weight", 0, [2, 3]),
     (LLAMA, "O", 3, "self_attn.o_proj.weight", 1, [6, 7]),
+    (FALCON, "Q", 1, "self_attention.query_key_value.weight", 0, [2, 3]),
+    (FALCON, "Q", 2, "self_attention.query_key_value.weight", 0, [8, 9]),
+    (FALCON, "K", 1, "self_attention.query_key_value.weight", 0, [4, 5]),
+    (FALCON, "V", 0, "self_attention.query_key_value.weight", 0, [6, 7]),
+    (FALCON, "K", 3, "self_attention.query_key_value.weight", 0, [12, 13]),
+    (FALCON, "V", 2, "self_attention.query_key_value.weight", 0, [14, 15]),
+    (FALCON, "O", 2, "self_attention.dense.weight", 1, [4, 5]),
+    (FALCON_MQ, "Q", 3, "self_attention.query_key_value.weight", 0, [6, 7]),
+    (FALCON_MQ, "K", 2, "self_attention.query_key_value.weight", 0, [8, 9]),
+    (FALCON_MQ, "V", 0, "self_attention.query_key_value.weight", 0, [10, 11]),
+    (BLOOM, "Q", 1, "self_attention.query_key_value.weight", 0, list(range(12, 16))),
+    (BLOOM, "K", 0, "self_attention.query_key_value.weight", 0, list(range(4, 8))),
+    (BLOOM, "V", 1, "self_attention.query_key_value.weight", 0, list(range(20, 24))),
+    (OPT, "V", 1, "self_attn.v_proj.weight", 0, list(range(4, 8))),
+    (OPT, "O", 1, "self_attn.out_proj.weight", 1, list(range(4, 8))),
 ]
 
 
@@ -98,6 +125,16 @@ def test_slices_reassemble_the_tensor(cfg):
         assert torch.equal(value, params[name]), name
 
 
+def test_falcon_grouped_biases_and_group_ids():
+    model = build_model(FALCON)
+    name = "transformer.h.0.self_attention.query_key_value"
+    masks = qkov_mask(model, 0, 3, "Q", include_bias=True)
+    assert masks[f"{name}.bias"].nonzero().flatten().tolist() == [10, 11]
+    g, n = head_group_ids(model)[f"{name}.weight"]
+    # Q heads 0..3, then K kv-heads 4, 5, then V kv-heads 6, 7 (the fused order), per dh rows
+    assert n == 8 and g[:, 0].tolist() == [h for h in (0, 1, 4, 6, 2, 3, 5, 7) for _ in range(2)]
+
+
 def test_gqa_heads_share_exactly_their_kv_slice():
     model = build_model(PHI3)  # H=4, H_kv=2: heads 0, 1 -> kv 0; heads 2, 3 -> kv 1
     for block in ("K", "V"):
@@ -131,7 +168,7 @@ def test_group_ids_gqa_fused_and_separate():
     assert kb.tolist() == [0, 0, 1, 1]
 
 
-@pytest.mark.parametrize("cfg", [GPT2, PHI3, NEOX], ids=lambda c: c.arch)
+@pytest.mark.parametrize("cfg", [GPT2, PHI3, NEOX, FALCON, FALCON_MQ, BLOOM], ids=lambda c: c.arch)
 def test_group_ids_agree_with_masks(cfg):
     model = build_model(cfg)
     la = attention_layout(model).layer(0)
@@ -164,7 +201,7 @@ def layer_shapes(draw):
     kv = draw(st.integers(1, 3))
     H = kv * draw(st.integers(1, 3))
     dh = draw(st.integers(1, 4))
-    packing = draw(st.sampled_from(["separate", "fused_blocks", "fused_per_head"]))
+    packing = draw(st.sampled_from(["separate", "fused_blocks", "fused_per_head", "fused_grouped"]))
     if packing == "fused_per_head":
         kv = H
     orientation = draw(st.sampled_from(["linear", "conv1d"]))

@@ -8,12 +8,20 @@ import pytest
 import torch
 
 from fisher_fast.attention.layouts import attention_layout
-from fisher_fast.attention.slicing import BLOCKS, head_group_ids, per_head_sum, qkov_mask
+from fisher_fast.attention.slicing import (
+    BLOCKS,
+    head_axes_view,
+    head_group_ids,
+    head_view,
+    per_head_sum,
+    qkov_mask,
+)
+from fisher_ref.semantic_check import check_masks
 from fisher_ref.testing.batches import random_batch
 from fisher_ref.testing.models import TinyConfig, build_model
 from fisher_ref.testing.tolerances import tolerance
 
-SIGNED = dict(zip(("rtol", "atol"), tolerance("float64-reorder-signed")))
+SIGNED = dict(zip(("rtol", "atol"), tolerance("float64-reorder-signed"), strict=True))
 CFGS = [
     TinyConfig(arch="gpt2"),
     TinyConfig(arch="llama", num_heads=4, num_kv_heads=2, head_dim=2, hidden=12, attention_bias=True),
@@ -23,6 +31,20 @@ CFGS = [
     TinyConfig(arch="phi3", num_heads=4, num_kv_heads=2, head_dim=2),
 ]
 IDS = [c.make_id() for c in CFGS]
+# the families of issue #12 (their slices are checked by the oracle's semantic check below)
+NEW_CFGS = [
+    TinyConfig(arch="opt"),
+    TinyConfig(arch="gptj"),
+    TinyConfig(arch="falcon", num_heads=4, num_kv_heads=2, attention_bias=True),
+    TinyConfig(arch="falcon-mq", num_heads=4, head_dim=2, attention_bias=True),
+    TinyConfig(arch="falcon-rw"),
+    TinyConfig(arch="bloom"),
+    TinyConfig(arch="gemma2", num_heads=4, num_kv_heads=2, head_dim=2, hidden=12),
+    TinyConfig(arch="qwen3", num_heads=4, num_kv_heads=1, hidden=12, attention_bias=True),
+    TinyConfig(arch="starcoder2", num_heads=4, num_kv_heads=2),
+    TinyConfig(arch="stablelm", num_heads=4, num_kv_heads=2, attention_bias=True),
+]
+ALL_CFGS, ALL_IDS = CFGS + NEW_CFGS, IDS + [c.make_id() for c in NEW_CFGS]
 
 
 def _observe(model, batch, la, zero_head=None):
@@ -93,7 +115,7 @@ def test_slice_changes_exactly_its_head(cfg, block):
             torch.testing.assert_close(zeroed1, zeroed0, rtol=0, atol=tolerance("semantic-check")[1])
 
 
-@pytest.mark.parametrize("cfg", CFGS, ids=IDS)
+@pytest.mark.parametrize("cfg", ALL_CFGS, ids=ALL_IDS)
 def test_slices_partition_each_tensor(cfg):
     model = build_model(cfg)
     la = attention_layout(model).layers[0]
@@ -111,7 +133,7 @@ def test_slices_partition_each_tensor(cfg):
         assert torch.equal(count, torch.ones_like(params[n], dtype=torch.long)), n
 
 
-@pytest.mark.parametrize("cfg", CFGS, ids=IDS)
+@pytest.mark.parametrize("cfg", ALL_CFGS, ids=ALL_IDS)
 def test_group_ids_agree_with_masks(cfg):
     model = build_model(cfg)
     la = attention_layout(model).layers[1]
@@ -126,7 +148,7 @@ def test_group_ids_agree_with_masks(cfg):
                 assert torch.equal(m, ids[n][0] == g), (n, block, h)
 
 
-@pytest.mark.parametrize("cfg", CFGS, ids=IDS)
+@pytest.mark.parametrize("cfg", ALL_CFGS, ids=ALL_IDS)
 def test_per_head_sum_is_masked_sum(cfg):
     model = build_model(cfg)
     la = attention_layout(model).layers[0]
@@ -139,13 +161,60 @@ def test_per_head_sum_is_masked_sum(cfg):
             torch.testing.assert_close(got[:, h], want, **SIGNED)
 
 
+@pytest.mark.parametrize("cfg", NEW_CFGS, ids=[c.make_id() for c in NEW_CFGS])
+def test_new_family_slices_pass_the_semantic_check(cfg):
+    # fisher_fast's masks, perturbed in the model's own float64 forward (fisher_ref's check):
+    # exactly the right heads move; the last layer, its first and last heads
+    model = build_model(cfg)
+
+    def mask_fn(layer, head, block):
+        return qkov_mask(model, layer, head, block, include_bias=True)
+
+    report = check_masks(model, mask_fn, layers=[1], heads=[0, cfg.num_heads - 1])
+    assert report.passed, str(report)
+
+
+# Falcon's new decoder architecture by hand (FalconAttention.forward views query_key_value
+# as [H_kv, r + 2, dh]): H=4, H_kv=2, dh=2, rows [Q0 Q1 K0 V0 | Q2 Q3 K1 V1], 2 rows each
+FALCON = TinyConfig(arch="falcon", num_layers=1, num_heads=4, num_kv_heads=2, head_dim=2,
+                    attention_bias=True)
+FALCON_ROWS = {("Q", 0): [0, 1], ("Q", 1): [2, 3], ("K", 1): [4, 5], ("V", 1): [6, 7],
+               ("Q", 2): [8, 9], ("Q", 3): [10, 11], ("K", 2): [12, 13], ("V", 3): [14, 15]}
+
+
+@pytest.mark.parametrize("block, head", list(FALCON_ROWS), ids=[f"{b}{h}" for b, h in FALCON_ROWS])
+def test_falcon_grouped_rows_by_hand(block, head):
+    masks = qkov_mask(build_model(FALCON), 0, head, block, include_bias=True)
+    w = masks["transformer.h.0.self_attention.query_key_value.weight"]
+    b = masks["transformer.h.0.self_attention.query_key_value.bias"]
+    assert bool((w.all(dim=1) == w.any(dim=1)).all())  # whole rows
+    assert w.any(dim=1).nonzero().flatten().tolist() == FALCON_ROWS[(block, head)]
+    assert b.nonzero().flatten().tolist() == FALCON_ROWS[(block, head)]
+
+
+def test_grouped_q_view_is_a_copy_and_head_axes_view_a_view():
+    la = attention_layout(build_model(FALCON)).layers[0]
+    x = torch.arange(16 * 8.0).reshape(16, 8)
+    axes = head_axes_view(x, la, "Q", "weight")                 # [H_kv, r, dh, d]
+    assert axes.shape == (2, 2, 2, 8) and axes.data_ptr() == x.data_ptr()
+    assert torch.equal(axes[1, 0], x[8:10])                     # query head 2
+    flat = head_view(x, la, "Q", "weight")                      # [H, dh, d], merged: a copy
+    assert flat.shape == (4, 2, 8) and torch.equal(flat[3], x[10:12])
+    assert torch.equal(head_view(x, la, "K", "weight")[1], x[12:14])
+    assert head_view(torch.arange(16), la, "V", "bias")[0].tolist() == [6, 7]  # a bias's one axis
+    x.zero_()
+    assert not bool(axes.any()) and bool(flat.any())            # the copy kept the old values
+
+
 def _gpt2():
     return build_model(TinyConfig(arch="gpt2"))
 
 
 BAD = [
-    pytest.param(qkov_mask, dict(layer=2, head=0, block="Q"), "layer: expected an int in [0, 2)", id="layer-range"),
-    pytest.param(qkov_mask, dict(layer=0, head=2, block="Q"), "head: expected an int in [0, 2)", id="head-range"),
+    pytest.param(qkov_mask, dict(layer=2, head=0, block="Q"), "layer: expected an int in [0, 2)",
+                 id="layer-range"),
+    pytest.param(qkov_mask, dict(layer=0, head=2, block="Q"), "head: expected an int in [0, 2)",
+                 id="head-range"),
     pytest.param(qkov_mask, dict(layer=0, head=-1, block="Q"), "head: expected", id="head-negative"),
     pytest.param(qkov_mask, dict(layer=0, head=0, block="X"), "block: expected one of", id="block"),
 ]
