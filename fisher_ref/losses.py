@@ -186,7 +186,7 @@ class ClassifierLoss(_TokenLoss):
         input_key: the batch key holding the model's input (default ``"input"``).
     """
 
-    def __init__(self, reduction: str = "mean", input_key: str = "input"):
+    def __init__(self, reduction: str = "mean", input_key: str = "input") -> None:
         super().__init__(reduction)
         if not isinstance(input_key, str) or not input_key:
             raise ValueError(f"input_key: expected a non-empty str, got {input_key!r}.")
@@ -195,12 +195,14 @@ class ClassifierLoss(_TokenLoss):
     def __repr__(self) -> str:
         return f"ClassifierLoss(reduction={self.reduction!r}, input_key={self.input_key!r})"
 
-    def logits_and_targets(self, model, batch: dict):
+    def logits_and_targets(self, model: torch.nn.Module,
+                           batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """``(logits [B, T, C], targets [B, T])`` from ``model(batch[input_key])``."""
         logits = output_logits(model(batch[self.input_key]))
         return self.align(logits, batch["labels"])
 
-    def align(self, logits, labels):
+    def align(self, logits: torch.Tensor,
+              labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits ``[B, C]`` with labels ``[B]`` become T = 1; ``[B, T, C]`` with ``[B, T]`` stay."""
         want = labels.dim() + 1
         if logits.dim() != want or logits.shape[:-1] != labels.shape:
@@ -210,7 +212,7 @@ class ClassifierLoss(_TokenLoss):
             return logits.unsqueeze(1), labels.unsqueeze(1)
         return logits, labels
 
-    def aligned_labels(self, labels):
+    def aligned_labels(self, labels: torch.Tensor) -> torch.Tensor:
         """Labels as ``[B, T]`` (T = 1 for one label per row)."""
         return labels.unsqueeze(1) if labels.dim() == 1 else labels
 
