@@ -226,27 +226,36 @@ class ContributionStore:
             finally:
                 self._open -= 1
             return
-        saved = (OrderedDict(self._records), dict(self._schemas), dict(self._shard_refs))
+        saved = (OrderedDict(self._records), dict(self._schemas), dict(self._shard_refs),
+                 dict(self._shard_sums))
         self._open, self._doomed = 1, []
         try:
-            yield self
-            self._write_manifest()  # the commit point: a failure here rolls back too
-        except BaseException:
-            # shards written inside: still referenced, or already emptied again (doomed)
-            current = set(self._shard_refs) | {os.path.basename(p) for p in self._doomed}
-            written = current - set(saved[2])
-            self._records, self._schemas, self._shard_refs = saved
-            for shard in written:
-                path = os.path.join(self.directory, shard)
-                if os.path.exists(path):
-                    os.remove(path)
-            raise
-        else:
-            for path in self._doomed:  # no longer in the manifest on disk
-                if os.path.exists(path):
-                    os.remove(path)
+            try:
+                yield self
+                self._write_manifest()  # the commit point
+            except BaseException:
+                if self._manifest_is_current():  # the manifest's rename happened: committed
+                    self._remove_doomed()
+                    raise
+                # shards written inside: still referenced, or already emptied again (doomed)
+                current = set(self._shard_refs) | {os.path.basename(p) for p in self._doomed}
+                written = current - set(saved[2])
+                self._records, self._schemas, self._shard_refs, self._shard_sums = saved
+                for shard in written:
+                    path = os.path.join(self.directory, shard)
+                    if os.path.exists(path):
+                        os.remove(path)
+                raise
+            self._remove_doomed()
         finally:
             self._open, self._doomed = 0, []
+
+    def _remove_doomed(self) -> None:
+        """Remove the shards the committed manifest no longer names."""
+        for path in self._doomed:
+            self._shard_sums.pop(os.path.basename(path), None)
+            if os.path.exists(path):
+                os.remove(path)
 
     def add(self, task: Hashable, sample_ids: Iterable[Hashable],
             tensors: dict[str, torch.Tensor]) -> None:
@@ -421,22 +430,33 @@ class ContributionStore:
                              "open this one with read_only=True).") from None
         self._lock = lock
 
-    def _write_manifest(self) -> None:
-        """The committed state, on disk: schemas, the disk tier's records, shard checksums."""
+    def _manifest_text(self) -> str | None:
+        """The JSON of the state to commit (``None`` for a store without a directory)."""
         if self.directory is None:
-            return
+            return None
         disk = [(k, r) for k, r in self._records.items() if r.tier == "disk"]
-        shards = sorted({r.shard for _, r in disk})
-        self._shard_sums = {sh: self._shard_sums[sh] for sh in shards}
-        mf.write_manifest(self.directory, {
+        sums = {sh: self._shard_sums[sh] for sh in sorted({r.shard for _, r in disk})}
+        return json.dumps({
             "format": mf.FORMAT, "store_id": self._store_id, "next_seq": self._next_seq(),
             "schemas": [[mf.encode_id(t), [[n, list(shape), str(dt).replace("torch.", "")]
                                            for n, shape, dt in schema]]
                         for t, schema in self._schemas.items()],
             "records": [[mf.encode_id(t), mf.encode_id(sid), r.seq, r.nbytes, r.shard]
                         for (t, sid), r in disk],
-            "shards": self._shard_sums,
-        })
+            "shards": sums,
+        }, separators=(",", ":"))
+
+    def _write_manifest(self) -> None:
+        """The committed state, on disk: schemas, the disk tier's records, shard checksums."""
+        text = self._manifest_text()
+        if text is not None:
+            mf.write_manifest(self.directory, text)
+
+    def _manifest_is_current(self) -> bool:
+        """Whether the manifest on disk already is the state in memory (an exception that
+        arrived after the manifest's rename must not roll the commit back)."""
+        text = self._manifest_text()
+        return text is not None and mf.manifest_text(self.directory) == text
 
     def _next_seq(self) -> int:
         nxt = next(self._seq)
@@ -587,7 +607,8 @@ class ContributionStore:
         data = save(tensors, metadata=meta)
         with atomic_write(os.path.join(self.directory, shard)) as tmp:
             tmp.write_bytes(data)
-        self._shard_sums[shard] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+        self._shard_sums = {**self._shard_sums,
+                            shard: {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}}
 
     def _to_tier(self, t: torch.Tensor, tier: str) -> torch.Tensor:
         if tier == "device":

@@ -75,10 +75,19 @@ def decode_id(encoded: list):
     return tuple(decode_id(x) for x in value)
 
 
-def write_manifest(directory: str, manifest: dict) -> None:
-    """Write ``manifest`` as the directory's ``manifest.json``, atomically."""
+def write_manifest(directory: str, text: str) -> None:
+    """Write ``text`` (the manifest's JSON) as the directory's ``manifest.json``, atomically."""
     with atomic_write(os.path.join(directory, MANIFEST)) as tmp:
-        tmp.write_text(json.dumps(manifest, separators=(",", ":")))
+        tmp.write_text(text)
+
+
+def manifest_text(directory: str) -> str | None:
+    """The manifest's JSON as it is on disk, or ``None`` where it cannot be read."""
+    try:
+        with open(os.path.join(directory, MANIFEST)) as f:
+            return f.read()
+    except OSError:
+        return None
 
 
 def read_manifest(directory: str) -> dict:

@@ -210,3 +210,29 @@ def test_kill_9_mid_write_leaves_the_last_committed_state(tmp_path, delay):
         got = store.get_stacked("t", ids)["w"]
         assert torch.equal(got, torch.tensor(ids, dtype=torch.float32)[:, None, None].expand(-1, 64, 64))
     assert len(list(tmp_path.glob("shard-*"))) == len({r for r in ids})  # no stray shard left
+
+
+def test_an_interrupt_after_the_manifest_rename_keeps_the_commit(tmp_path, monkeypatch):
+    """Ctrl-C arriving after the new manifest is in place (but before the write returns)
+    must not roll the store back in memory: the manifest on disk names the new shard."""
+    import fisher_fast.file_integrity as fi
+
+    store = ContributionStore(tmp_path, device="cpu", device_bytes=0, host_bytes=0)
+    store.add("a", ["x"], _tensors(1))
+    real = os.replace
+
+    def replace_then_interrupt(src, dst):
+        real(src, dst)
+        if os.path.basename(dst) == "manifest.json":
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(fi.os, "replace", replace_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        store.add("a", ["y"], _tensors(1, offset=2.0))
+    monkeypatch.setattr(fi.os, "replace", real)
+    assert store.ids("a") == ["x", "y"]
+    store.add("a", ["z"], _tensors(1, offset=4.0))  # and the store goes on
+    store.close()
+    again = ContributionStore.open(tmp_path, device="cpu")
+    assert again.ids("a") == ["x", "y", "z"]
+    assert torch.equal(again.get("a", "y")["w"], _tensors(1, offset=2.0)["w"][0])
