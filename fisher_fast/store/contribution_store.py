@@ -454,7 +454,8 @@ class ContributionStore:
 
     def _manifest_is_current(self) -> bool:
         """Whether the manifest on disk already is the state in memory (an exception that
-        arrived after the manifest's rename must not roll the commit back)."""
+        arrived after the manifest's rename must not roll the commit back).
+        """
         text = self._manifest_text()
         return text is not None and mf.manifest_text(self.directory) == text
 

@@ -214,7 +214,8 @@ def test_kill_9_mid_write_leaves_the_last_committed_state(tmp_path, delay):
 
 def test_an_interrupt_after_the_manifest_rename_keeps_the_commit(tmp_path, monkeypatch):
     """Ctrl-C arriving after the new manifest is in place (but before the write returns)
-    must not roll the store back in memory: the manifest on disk names the new shard."""
+    must not roll the store back in memory: the manifest on disk names the new shard.
+    """
     import fisher_fast.file_integrity as fi
 
     store = ContributionStore(tmp_path, device="cpu", device_bytes=0, host_bytes=0)
