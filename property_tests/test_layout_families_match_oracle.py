@@ -7,12 +7,12 @@ per-head sums agree; the estimators, interference and conflicts (``groups="heads
 on the families fisher_fast's per-sample capture handles. Models without attention heads
 (Mamba, RWKV) give the no-heads error in both packages.
 
-Known gaps, each a strict xfail (it fails loudly once fixed): fisher_fast's per-sample
-capture (being rewritten under issue #12 item 2) refuses OPT (its decoder layer flattens the
-rows to ``[B*T, d]`` before the MLP) and RWKV (a module returns a tuple), and gives wrong
-numbers for Gemma / Gemma-2 (``GemmaTextScaledWordEmbedding``, an ``nn.Embedding`` whose
-forward multiplies by ``sqrt(d)``, is treated as a plain embedding) and Mamba (the mixer
-reads ``conv1d.weight`` / ``dt_proj.bias`` directly instead of calling the submodules).
+The capture cases these families brought (issue #12 item 2) are checked on fixed
+examples: OPT (its decoder layer flattens the rows to ``[B*T, d]`` before the MLP), RWKV (a
+module returns a tuple), Gemma / Gemma-2 (``GemmaTextScaledWordEmbedding``, an
+``nn.Embedding`` whose forward multiplies by ``sqrt(d)``, tied to the head) equal the oracle;
+Mamba (the mixer reads ``conv1d.weight`` / ``dt_proj.bias`` directly instead of calling the
+submodules) is refused by fisher_fast in words, never answered with zeros.
 
 Default runs draw a few small examples per test (the ``ci`` / ``dev`` profiles cap them
 further); ``test_everything_matches_on_more_examples`` (slow) draws many more.
@@ -40,8 +40,7 @@ from fisher_ref.testing.tolerances import tolerance
 
 FAMILIES = ("opt", "gptj", "falcon", "falcon-mq", "falcon-rw", "bloom", "gemma", "gemma2", "qwen3",
             "starcoder2", "stablelm")
-CAPTURE_GAPS = ("opt", "gemma", "gemma2")  # see the module docstring
-CAPTURED = tuple(a for a in FAMILIES if a not in CAPTURE_GAPS)
+CAPTURED = FAMILIES
 _GQA = ("falcon", "gemma", "gemma2", "qwen3", "starcoder2", "stablelm")
 _OWN_HEAD_DIM = ("gemma", "gemma2", "qwen3", "starcoder2")  # head_dim need not be d / H
 _BIAS_OPTIONAL = ("opt", "falcon", "falcon-rw", "gemma", "gemma2", "qwen3", "starcoder2", "stablelm")
@@ -213,26 +212,27 @@ def test_no_heads_in_both_packages(arch):
 # ----------------------------------------------------------- fisher_fast's capture gaps
 
 
-def _gap(arch, raises, why, **cfg):
-    return pytest.param(TinyConfig(arch=arch, **cfg), id=arch,
-                        marks=pytest.mark.xfail(strict=True, raises=raises, reason=why))
-
-
-KNOWN_GAPS = [
-    _gap("opt", ValueError, "fisher_fast capture: OPT flattens rows to [B*T, d] before its MLP"),
-    _gap("gemma", AssertionError, "fisher_fast capture: Gemma's scaled embedding read as nn.Embedding",
-         num_heads=4, num_kv_heads=2),
-    _gap("gemma2", AssertionError, "fisher_fast capture: Gemma's scaled embedding read as nn.Embedding",
-         num_heads=4, num_kv_heads=2),
-    _gap("mamba", AssertionError, "fisher_fast capture: Mamba reads conv1d/dt_proj weights directly"),
-    _gap("rwkv", ValueError, "fisher_fast capture: RwkvSelfAttention returns a tuple"),
+CAPTURE_CASES = [
+    pytest.param(TinyConfig(arch="opt"), id="opt"),
+    pytest.param(TinyConfig(arch="gemma", num_heads=4, num_kv_heads=2), id="gemma"),
+    pytest.param(TinyConfig(arch="gemma2", num_heads=4, num_kv_heads=2), id="gemma2"),
+    pytest.param(TinyConfig(arch="rwkv"), id="rwkv"),
 ]
 
 
-@pytest.mark.parametrize("cfg", KNOWN_GAPS)
-def test_estimators_match_where_capture_has_gaps(cfg):
+@pytest.mark.parametrize("cfg", CAPTURE_CASES)
+def test_estimators_match_on_the_capture_cases_of_these_families(cfg):
     batch = random_batch(kind="causal", vocab_size=cfg.vocab_size, batch_size=3, seq_len=5, seed=1)
     _check_estimators(cfg, batch, {"unit": "sample", "weighting": "sample", "reduction": "mean"})
+
+
+def test_a_parameter_read_outside_its_module_is_refused_in_words():
+    import fisher_fast
+
+    model = build_model(TinyConfig(arch="mamba"), dtype=torch.float64)
+    batch = random_batch(kind="causal", vocab_size=11, batch_size=3, seq_len=5, seed=1)
+    with pytest.raises(ValueError, match=r"conv1d\.weight.* reads the parameter directly"):
+        fisher_fast.empirical_fisher(model, batch, dtype=torch.float64)
 
 
 # ----------------------------------------------------------- heavier runs

@@ -17,6 +17,8 @@ parameters, so autograd never builds the batch weight gradients it would throw a
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from ..batching.row_coupling import stateful_forward_error
@@ -28,6 +30,43 @@ def _tensors(args, kwargs):
     for v in list(args) + list(kwargs.values()):
         if isinstance(v, torch.Tensor):
             yield v
+
+
+def tensor_leaves(output) -> list[torch.Tensor]:
+    """The tensors of a module's output, in a fixed order: the output itself, or the
+    tensors of a tuple, list, dict, dataclass or HF ``ModelOutput`` (depth first).
+    """
+    if isinstance(output, torch.Tensor):
+        return [output]
+    if isinstance(output, dict):  # ModelOutput is an OrderedDict
+        items = list(output.values())
+    elif isinstance(output, (tuple, list)):
+        items = list(output)
+    elif dataclasses.is_dataclass(output) and not isinstance(output, type):
+        items = [getattr(output, f.name) for f in dataclasses.fields(output)]
+    else:
+        return []
+    return [t for item in items for t in tensor_leaves(item)]
+
+
+def with_leaves(output, leaves):
+    """``output`` with its tensors (in ``tensor_leaves`` order) taken from ``leaves``."""
+    if isinstance(output, torch.Tensor):
+        return next(leaves)
+    if isinstance(output, dict):
+        new = {k: with_leaves(v, leaves) for k, v in output.items()}
+        if type(output) is dict:
+            return new
+        for k, v in new.items():  # an HF ModelOutput keeps its class and attributes
+            output[k] = v
+        return output
+    if isinstance(output, (tuple, list)):
+        items = [with_leaves(v, leaves) for v in output]
+        return type(output)(items) if not hasattr(output, "_fields") else type(output)(*items)
+    if dataclasses.is_dataclass(output) and not isinstance(output, type):
+        return dataclasses.replace(output, **{f.name: with_leaves(getattr(output, f.name), leaves)
+                                              for f in dataclasses.fields(output)})
+    return output
 
 
 def _expand(values, n):
@@ -92,37 +131,78 @@ class Capture:
         def hook(module, args, kwargs, output):
             if self.paused:
                 return None
-            if not isinstance(output, torch.Tensor):
+            leaves = tensor_leaves(output)
+            grad_leaves = [i for i, t in enumerate(leaves) if t.requires_grad]
+            structured = not isinstance(output, torch.Tensor)
+            if structured and not leaves:
                 raise ValueError(f"per-sample capture: expected {entry.module_name} "
-                                 f"({type(module).__name__}) to return a tensor, got "
-                                 f"{type(output).__name__}.")
+                                 f"({type(module).__name__}) to return tensors, got "
+                                 f"{type(output).__name__} without any.")
+            first = leaves[0]
             replaced = None
-            if output.dim() > 0 and output.shape[0] == 1 and self.n > 1:
+            if not structured and first.dim() > 0 and first.shape[0] == 1 and self.n > 1:
                 # a row-independent input broadcast over the batch (e.g. position ids
                 # [1, T]): give every row its own copy so that its gradient stays per row
-                output = replaced = output.expand(self.n, *output.shape[1:])
+                output = first = replaced = first.expand(self.n, *first.shape[1:])
                 args = _expand(args, self.n)
                 kwargs = dict(zip(kwargs, _expand(kwargs.values(), self.n), strict=True))
+            merged = self._merged_rows(entry, first, args, kwargs)
             rule = entry.rule
-            saved = rule.save(module, args, kwargs, output)
+            if structured or merged:
+                # a module returning several tensors (an MoE router, experts), or one whose
+                # rows were flattened with their positions ([n * k, ...]): functorch sees a
+                # row's own positions and takes one output at a time
+                if rule is not FUNCTORCH:
+                    self.plan.fallbacks.add(entry.module_name)
+                rule = FUNCTORCH
+            saved = rule.save(module, args, kwargs, first)
             if saved is None:  # an RMS-like norm that is not x/rms*w: use functorch
                 self.plan.fallbacks.add(entry.module_name)
-                rule, saved = FUNCTORCH, FUNCTORCH.save(module, args, kwargs, output)
-            if output.dim() == 0 or output.shape[0] != self.n:
-                raise ValueError(
-                    f"per-sample capture: expected the output of {entry.module_name} to lead "
-                    f"with the batch axis ({self.n} rows), got shape {tuple(output.shape)}. "
-                    "Rows must not be merged or mixed (SPEC §0).")
+                rule, saved = FUNCTORCH, FUNCTORCH.save(module, args, kwargs, first)
             for name in entry.names.values():
-                self.uses[name] = self.uses.get(name, 0) + 1
-            if not output.requires_grad:
+                self.uses[name] = self.uses.get(name, 0) + max(len(grad_leaves), 1)
+            if not grad_leaves:
                 return replaced
-            if not any(t.requires_grad for t in _tensors(args, kwargs)):
-                self.roots.append(output)
-            self.tensor_handles.append(
-                output.register_hook(lambda dy: self._on_grad(entry, rule, saved, dy)))
+            is_root = not any(t.requires_grad for t in _tensors(args, kwargs))
+            if structured:
+                # each output leaves the module through its own view, so that its hook sees
+                # the gradient its consumers send, not what flows back from another output
+                # computed from it inside the module (router logits -> scores)
+                leaves = [t.view_as(t) if i in grad_leaves else t for i, t in enumerate(leaves)]
+                output = replaced = with_leaves(output, iter(leaves))
+            for i in grad_leaves:
+                leaf = output if not structured else leaves[i]
+                one = saved if not (structured or merged) else \
+                    FUNCTORCH.for_leaf(saved, i if structured else None, merged)
+                if is_root:
+                    self.roots.append(leaf)
+                self.tensor_handles.append(leaf.register_hook(
+                    lambda dy, one=one: self._on_grad(entry, rule, one, self._unmerge(dy, merged))))
             return replaced
         return hook
+
+    def _merged_rows(self, entry, first: torch.Tensor, args, kwargs) -> int:
+        """``k`` when the output leads with ``n * k`` (rows flattened with their positions,
+        row-major, as ``hidden.reshape(-1, d)`` does), else 0; an output that leads with
+        neither ``n`` nor a multiple of it is an error.
+        """
+        if first.dim() > 0 and first.shape[0] == self.n:
+            return 0
+        lead = first.shape[0] if first.dim() > 0 else 0
+        inputs = list(_tensors(args, kwargs))
+        # flattened rows come from the batch: an input of that length carries a gradient
+        # (a table looked up at arange(T), which has none, is not the batch's rows)
+        if lead and lead % self.n == 0 and \
+                any(t.requires_grad and t.dim() > 0 and t.shape[0] == lead for t in inputs) and \
+                all(t.dim() > 0 and t.shape[0] in (lead, self.n) for t in inputs):
+            return lead // self.n
+        raise ValueError(
+            f"per-sample capture: expected the output of {entry.module_name} to lead with the "
+            f"batch axis ({self.n} rows, or rows × positions flattened), got shape "
+            f"{tuple(first.shape)}. Rows must not be merged or mixed (SPEC §0).")
+
+    def _unmerge(self, dy: torch.Tensor, merged: int) -> torch.Tensor:
+        return dy.reshape(self.n, merged, *dy.shape[1:]) if merged else dy
 
     # backward ----------------------------------------------------------------------------
     def _slices(self, entry):
@@ -291,7 +371,22 @@ class Capture:
         if roots is None:
             raise ValueError("per-sample capture: expected the loss to depend on a hooked "
                              "module's output, got no trainable module in the graph.")
-        torch.autograd.grad(losses.sum(), roots, allow_unused=True, retain_graph=retain_graph)
+        # parameters whose module never ran: the loss must not reach them (a parameter read
+        # directly, outside its module's forward, has per-row gradients no hook sees)
+        unseen = {n: p for n, p in self.plan.params.items()
+                  if not self.uses.get(n) and self._wanted(n)}
+        grads = torch.autograd.grad(losses.sum(), roots + list(unseen.values()),
+                                    allow_unused=True, retain_graph=retain_graph)
+        for (name, _), g in zip(unseen.items(), grads[len(roots):], strict=True):
+            if g is not None and bool(g.ne(0).any()):
+                owner = next((e.module_name for e in self.plan.entries
+                              if name in e.names.values()), "?")
+                raise ValueError(
+                    f"per-sample capture: expected {name!r} to reach the loss through its "
+                    f"module {owner!r}, got a gradient while that module never ran: the model "
+                    "reads the parameter directly (outside the module's forward), which "
+                    "per-row hooks cannot see. Its per-sample gradients are not available "
+                    "from fisher_fast for this model; fisher_ref computes them.")
         for name, buf in self.buffers.items():
             self._flush(name, buf)
         self.buffers.clear()

@@ -77,14 +77,21 @@ def build_plan(model: torch.nn.Module) -> Plan:
                 known.append(Entry(mname, module, rule, names))
         for a, p in direct.items():
             owners.setdefault(id(p), []).append((mname, module, a, rule))
-    covered = {n for e in known for n in e.names.values()}
+    # every use no known rule covers takes functorch on its module: a parameter shared by a
+    # known module and another (a tied head and a scaled embedding), or by two unknown
+    # ones, is then captured in each of its uses, and the uses are summed per row
+    # (an owner that is an ancestor of a module covering the parameter holds it as an alias,
+    # BERT's head bias: its use is the child's, and counting it again would double it)
     fallback: dict[str, Entry] = {}
     for pid, uses in owners.items():
-        pname = name_of[pid]
-        if pname in covered:
-            continue
-        mname, module, attr, _ = uses[0]
-        fallback.setdefault(mname, Entry(mname, module, FUNCTORCH, {})).names[attr] = pname
+        covering = [m for m, _, a, r in uses if r is not None and a in r.attrs]
+        for mname, module, attr, rule in uses:
+            if rule is not None and attr in rule.attrs:
+                continue
+            if any(c.startswith(mname + ".") or not mname for c in covering):
+                continue
+            fallback.setdefault(mname, Entry(mname, module, FUNCTORCH, {})).names[attr] = \
+                name_of[pid]
     roles = {}
     for pid, uses in owners.items():
         _, module, attr, rule = uses[0]

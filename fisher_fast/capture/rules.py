@@ -248,35 +248,77 @@ class FunctorchRule:
     name = "functorch"
     attrs = None  # whatever direct parameters the plan assigns
 
+    def __init__(self):
+        # modules whose forward vmap cannot trace (data-dependent control flow, e.g. a loop
+        # over the experts a batch routes to): their rows are taken one at a time
+        self._loops = weakref.WeakSet()
+
     def save(self, module, args, kwargs, output):
+        """What the backward needs of this call: the module's input, detached."""
         def det(v):
             return v.detach() if isinstance(v, torch.Tensor) else v
-        return tuple(det(a) for a in args), {k: det(v) for k, v in kwargs.items()}
+        return tuple(det(a) for a in args), {k: det(v) for k, v in kwargs.items()}, None, 0
+
+    @staticmethod
+    def for_leaf(saved, leaf: int | None, merged: int):
+        """``saved`` for one tensor of a structured output (``leaf``: its index among
+        ``tensor_leaves(output)``) and/or rows flattened with ``merged`` positions each.
+        """
+        args, kwargs = saved[0], saved[1]
+        return args, kwargs, leaf, merged
 
     def grads(self, module, saved, dy, sl, dtype, attrs):
+        """Rows ``sl`` of the per-row gradients ``{attr: [s, *shape]}`` of ``attrs``, in ``dtype``.
+
+        ``dy`` is ``[n, ...]`` (``[n, k, ...]`` when the call flattened rows with their k
+        positions: each row's inputs are then its k flattened entries, passed as they are).
+        """
         from torch.func import functional_call, grad, vmap
 
-        args, kwargs = saved
+        from .hooks import tensor_leaves
+
+        args, kwargs, leaf, merged = saved
         n = dy.shape[0]
-        is_batched = [isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == n
-                      for v in list(args) + list(kwargs.values())]
-        flat = [v[sl] if b else v for v, b in zip(list(args) + list(kwargs.values()), is_batched)]
+        lead = n * merged if merged else n
+
+        def batched_value(v):
+            if not (isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == lead):
+                return None
+            return v.reshape(n, merged, *v.shape[1:]) if merged else v
+
+        values = list(args) + list(kwargs.values())
+        rows = [batched_value(v) for v in values]
+        is_batched = [r is not None for r in rows]
+        flat = [r[sl] if b else v for v, r, b in zip(values, rows, is_batched, strict=True)]
         keys = list(kwargs)
         params = {a: getattr(module, a).detach() for a in attrs}
 
         def inner(p, batched, d):
             it = iter(batched)
-            vals = [next(it).unsqueeze(0) if b else v for v, b in zip(flat, is_batched)]
-            a_vals, k_vals = vals[:len(args)], dict(zip(keys, vals[len(args):]))
+            vals = [(next(it) if merged else next(it).unsqueeze(0)) if b else v
+                    for v, b in zip(flat, is_batched, strict=True)]
+            a_vals, k_vals = vals[:len(args)], dict(zip(keys, vals[len(args):], strict=True))
             out = functional_call(module, p, tuple(a_vals), k_vals)
-            if not isinstance(out, torch.Tensor):
+            if leaf is not None:
+                out = tensor_leaves(out)[leaf]
+            elif not isinstance(out, torch.Tensor):
                 raise ValueError(f"functorch capture: expected {type(module).__name__} to return "
                                  f"a tensor, got {type(out).__name__}.")
-            return (out.squeeze(0) * d).sum()
+            return ((out if merged else out.squeeze(0)) * d).sum()
 
-        batched = [v for v, b in zip(flat, is_batched) if b]
-        g = vmap(grad(inner), in_dims=(None, 0, 0))(params, batched, dy[sl])
-        return {a: v.to(dtype) for a, v in g.items()}
+        batched = [v for v, b in zip(flat, is_batched, strict=True) if b]
+        if module not in self._loops:
+            try:
+                g = vmap(grad(inner), in_dims=(None, 0, 0))(params, batched, dy[sl])
+                return {a: v.to(dtype) for a, v in g.items()}
+            except RuntimeError as e:  # data-dependent control flow (MoE routing loops)
+                if "vmap" not in str(e):
+                    raise
+                self._loops.add(module)
+        # one row at a time through this module only (the rest of the model stays batched)
+        per_row = [grad(inner)(params, [v[j] for v in batched], dy[sl][j])
+                   for j in range(dy[sl].shape[0])]
+        return {a: torch.stack([r[a] for r in per_row]).to(dtype) for a in params}
 
 
 LINEAR, CONV1D, EMBEDDING = LinearRule(), Conv1DRule(), EmbeddingRule()
@@ -286,6 +328,9 @@ LAYERNORM, RMSNORM, FUNCTORCH = LayerNormRule(), RMSNormRule(), FunctorchRule()
 def rule_for(module: torch.nn.Module):
     """The rule of a module kind, or ``None`` (then ``functorch`` covers its parameters)."""
     cls = type(module).__name__
+    for base in (torch.nn.Linear, torch.nn.Embedding, torch.nn.LayerNorm):
+        if isinstance(module, base) and type(module).forward is not base.forward:
+            return None  # a subclass computing something else (e.g. a scaled embedding)
     if isinstance(module, torch.nn.Linear):
         return LINEAR
     if cls == "Conv1D" and hasattr(module, "nf"):
