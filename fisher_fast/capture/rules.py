@@ -9,7 +9,8 @@ n's activations:
 
     \text{Linear: } g_n(W) = \sum_t \delta_{nt} x_{nt}^\top, \quad g_n(b) = \sum_t \delta_{nt}
 
-(HF ``Conv1D`` stores ``W`` as ``[in, out]``: the transpose), Embedding: ``g_n(E)[v] =
+(HF ``Conv1D`` stores ``W`` as ``[in, out]``: the transpose; ``Conv2d`` is a Linear layer over
+its unfolded input patches), Embedding: ``g_n(E)[v] =
 sum_{t: id_nt = v} delta_nt``, norms: ``g_n(w) = sum_t delta_nt * xhat_nt`` with the
 normalised input ``xhat``. ``functorch`` covers any other module with ``vmap(grad)``.
 Statistics are computed in ``dtype`` (float32 or float64) whatever the model's dtype.
@@ -40,7 +41,12 @@ def _first_tensor(args, kwargs, key: str = "input"):
 
 
 class LinearRule:
-    """torch ``Linear``: weight ``[out, in]``; groups are rows (output units)."""
+    """torch ``Linear``: weight ``[out, in]``; groups are rows (output units).
+
+    Every formula works on the view ``rows(...) -> (xs [s, T, in], ds [s, T, out])`` of a
+    slice of rows, so that ``Conv1DRule`` (the transpose) and ``Conv2dRule`` (unfolded
+    patches as the T positions) share them.
+    """
 
     name = "linear"
     attrs = ("weight", "bias")
@@ -49,11 +55,28 @@ class LinearRule:
     def save(self, module, args, kwargs, output):
         return _first_tensor(args, kwargs).detach()
 
+    def rows(self, module, saved, dy, sl, dtype):
+        """``(xs [s, T, in], ds [s, T, out])``: rows ``sl`` of the input and of δ in ``dtype``."""
+        return self.inputs(module, saved, sl, dtype), self.deltas(module, dy, sl, dtype)
+
+    def inputs(self, module, saved, sl, dtype):
+        """Rows ``sl`` of the input, ``[s, T, in]``."""
+        return _rows(saved, sl, dtype)
+
+    def deltas(self, module, dy, sl, dtype):
+        """Rows ``sl`` of the output's gradient δ, ``[s, T, out]``."""
+        return _rows(dy, sl, dtype)
+
+    def dims(self, module, saved, dy) -> tuple[int, int, int]:
+        """``(T, d_in, d_out)``: positions per row and the weight's two flattened axes."""
+        return saved[0].numel() // saved.shape[-1], saved.shape[-1], dy.shape[-1]
+
     def grads(self, module, x, dy, sl, dtype, attrs):
-        xs, ds = _rows(x, sl, dtype), _rows(dy, sl, dtype)
+        xs, ds = self.rows(module, x, dy, sl, dtype)
         out = {}
         if "weight" in attrs:
-            out["weight"] = self._weight(xs, ds)
+            g = self._weight(xs, ds)
+            out["weight"] = g.reshape(g.shape[0], *module.weight.shape)
         if "bias" in attrs:
             out["bias"] = ds.sum(dim=1)
         return out
@@ -66,29 +89,52 @@ class LinearRule:
         only (``[s, *weight.shape[part]]``): the head of a large vocabulary block by block,
         so that each block stays in cache and no ``[s, V, d]`` tensor is formed.
         """
-        xs, ds = _rows(x, sl, dtype), _rows(dy, sl, dtype)
-        return self._weight_part(xs, ds, part)
+        xs, ds = self.rows(module, x, dy, sl, dtype)
+        g = self._weight_part(xs, ds, part)
+        return g.reshape(g.shape[0], *module.weight[part].shape)
 
     def _weight_part(self, xs, ds, part):
         return self._weight(xs, ds[..., part])
 
-    def gram_cost(self, module, x, dy) -> tuple[int, int]:
-        """(materialise, Gram) multiply-adds per row for the weight's group norms."""
-        T, i, o = x[0].numel() // x.shape[-1], x.shape[-1], dy.shape[-1]
-        return T * i * o, T * T * (i + o)
+    def separable(self, module, x, dy, dtype, right: torch.Tensor | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+        r"""The square-separable factors of a weight whose rows have one position (T = 1),
+        ``(δ² [n, d_out], x² [n, d_in])``:
+
+        .. math:: g_n(W)^2 = (\delta_n x_n^\top)^2 = \delta_n^2 (x_n^2)^\top
+                  \quad\Rightarrow\quad \sum_n w_n g_n(W)^2 = (w \odot \delta^2)^\top x^2,
+
+        one ``[d_out, n] @ [n, d_in]`` product for the whole chunk, no per-row gradient. Every term
+        is non-negative, so nothing cancels. Only for T = 1 (``dims``): with several
+        positions :math:`(\sum_t \delta_t x_t^\top)^2` has cross terms. ``right``: the
+        input's factor from an earlier call on the same input (another backward pass);
+        ``out_axis`` says which axis of the weight is d_out.
+        """
+        n = dy.shape[0]
+        d2 = self.deltas(module, dy, slice(None), dtype).reshape(n, -1).square()
+        if right is None:
+            right = self.inputs(module, x, slice(None), dtype).reshape(n, -1).square()
+        return d2, right
 
     def gram_norms(self, module, x, dy, sl, dtype, axis: str = "out"):
-        r"""Per-row squared norms of the weight's output units (``axis="out"``) or input
-        units (``"in"``), from T x T Gram products, without forming per-row gradients:
+        r"""Per-row squared norms of the weight's output units (``axis="out"``), input
+        units (``"in"``) or of the whole weight (``"all"``, the "ghost norm"), from T x T
+        Gram products, without forming per-row gradients:
 
         .. math::
 
             \|g_n(W)_{o\cdot}\|^2 = \sum_{t,s} \delta_{nto}\delta_{nso}\,
             (x_{nt}\cdot x_{ns}), \qquad
             \|g_n(W)_{\cdot i}\|^2 = \sum_{t,s} x_{nti} x_{nsi}\,
-            (\delta_{nt}\cdot\delta_{ns})
+            (\delta_{nt}\cdot\delta_{ns}), \qquad
+            \|g_n(W)\|^2 = \sum_{t,s} (x_{nt}\cdot x_{ns})(\delta_{nt}\cdot\delta_{ns})
+
+        Returns ``[s, units along axis]`` (``[s, 1]`` for ``"all"``).
         """
-        xs, ds = _rows(x, sl, dtype), _rows(dy, sl, dtype)
+        xs, ds = self.rows(module, x, dy, sl, dtype)
+        if axis == "all":
+            gx, gd = xs @ xs.transpose(1, 2), ds @ ds.transpose(1, 2)  # [s, T, T]
+            return (gx * gd).sum(dim=(1, 2))[:, None]
         if axis == "in":
             xs, ds = ds, xs
         gram = xs @ xs.transpose(1, 2)  # [s, T, T]
@@ -107,6 +153,54 @@ class Conv1DRule(LinearRule):
     def _weight_part(self, xs, ds, part):
         return self._weight(xs[..., part], ds)
 
+
+def _pair(v) -> tuple[int, int]:
+    return (v, v) if isinstance(v, int) else tuple(v)
+
+
+def conv2d_padding(module) -> tuple[int, int, int, int] | None:
+    """``(left, right, top, bottom)`` zero padding of a ``Conv2d`` (``"same"`` may be
+    asymmetric), or ``None`` when it pads otherwise than with zeros.
+    """
+    if module.padding_mode != "zeros":
+        return None
+    if module.padding == "valid":
+        return (0, 0, 0, 0)
+    if module.padding == "same":
+        (kh, kw), (dh, dw) = _pair(module.kernel_size), _pair(module.dilation)
+        th, tw = dh * (kh - 1), dw * (kw - 1)
+        return (tw // 2, tw - tw // 2, th // 2, th - th // 2)
+    ph, pw = _pair(module.padding)
+    return (pw, pw, ph, ph)
+
+
+class Conv2dRule(LinearRule):
+    r"""``Conv2d`` (zero padding, ``groups=1``): weight ``[out, in, kh, kw]``. The input's
+    patches (``F.unfold``, im2col) are the T = H_out W_out positions of a Linear layer
+    with ``in * kh * kw`` inputs, so every Linear formula applies:
+
+    .. math:: g_n(W) = \sum_p \delta_{np}\, \mathrm{unfold}(x_n)_p^\top, \qquad
+              g_n(b) = \sum_p \delta_{np}
+
+    (Opacus and BackPACK compute conv per-sample gradients the same way). Patches are
+    unfolded a slice of rows at a time, from the saved input.
+    """
+
+    name = "conv2d"
+
+    def inputs(self, module, saved, sl, dtype):
+        x = saved[sl].to(dtype)
+        if any(conv2d_padding(module)):
+            x = F.pad(x, conv2d_padding(module))
+        return F.unfold(x, _pair(module.kernel_size), dilation=_pair(module.dilation),
+                        stride=_pair(module.stride)).transpose(1, 2)  # [s, P, in kh kw]
+
+    def deltas(self, module, dy, sl, dtype):
+        ds = dy[sl].to(dtype)
+        return ds.reshape(ds.shape[0], ds.shape[1], -1).transpose(1, 2)  # [s, P, out]
+
+    def dims(self, module, saved, dy) -> tuple[int, int, int]:
+        return dy[0, 0].numel(), module.weight[0].numel(), dy.shape[1]
 
 class EmbeddingRule:
     """``Embedding``: each row's output gradients scattered into the rows of its token ids.
@@ -279,7 +373,7 @@ class FunctorchRule:
         return {a: v.to(dtype) for a, v in g.items()}
 
 
-LINEAR, CONV1D, EMBEDDING = LinearRule(), Conv1DRule(), EmbeddingRule()
+LINEAR, CONV1D, CONV2D, EMBEDDING = LinearRule(), Conv1DRule(), Conv2dRule(), EmbeddingRule()
 LAYERNORM, RMSNORM, FUNCTORCH = LayerNormRule(), RMSNormRule(), FunctorchRule()
 
 
@@ -290,6 +384,9 @@ def rule_for(module: torch.nn.Module):
         return LINEAR
     if cls == "Conv1D" and hasattr(module, "nf"):
         return CONV1D
+    if isinstance(module, torch.nn.Conv2d):  # other paddings and grouped convs: functorch
+        plain = module.groups == 1 and conv2d_padding(module) is not None
+        return CONV2D if plain else None
     if isinstance(module, torch.nn.Embedding):
         plain = module.max_norm is None and not module.scale_grad_by_freq and not module.sparse
         return EMBEDDING if plain else None
