@@ -25,7 +25,7 @@ LAYERS = [
     ("capture", {"capture"}),
     ("orchestration", {"run"}),
     ("entry points", {"estimators", "accumulator", "per_sample", "contributions",
-                      "interference", "conflicts", "fdr"}),
+                      "interference", "conflicts", "fdr", "cross_task"}),
     ("package", {"__init__"}),
 ]
 RANK = {name: rank for rank, (_, names) in enumerate(LAYERS) for name in names}
