@@ -190,7 +190,7 @@ class Capture:
         whole slices); elsewhere one block is the whole weight.
         """
         name = entry.names.get("weight")
-        if name is None or not hasattr(rule, "weight_part") or not self._wanted(name):
+        if name is None or not getattr(rule, "blocks", False) or not self._wanted(name):
             return None
         cpu = cache_blocks(dy.device)
         if self.uses.get(name, 0) == 1:

@@ -51,6 +51,7 @@ class LinearRule:
     name = "linear"
     attrs = ("weight", "bias")
     out_axis = 0  # the weight axis of the output units
+    blocks = True  # per-row weight gradients may be formed block by block (weight_part)
 
     def save(self, module, args, kwargs, output):
         return _first_tensor(args, kwargs).detach()
@@ -183,10 +184,39 @@ class Conv2dRule(LinearRule):
               g_n(b) = \sum_p \delta_{np}
 
     (Opacus and BackPACK compute conv per-sample gradients the same way). Patches are
-    unfolded a slice of rows at a time, from the saved input.
+    unfolded a slice of rows at a time, from the saved input, for the Gram and separable
+    forms; materialised per-row weight gradients come instead from one grouped convolution
+    backward (the slice's rows as groups: input ``[1, s C_in, H, W]``, δ
+    ``[1, s C_out, H', W']``), which forms no unfolded copy (2-3x faster than unfold and a
+    batched product on the CPU at LeNet sizes).
     """
 
     name = "conv2d"
+    blocks = False  # one grouped backward per slice: a block would redo the whole input
+
+    def grads(self, module, x, dy, sl, dtype, attrs):
+        out = {}
+        if "weight" in attrs:
+            out["weight"] = self._weight_rows(module, x[sl], dy[sl], dtype)
+        if "bias" in attrs:
+            out["bias"] = dy[sl].to(dtype).flatten(2).sum(dim=2)
+        return out
+
+    def _weight_rows(self, module, x, dy, dtype):
+        """``[s, C_out', C_in, kh, kw]``: each row's weight gradient for the output channels
+        of ``dy`` (``[s, C_out', H', W']``), by a convolution backward with one group per row.
+        """
+        s, c_in, o = x.shape[0], x.shape[1], dy.shape[1]
+        x, dy = x.to(dtype), dy.to(dtype)
+        if any(conv2d_padding(module)):
+            x = F.pad(x, conv2d_padding(module))
+        kh, kw = _pair(module.kernel_size)
+        shape = x.new_empty((s * o, c_in, kh, kw))  # only its shape is read
+        g = torch.ops.aten.convolution_backward(
+            dy.reshape(1, s * o, *dy.shape[2:]), x.reshape(1, s * c_in, *x.shape[2:]), shape,
+            None, list(_pair(module.stride)), [0, 0], list(_pair(module.dilation)), False, [0, 0],
+            s, [False, True, False])[1]
+        return g.reshape(s, o, c_in, kh, kw)
 
     def inputs(self, module, saved, sl, dtype):
         x = saved[sl].to(dtype)
