@@ -1,9 +1,13 @@
 """Timing, peak memory and cross-checks of the methods of one workload, in this process.
 
 - **Memory**: each method runs once (after a warm-up) from a clean state. On CUDA the peak
-  is ``torch.cuda.max_memory_allocated`` above the allocation before the call; on the CPU
-  it is the peak resident set (``VmHWM``, reset through ``/proc/self/clear_refs``) above the
-  resident set before the call. That run's output is kept for the cross-check.
+  is ``torch.cuda.max_memory_allocated`` above the allocation before the call, in this
+  process. On the CPU it is the peak resident set (``VmHWM``, reset through
+  ``/proc/self/clear_refs``) above the resident set before the call, measured in a child
+  process (``memory_and_checks``) whose allocator returns every freed block of 64 KiB or
+  more to the system (``mallopt(M_MMAP_THRESHOLD)``, ``malloc_trim`` before each call), so
+  that memory freed by an earlier method does not hide a later one's peak; the timings run
+  in the parent, with the default allocator. That run's output is kept for the cross-check.
 - **Time**: ``rounds`` rounds that cycle through all methods (a busy machine then slows
   every method alike), the median per method; CUDA events on a GPU, ``perf_counter``
   elsewhere.
@@ -41,6 +45,26 @@ def _reset_cpu_peak() -> bool:
         return False
 
 
+def lean_allocator() -> bool:
+    """Make glibc return freed blocks of >= 64 KiB to the system (for RSS peaks)."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(-3, 64 << 10))  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        return False
+
+
+def _trim() -> None:
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def peak_run(fn, case, cuda: bool):
     """``(output, peak bytes above the state before)`` of one call (``None`` bytes where the
     platform cannot tell).
@@ -54,6 +78,7 @@ def peak_run(fn, case, cuda: bool):
         out = fn(case)
         torch.cuda.synchronize()
         return out, torch.cuda.max_memory_allocated() - base
+    _trim()
     if not _reset_cpu_peak():
         return fn(case), None
     base = _status_kib("VmRSS")
@@ -96,48 +121,66 @@ def difference(out: dict, ref: dict) -> float:
     return worst if shared else float("inf")
 
 
-def run_workload(workload, device: str, rounds: int, log=print) -> list[dict]:
-    """Build the workload, measure every method, cross-check: one record per method."""
+def memory_and_checks(workload, device: str, log=print) -> dict:
+    """``{method: record}`` with each method's peak memory, notes, error and cross-check
+    (``max_rel_diff`` against ``check_vs``), from one warmed-up run per method.
+    """
     case = workload.build(device)
     cuda = device.startswith("cuda")
-    fns, records, outputs = {}, [], {}
+    records, outputs = {}, {}
     for name in workload.methods:
+        rec = records[name] = {"method": name}
         fn = method(name, workload.kind)
-        rec = {"method": name}
         try:
             fn(case)  # warm-up (lazy kernels, a peer's wrapped copy)
-            out, peak = peak_run(fn, case, cuda)
-            rec["peak_bytes"] = peak
+            out, rec["peak_bytes"] = peak_run(fn, case, cuda)
             if isinstance(out, dict):
                 outputs[name] = out
                 if out.get(NOTES):
                     rec["notes"] = list(out[NOTES])
-            fns[name] = fn
         except Exception as e:  # a peer that cannot run this model: recorded, not fatal
-            rec["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:240]}"
-        records.append(rec)
+            rec["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:240] if str(e) else ''}"
         log(f"  {workload.name} {name}: {'error' if 'error' in rec else 'ok'}")
+    ref = "loop" if "loop" in outputs else ("loop-exact" if "loop-exact" in outputs else
+                                            next(iter(outputs), None))
+    for name, out in outputs.items():
+        if name != ref and workload.kind != "mc":
+            records[name]["check_vs"] = ref
+            records[name]["max_rel_diff"] = difference(out, outputs[ref])
+    return records
+
+
+def run_workload(workload, device: str, rounds: int, log=print, memory=None) -> list[dict]:
+    """Measure every method of the workload: ``memory`` (``memory_and_checks``'s records,
+    from a child process on the CPU) or computed here; then the interleaved timing rounds of
+    the methods that ran. One record per method, with ratios to the first method.
+    """
+    cuda = device.startswith("cuda")
+    memory = memory if memory is not None else memory_and_checks(workload, device, log)
+    case = workload.build(device)
+    fns = {n: method(n, workload.kind) for n in workload.methods if "error" not in memory[n]}
+    for name, fn in list(fns.items()):
+        try:
+            fn(case)  # warm-up in this process
+        except Exception as e:  # noqa: BLE001 - ran in the child, fails here: record it
+            memory[name]["error"] = f"{type(e).__name__}: {str(e)[:200]}"
+            del fns[name]
     times = {n: [] for n in fns}
     for _ in range(rounds):
         for name, fn in fns.items():
             times[name].append(timed(fn, case, cuda))
-    ref_name = "loop" if "loop" in outputs else ("loop-exact" if "loop-exact" in outputs else
-                                                 next(iter(outputs), None))
+    records = [dict(memory[n]) for n in workload.methods]
     for rec in records:
-        name = rec["method"]
-        if name in times:
-            rec["seconds"] = statistics.median(times[name])
+        if rec["method"] in times:
+            rec["seconds"] = statistics.median(times[rec["method"]])
             rec["rows_per_s"] = case.rows / rec["seconds"]
-        if name in outputs and ref_name and name != ref_name and workload.kind != "mc":
-            rec["check_vs"] = ref_name
-            rec["max_rel_diff"] = difference(outputs[name], outputs[ref_name])
     base = next((r for r in records if r["method"] == workload.methods[0] and "seconds" in r), None)
     for rec in records:
         if base and "seconds" in rec:
             rec["time_ratio"] = rec["seconds"] / base["seconds"]
             if rec.get("peak_bytes") is not None and base.get("peak_bytes"):
                 rec["memory_ratio"] = rec["peak_bytes"] / base["peak_bytes"]
-    del case, outputs
+    del case
     gc.collect()
     if cuda:
         torch.cuda.empty_cache()

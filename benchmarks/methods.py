@@ -1,11 +1,11 @@
-"""Every method the runner times: fisher_fast, the plain floor, and the peers.
+r"""Every method the runner times: fisher_fast, the plain floor, and the peers.
 
 A method is ``fn(case) -> dict | None``: what it computed, for the cross-check
 (``{parameter name: Tensor}`` of E[g²] or of the exact/MC Fisher, ``{name: total}`` for group
 statistics, score tensors for the pipeline), or ``None`` (the floor). All of them compute
 the same quantity on the same model and batch: per-row losses are the mean NLL over a
 row's tokens (causal LM, no padding) or a classifier's cross-entropy, and E[g²] is
-:math:`\\frac1N \\sum_n g_n^2` of those per-row gradients. A peer that cannot run a model
+:math:`\frac1N \sum_n g_n^2` of those per-row gradients. A peer that cannot run a model
 raises; the runner records the error. Notes on what a peer gets wrong are attached to its
 result under ``"__notes__"``.
 """
@@ -272,7 +272,7 @@ def _nngeometry(case, build):
 
 
 def nngeometry_full(case):
-    """nngeometry ``FIM(variant="regression")`` of the per-row losses: E[g²] (PMatDiag)."""
+    """Nngeometry ``FIM(variant="regression")`` of the per-row losses: E[g²] (PMatDiag)."""
     from nngeometry.metrics import FIM
 
     def build(model, loader, rep, lc, key):
@@ -283,14 +283,14 @@ def nngeometry_full(case):
 
 
 def nngeometry_exact(case):
-    """nngeometry ``FIM(variant="classif_logits")``: the exact Fisher (Cholesky columns)."""
+    """Nngeometry ``FIM(variant="classif_logits")``: the exact Fisher (Cholesky columns)."""
     from nngeometry.metrics import FIM
     return _nngeometry(case, lambda m, loader, rep, lc, key: FIM(
         m, loader, rep, variant="classif_logits", layer_collection=lc))
 
 
 def nngeometry_mc(case):
-    """nngeometry ``FIM_MonteCarlo`` with one trial (its own draws)."""
+    """Nngeometry ``FIM_MonteCarlo`` with one trial (its own draws)."""
     from nngeometry.metrics import FIM_MonteCarlo
     return _nngeometry(case, lambda m, loader, rep, lc, key: FIM_MonteCarlo(
         m, loader, rep, trials=1, layer_collection=lc))

@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
 
 import torch
 
-from .measure import environment, run_workload
+from .measure import environment, lean_allocator, memory_and_checks, run_workload
 from .workloads import suite
 
 
@@ -48,6 +49,19 @@ def table(workload, records: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _memory_in_child(workload, args, device) -> dict:
+    """``memory_and_checks`` of one workload in a fresh process (CPU peaks, see measure.py)."""
+    cmd = [sys.executable, "-m", "benchmarks.run", "--suite", args.suite, "--device", device,
+           "--memory-child", workload.name] + (["--quick"] if args.quick else []) + \
+        (["--threads", str(args.threads)] if args.threads else [])
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("{")]
+    if out.returncode or not lines:
+        err = (out.stderr.strip().splitlines() or ["no output"])[-1][:240]
+        return {m: {"method": m, "error": f"memory child failed: {err}"} for m in workload.methods}
+    return json.loads(lines[-1])
+
+
 def main(argv=None) -> int:
     """Run the suite; print the tables; write ``--json-out`` and ``--md-out``."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -59,6 +73,7 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="tiny shapes (a smoke test of the runner)")
     p.add_argument("--json-out", default=None)
     p.add_argument("--md-out", default=None)
+    p.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     device = args.device or ("cuda" if args.suite == "gpu" else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -70,6 +85,11 @@ def main(argv=None) -> int:
     torch.backends.cuda.matmul.allow_tf32 = False  # float32 unless a -tf32 method says otherwise
     torch.backends.cudnn.allow_tf32 = False
     workloads = suite(args.suite, quick=args.quick)
+    if args.memory_child is not None:  # one workload's memory and cross-checks, as JSON
+        lean_allocator()
+        w = next(w for w in workloads if w.name == args.memory_child)
+        print(json.dumps(memory_and_checks(w, device, log=lambda s: print(s, file=sys.stderr))))
+        return 0
     if args.only:
         keys = args.only.split(",")
         workloads = [w for w in workloads if any(k in w.name for k in keys)]
@@ -78,7 +98,9 @@ def main(argv=None) -> int:
           f"{env['threads']} threads, {env['date_utc']}", flush=True)
     out, tables = [], []
     for w in workloads:
-        records = run_workload(w, device, args.rounds, log=lambda s: print(s, file=sys.stderr, flush=True))
+        memory = None if device.startswith("cuda") else _memory_in_child(w, args, device)
+        records = run_workload(w, device, args.rounds, memory=memory,
+                               log=lambda s: print(s, file=sys.stderr, flush=True))
         out.append({"name": w.name, "kind": w.kind, "methods": list(w.methods), "results": records})
         tables.append(table(w, records))
         print("\n" + tables[-1], flush=True)

@@ -170,7 +170,8 @@ def suite(name: str, quick: bool = False) -> list[Workload]:
     gpu = name == "gpu"
     if quick:
         lm = dict(layers=1, d=32, heads=2, vocab=64)
-        lm_rows, lm_seq, widths, img_rows, pipe_rows, sweep = 4, 8, (20, 16, 16, 5), 8, (4,), ((2, 8), (4, 16))
+        lm_rows, lm_seq, widths, img_rows = 4, 8, (20, 16, 16, 5), 8
+        pipe_rows, sweep = (4,), ((2, 8), (4, 16))
         stream_shape = (3, 2, 8)
         lm_shape = gpt2(**lm, rows=lm_rows, seq=lm_seq)
         gqa = llama(layers=1, d=32, heads=4, kv_heads=2, vocab=64, rows=lm_rows, seq=lm_seq)

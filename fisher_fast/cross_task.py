@@ -91,7 +91,8 @@ def cross_task(model: torch.nn.Module, batch_a: dict, batch_b: dict, *,
     Args:
         model: the model (eval mode, rows independent); its attention layout is detected
             unless ``layout`` is given.
-        batch_a, batch_b: task A's and task B's batches.
+        batch_a: task A's batch.
+        batch_b: task B's batch.
         contributions: ``"attention"`` (C_u of the attention slices' parameters),
             ``"all"`` (of every trainable parameter) or ``None``.
         store: a ``ContributionStore`` to file the contributions in, under ``tasks``; the
@@ -104,9 +105,16 @@ def cross_task(model: torch.nn.Module, batch_a: dict, batch_b: dict, *,
         conflicts: ``True``, ``False``, or a dict of ``conflicts``' options (``groups``,
             ``n_permutations``, ``seed``, ``n_bootstrap``, ``fdr``).
         tasks: the two task names (for the store and the result).
-        layout, include_bias: as for ``interference`` and ``conflicts``.
-        loss_fn, unit, weighting, dtype, chunk_size, memory_budget: as for every estimator.
-        sample_ids_a, sample_ids_b: the units' sample ids, if not in the batches.
+        layout: a declared attention layout (``None``: detected).
+        include_bias: slices also hold the Q/K/V bias entries.
+        loss_fn: per-row loss (``None``: ``causal_lm_loss``).
+        unit: ``"sample"`` or ``"token"``.
+        weighting: ``"sample"`` or ``"token"``.
+        dtype: statistics dtype, float32 (default) or float64.
+        chunk_size: forward rows per chunk (default: from the memory budget).
+        memory_budget: bytes (default: a fraction of free memory).
+        sample_ids_a: task A's sample ids, if not in its batch.
+        sample_ids_b: task B's sample ids, if not in its batch.
 
     Returns:
         CrossTaskResult.

@@ -19,8 +19,8 @@ from fisher_ref.testing.strategies import chunk_sizes
 from fisher_ref.testing.tolerances import tolerance
 
 pytestmark = pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")
-F64 = dict(zip(("rtol", "atol"), tolerance("float64-paths")))
-GRAM = dict(zip(("rtol", "atol"), tolerance("ghost-norm")))
+F64 = dict(zip(("rtol", "atol"), tolerance("float64-paths"), strict=True))
+GRAM = dict(zip(("rtol", "atol"), tolerance("ghost-norm"), strict=True))
 
 
 @st.composite

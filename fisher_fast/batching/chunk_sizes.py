@@ -35,6 +35,10 @@ import torch
 
 
 def available_bytes(device: torch.device) -> int:
+    """Bytes a chunk may use on ``device``.
+
+    Free CUDA memory plus the allocator's unused cache, or the CPU's ``MemAvailable``.
+    """
     device = torch.device(device)
     if device.type == "cuda":  # free, plus what torch's caching allocator holds unused
         free, _ = torch.cuda.mem_get_info(device)
@@ -51,6 +55,7 @@ def available_bytes(device: torch.device) -> int:
 
 
 def default_budget(device) -> int:
+    """The default memory budget: half of ``available_bytes`` on CUDA, a quarter on the CPU."""
     device = torch.device(device)
     frac = 0.5 if device.type == "cuda" else 0.25
     return int(available_bytes(device) * frac)

@@ -82,8 +82,10 @@ def route(n: int, T: int, d_in: int, d_out: int, *, elements: str | None, groups
     """The cheapest ways to give the sink what it wants of one weight.
 
     Args:
-        n, T, d_in, d_out: the chunk's rows, positions per row and the weight's flattened
-            axes.
+        n: the chunk's rows.
+        T: positions per row (tokens, or a convolution's output pixels).
+        d_in: the weight's input axis, flattened (``in * kh * kw`` for a Conv2d).
+        d_out: the weight's output axis.
         elements: what the sink wants per element: ``"second"`` (E[g²] alone: the separable
             form is exact when T = 1), ``"rows"`` (moments, micro-batch states or per-row
             tensors: only materialised rows serve), or ``None``.

@@ -103,7 +103,8 @@ class Capture:
                 # a row-independent input broadcast over the batch (e.g. position ids
                 # [1, T]): give every row its own copy so that its gradient stays per row
                 output = replaced = output.expand(self.n, *output.shape[1:])
-                args, kwargs = _expand(args, self.n), dict(zip(kwargs, _expand(kwargs.values(), self.n)))
+                args = _expand(args, self.n)
+                kwargs = dict(zip(kwargs, _expand(kwargs.values(), self.n), strict=True))
             rule = entry.rule
             saved = rule.save(module, args, kwargs, output)
             if saved is None:  # an RMS-like norm that is not x/rms*w: use functorch

@@ -54,6 +54,7 @@ class LinearRule:
     blocks = True  # per-row weight gradients may be formed block by block (weight_part)
 
     def save(self, module, args, kwargs, output):
+        """What the backward needs of this call: the module's input, detached."""
         return _first_tensor(args, kwargs).detach()
 
     def rows(self, module, saved, dy, sl, dtype):
@@ -73,6 +74,7 @@ class LinearRule:
         return saved[0].numel() // saved.shape[-1], saved.shape[-1], dy.shape[-1]
 
     def grads(self, module, x, dy, sl, dtype, attrs):
+        """Rows ``sl`` of the per-row gradients ``{attr: [s, *shape]}`` of ``attrs``, in ``dtype``."""
         xs, ds = self.rows(module, x, dy, sl, dtype)
         out = {}
         if "weight" in attrs:
@@ -99,8 +101,9 @@ class LinearRule:
 
     def separable(self, module, x, dy, dtype, right: torch.Tensor | None = None
                   ) -> tuple[torch.Tensor, torch.Tensor]:
-        r"""The square-separable factors of a weight whose rows have one position (T = 1),
-        ``(δ² [n, d_out], x² [n, d_in])``:
+        r"""The square-separable factors of a weight whose rows have one position (T = 1).
+
+        They are ``(δ² [n, d_out], x² [n, d_in])``:
 
         .. math:: g_n(W)^2 = (\delta_n x_n^\top)^2 = \delta_n^2 (x_n^2)^\top
                   \quad\Rightarrow\quad \sum_n w_n g_n(W)^2 = (w \odot \delta^2)^\top x^2,
@@ -118,9 +121,10 @@ class LinearRule:
         return d2, right
 
     def gram_norms(self, module, x, dy, sl, dtype, axis: str = "out"):
-        r"""Per-row squared norms of the weight's output units (``axis="out"``), input
-        units (``"in"``) or of the whole weight (``"all"``, the "ghost norm"), from T x T
-        Gram products, without forming per-row gradients:
+        r"""Per-row squared norms of a weight's units, from T x T Gram products.
+
+        The norms of the output units (``axis="out"``), of the input units (``"in"``) or of
+        the whole weight (``"all"``, the "ghost norm"), without forming per-row gradients:
 
         .. math::
 
@@ -176,8 +180,9 @@ def conv2d_padding(module) -> tuple[int, int, int, int] | None:
 
 
 class Conv2dRule(LinearRule):
-    r"""``Conv2d`` (zero padding, ``groups=1``): weight ``[out, in, kh, kw]``. The input's
-    patches (``F.unfold``, im2col) are the T = H_out W_out positions of a Linear layer
+    r"""``Conv2d`` (zero padding, ``groups=1``): weight ``[out, in, kh, kw]``.
+
+    The input's patches (``F.unfold``, im2col) are the T = H_out W_out positions of a Linear layer
     with ``in * kh * kw`` inputs, so every Linear formula applies:
 
     .. math:: g_n(W) = \sum_p \delta_{np}\, \mathrm{unfold}(x_n)_p^\top, \qquad
@@ -195,6 +200,7 @@ class Conv2dRule(LinearRule):
     blocks = False  # one grouped backward per slice: a block would redo the whole input
 
     def grads(self, module, x, dy, sl, dtype, attrs):
+        """Rows ``sl`` of the per-row gradients ``{attr: [s, *shape]}`` of ``attrs``, in ``dtype``."""
         out = {}
         if "weight" in attrs:
             out["weight"] = self._weight_rows(module, x[sl], dy[sl], dtype)
@@ -219,6 +225,7 @@ class Conv2dRule(LinearRule):
         return g.reshape(s, o, c_in, kh, kw)
 
     def inputs(self, module, saved, sl, dtype):
+        """Rows ``sl`` of the input's patches, ``[s, P, in kh kw]`` (zero-padded, unfolded)."""
         x = saved[sl].to(dtype)
         if any(conv2d_padding(module)):
             x = F.pad(x, conv2d_padding(module))
@@ -226,10 +233,12 @@ class Conv2dRule(LinearRule):
                         stride=_pair(module.stride)).transpose(1, 2)  # [s, P, in kh kw]
 
     def deltas(self, module, dy, sl, dtype):
+        """Rows ``sl`` of δ with its positions flattened, ``[s, P, out]``."""
         ds = dy[sl].to(dtype)
         return ds.reshape(ds.shape[0], ds.shape[1], -1).transpose(1, 2)  # [s, P, out]
 
     def dims(self, module, saved, dy) -> tuple[int, int, int]:
+        """``(T, d_in, d_out)``: positions per row and the weight's two flattened axes."""
         return dy[0, 0].numel(), module.weight[0].numel(), dy.shape[1]
 
 class EmbeddingRule:
@@ -242,9 +251,11 @@ class EmbeddingRule:
     attrs = ("weight",)
 
     def save(self, module, args, kwargs, output):
+        """What the backward needs of this call: the module's input, detached."""
         return _first_tensor(args, kwargs).detach()
 
     def grads(self, module, ids, dy, sl, dtype, attrs):
+        """Rows ``sl`` of the dense per-row gradient ``{'weight': [s, V, d]}``."""
         s, V, d = ids[sl].shape[0], module.num_embeddings, dy.shape[-1]
         g = torch.zeros((s, V, d), dtype=dtype, device=dy.device)
         return {"weight": self.add_into(g, module, ids[sl], dy[sl])}
@@ -264,8 +275,9 @@ class EmbeddingRule:
         return out
 
     def pairs(self, module, ids, dy, dtype):
-        r"""Per-row gradients of the embedding rows each row touches, without the dense
-        ``[n, V, d]`` tensor: one entry per distinct (row n, token v) pair,
+        r"""Per-row gradients of the embedding rows each row touches, without ``[n, V, d]``.
+
+        One entry per distinct (row n, token v) pair,
 
         .. math:: g_n(E)[v] = \sum_{t:\ \mathrm{id}_{nt} = v} \delta_{nt}
 
@@ -295,9 +307,11 @@ class LayerNormRule:
     attrs = ("weight", "bias")
 
     def save(self, module, args, kwargs, output):
+        """What the backward needs of this call: the module's input, detached."""
         return _first_tensor(args, kwargs).detach()
 
     def grads(self, module, x, dy, sl, dtype, attrs):
+        """Rows ``sl`` of the per-row gradients ``{attr: [s, *shape]}`` of ``attrs``, in ``dtype``."""
         k = len(module.normalized_shape)
         xhat = F.layer_norm(x[sl], module.normalized_shape, None, None, module.eps)
         shape = (xhat.shape[0], -1, *xhat.shape[xhat.dim() - k:])
@@ -311,6 +325,7 @@ class LayerNormRule:
 
 
 def rms_eps(module):
+    """The module's epsilon (``variance_epsilon`` or ``eps``, a float), or ``None``."""
     for a in ("variance_epsilon", "eps"):
         v = getattr(module, a, None)
         if isinstance(v, float):
@@ -340,6 +355,7 @@ class RMSNormRule:
         self._verified = weakref.WeakKeyDictionary()  # module -> {dtype: upcast}
 
     def save(self, module, args, kwargs, output):
+        """What the backward needs of this call: the module's input, detached."""
         x = _first_tensor(args, kwargs).detach()
         known = self._verified.setdefault(module, {})
         if x.dtype not in known:
@@ -357,6 +373,7 @@ class RMSNormRule:
         return x, known[x.dtype]
 
     def grads(self, module, saved, dy, sl, dtype, attrs):
+        """Rows ``sl`` of the per-row gradients ``{attr: [s, *shape]}`` of ``attrs``, in ``dtype``."""
         x, upcast = saved
         xhat = rms_normalise(x[sl], rms_eps(module), upcast)
         xs, ds = _rows(xhat, slice(None), dtype), _rows(dy, sl, dtype)
@@ -373,32 +390,35 @@ class FunctorchRule:
     attrs = None  # whatever direct parameters the plan assigns
 
     def save(self, module, args, kwargs, output):
+        """What the backward needs of this call: the module's input, detached."""
         def det(v):
             return v.detach() if isinstance(v, torch.Tensor) else v
         return tuple(det(a) for a in args), {k: det(v) for k, v in kwargs.items()}
 
     def grads(self, module, saved, dy, sl, dtype, attrs):
+        """Rows ``sl`` of the per-row gradients ``{attr: [s, *shape]}`` of ``attrs``, in ``dtype``."""
         from torch.func import functional_call, grad, vmap
 
         args, kwargs = saved
         n = dy.shape[0]
         is_batched = [isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == n
                       for v in list(args) + list(kwargs.values())]
-        flat = [v[sl] if b else v for v, b in zip(list(args) + list(kwargs.values()), is_batched)]
+        values = list(args) + list(kwargs.values())
+        flat = [v[sl] if b else v for v, b in zip(values, is_batched, strict=True)]
         keys = list(kwargs)
         params = {a: getattr(module, a).detach() for a in attrs}
 
         def inner(p, batched, d):
             it = iter(batched)
-            vals = [next(it).unsqueeze(0) if b else v for v, b in zip(flat, is_batched)]
-            a_vals, k_vals = vals[:len(args)], dict(zip(keys, vals[len(args):]))
+            vals = [next(it).unsqueeze(0) if b else v for v, b in zip(flat, is_batched, strict=True)]
+            a_vals, k_vals = vals[:len(args)], dict(zip(keys, vals[len(args):], strict=True))
             out = functional_call(module, p, tuple(a_vals), k_vals)
             if not isinstance(out, torch.Tensor):
                 raise ValueError(f"functorch capture: expected {type(module).__name__} to return "
                                  f"a tensor, got {type(out).__name__}.")
             return (out.squeeze(0) * d).sum()
 
-        batched = [v for v, b in zip(flat, is_batched) if b]
+        batched = [v for v, b in zip(flat, is_batched, strict=True) if b]
         g = vmap(grad(inner), in_dims=(None, 0, 0))(params, batched, dy[sl])
         return {a: v.to(dtype) for a, v in g.items()}
 

@@ -25,9 +25,11 @@ class _Sink:
         self.got = set()
 
     def received(self, name: str) -> bool:
+        """Whether ``name`` got rows in the current backward pass."""
         return name in self.got
 
     def add_zero(self, name, p, n):
+        """Zero gradients for ``n`` rows of a parameter the loss does not reach."""
         shape = (n, *p.shape)
         self.add(name, torch.zeros(shape, dtype=self.w.dtype, device=self.w.device), 0)
 
@@ -42,9 +44,11 @@ class PerUnitSink(_Sink):
                     for name, p in params.items()}
 
     def wants(self, name):
+        """``(full, group spec)``: whether the sink wants ``name``'s per-row gradients, and its groups."""
         return name in self.out, None
 
     def add(self, name, g, start):
+        """Rows ``start, ...`` of ``name``'s per-row gradients, ``g [s, *shape]``."""
         at = self.offset + start
         self.out[name][at:at + g.shape[0]] = g
         self.got.add(name)
@@ -132,6 +136,10 @@ class SquareSums(_BlockSums):
 
     def add(self, g: torch.Tensor, w: torch.Tensor, part: slice | None = None,
             owned: bool = False) -> None:
+        """More rows ``g [s, *shape]`` (or of block ``part``) with weights ``w``.
+
+        ``owned``: ``g`` may be overwritten.
+        """
         self._flush()
         S = _block(self.S, part)
         beta = 0 if self._begin(w, part) and not self.written else 1
@@ -221,10 +229,12 @@ class MomentSink(_Sink):
             self._merge_groups(name, f, w)
 
     def wants(self, name):
+        """``(full, group spec)``: whether the sink wants ``name``'s per-row gradients, and its groups."""
         return name in self.full or any(name in st for st in self.micro.values()), \
             self.groups.get(name)
 
     def add(self, name, g, start):
+        """Rows ``start, ...`` of ``name``'s per-row gradients, ``g [s, *shape]``."""
         w = self.w[start:start + g.shape[0]].to(g.dtype)
         self.got.add(name)
         if name in self.full:
@@ -275,6 +285,7 @@ class MomentSink(_Sink):
         return self.sums[name]
 
     def add_groups(self, name, f, start):
+        """Rows ``start, ...`` of ``name``'s group values f = R(g²), ``[s, n_groups]``."""
         w = self.w[start:start + f.shape[0]].to(f.dtype)
         self.got.add(name)
         self._merge_groups(name, f, w)

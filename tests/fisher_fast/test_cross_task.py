@@ -111,7 +111,8 @@ def test_a_failure_files_nothing(tmp_path):
     pytest.param(dict(interference=dict(top=3)), r"interference: expected options among .*'top'",
                  id="unknown-interference-option"),
     pytest.param(dict(conflicts="yes"), "conflicts: expected True, False or a dict", id="conflicts-str"),
-    pytest.param(dict(store="s", contributions=None), "store: expected contributions=", id="store-no-contrib"),
+    pytest.param(dict(store="s", contributions=None), "store: expected contributions=",
+                 id="store-no-contrib"),
     pytest.param(dict(contributions=None, interference=False, conflicts=False, return_contributions=False),
                  "expected something to compute", id="nothing-asked"),
 ])

@@ -15,8 +15,8 @@ from tests.fisher_fast._classifiers import classifier_batch, cnn, mlp
 # the CNN's first layer pads asymmetrically on purpose (padding="same", even kernel)
 pytestmark = pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")
 
-F64 = dict(zip(("rtol", "atol"), tolerance("float64-paths")))
-GRAM = dict(zip(("rtol", "atol"), tolerance("ghost-norm")))
+F64 = dict(zip(("rtol", "atol"), tolerance("float64-paths"), strict=True))
+GRAM = dict(zip(("rtol", "atol"), tolerance("ghost-norm"), strict=True))
 
 
 def test_one_position_e_g2_is_separable_and_moments_materialise():

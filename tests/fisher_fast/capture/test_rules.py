@@ -8,7 +8,7 @@ from fisher_ref.testing.compare import assert_dicts_close
 from fisher_ref.testing.tolerances import tolerance
 from tests.fisher_fast._fast_modules import TinyLM, row_gradients, tiny_batch
 
-GRAM = dict(zip(("rtol", "atol"), tolerance("ghost-norm")))
+GRAM = dict(zip(("rtol", "atol"), tolerance("ghost-norm"), strict=True))
 
 
 @pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
@@ -16,7 +16,8 @@ def test_per_row_gradients_match_autograd(tied):
     model, batch = TinyLM(tied=tied), tiny_batch()
     got = ff.per_sample_gradients(model, batch, dtype=torch.float64, chunk_size=3)
     want = row_gradients(model, batch, ff.causal_lm_loss)
-    assert_dicts_close(got.tensors, want, **dict(zip(("rtol", "atol"), tolerance("float64-paths"))))
+    tol = dict(zip(("rtol", "atol"), tolerance("float64-paths"), strict=True))
+    assert_dicts_close(got.tensors, want, **tol)
 
 
 def test_padding_row_of_embedding_gets_no_gradient():
@@ -107,7 +108,7 @@ def test_sparse_embedding_moments_equal_dense_rows(monkeypatch):
     fisher = ff.empirical_fisher(model, batch, **kw)
     variance = ff.gradient_variance(model, batch, **kw)
     groups = ff.group_fisher(model, batch, **kw)
-    tol = dict(zip(("rtol", "atol"), tolerance("float64-paths")))
+    tol = dict(zip(("rtol", "atol"), tolerance("float64-paths"), strict=True))
     for name in ("emb.weight", "pos.weight"):
         g = rows[name]
         torch.testing.assert_close(fisher[name], g.square().mean(0), **tol)
@@ -125,7 +126,7 @@ def test_sparse_embedding_path_equals_oracle(monkeypatch):
                                    tie_embeddings=False)).double()
     batch = random_batch(vocab_size=5, batch_size=4, seq_len=6, seed=2, empty_rows=(1,))
     _sparse_only(monkeypatch)
-    tol = dict(zip(("rtol", "atol"), tolerance("float64-paths")))
+    tol = dict(zip(("rtol", "atol"), tolerance("float64-paths"), strict=True))
     for fast, ref in [(ff.empirical_fisher, fr.empirical_fisher),
                       (ff.gradient_variance, fr.gradient_variance)]:
         assert_dicts_close(fast(model, batch, dtype=torch.float64, chunk_size=3),
@@ -143,7 +144,7 @@ def test_tied_embedding_scatters_into_the_shared_buffer(monkeypatch):
     model = build_model(TinyConfig(arch="gpt2", num_layers=1, vocab_size=5)).double()
     assert model.lm_head.weight is model.transformer.wte.weight
     batch = random_batch(vocab_size=5, batch_size=4, seq_len=6, seed=2, empty_rows=(1,))
-    tol = dict(zip(("rtol", "atol"), tolerance("float64-paths")))
+    tol = dict(zip(("rtol", "atol"), tolerance("float64-paths"), strict=True))
     got = ff.per_sample_gradients(model, batch, dtype=torch.float64, chunk_size=2)
     want = fr.per_sample_gradients(model, batch)
     torch.testing.assert_close(got.tensors["transformer.wte.weight"],
@@ -177,7 +178,8 @@ def test_conv2d_per_row_gradients_via_unfold_match_autograd(conv):
     got = ff.per_sample_gradients(model, batch, loss_fn=ff.sequence_classification_loss,
                                   dtype=torch.float64, chunk_size=2)
     want = row_gradients(model, batch, ff.sequence_classification_loss)
-    assert_dicts_close(got.tensors, want, **dict(zip(("rtol", "atol"), tolerance("float64-paths"))))
+    tol = dict(zip(("rtol", "atol"), tolerance("float64-paths"), strict=True))
+    assert_dicts_close(got.tensors, want, **tol)
 
 
 @pytest.mark.parametrize("conv", [dict(groups=2), dict(padding=1, padding_mode="reflect")],
