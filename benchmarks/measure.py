@@ -104,11 +104,13 @@ def _flat(out: dict) -> dict:
     return out["__totals__"] if "__totals__" in out else {k: v for k, v in out.items() if k != NOTES}
 
 
-def difference(out: dict, ref: dict) -> float:
-    """Largest norm-relative difference over the tensors both have (``inf`` if none)."""
+def difference(out: dict, ref: dict) -> tuple[float, str | None, int]:
+    """``(largest norm-relative difference, the tensor where it is, how many of the
+    reference's tensors are missing)`` over the tensors both have (``inf`` if none).
+    """
     a, b = _flat(out), _flat(ref)
     grouped = "__totals__" in out and "__totals__" not in ref
-    worst, shared = 0.0, 0
+    worst, where, shared = 0.0, None, 0
     for name, want in b.items():
         if name not in a:
             continue
@@ -116,9 +118,11 @@ def difference(out: dict, ref: dict) -> float:
         got = a[name].double().cpu()
         want = want.double().cpu()
         scale = float(want.norm()) or 1.0
-        worst = max(worst, float((got.reshape(want.shape) - want).norm()) / scale)
+        d = float((got.reshape(want.shape) - want).norm()) / scale
+        if d >= worst:
+            worst, where = d, name
         shared += 1
-    return worst if shared else float("inf")
+    return (worst if shared else float("inf")), where, len(b) - shared
 
 
 def memory_and_checks(workload, device: str, log=print) -> dict:
@@ -145,8 +149,9 @@ def memory_and_checks(workload, device: str, log=print) -> dict:
                                             next(iter(outputs), None))
     for name, out in outputs.items():
         if name != ref and workload.kind != "mc":
-            records[name]["check_vs"] = ref
-            records[name]["max_rel_diff"] = difference(out, outputs[ref])
+            d, where, missing = difference(out, outputs[ref])
+            records[name].update(check_vs=ref, max_rel_diff=d, worst_tensor=where,
+                                 missing_tensors=missing)
     return records
 
 

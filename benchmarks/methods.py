@@ -303,25 +303,53 @@ def _scores(inter, conf) -> dict:
     return out
 
 
+def _loop_gradients(case, batch, names=None):
+    """``PerUnit`` of every row's gradient (of ``names``, default all) by a micro-batch-of-one
+    loop: one forward + backward per row, plain autograd.
+    """
+    from fisher_fast.results import PerUnit
+
+    params = {n: p for n, p in _params(case.model).items() if names is None or n in names}
+    rows = [torch.autograd.grad(row_losses(case.model, _rows(batch, i), case.family).sum(),
+                                list(params.values()))
+            for i in range(batch["labels"].shape[0])]
+    g = {n: torch.stack([r[k] for r in rows]) for k, n in enumerate(params)}
+    return PerUnit(g, list(range(len(rows))), torch.ones(len(rows)))
+
+
+def _slice_names(lay) -> list:
+    return list(dict.fromkeys(n for la in lay.layers for n in (la.q, la.k, la.v, la.o)))
+
+
 def pipeline_naive(case):
-    """Per-sample gradients by a micro-batch-of-one loop, computed once per task and shared:
-    contributions of every parameter, interference and conflicts from them.
+    """The naive pipeline: every phase computes its own per-sample gradients by a
+    micro-batch-of-one loop — contributions of every parameter (A, then B), interference
+    (A's and B's attention slices), conflicts (again) — as three separate tools would.
     """
     from fisher_fast.conflicts import conflicts_from_units
     from fisher_fast.interference import interference_from_units
-    from fisher_fast.results import PerUnit
 
-    params = _params(case.model)
-    per_task = []
+    lay = ff.attention_layout(case.model)
+    slices = _slice_names(lay)
     for batch in case.tasks:
-        rows = []
-        for i in range(batch["labels"].shape[0]):
-            grads = torch.autograd.grad(row_losses(case.model, _rows(batch, i), case.family).sum(),
-                                        list(params.values()))
-            rows.append(grads)
-        g = {n: torch.stack([r[k] for r in rows]) for k, n in enumerate(params)}
-        _ = {n: t.square() for n, t in g.items()}  # the contributions C_u = g_u²
-        per_task.append(PerUnit(g, list(range(len(rows))), torch.ones(len(rows))))
+        g = _loop_gradients(case, batch)
+        _ = {n: t.square_() for n, t in g.tensors.items()}  # C_u = g_u²
+    inter = interference_from_units(lay, *(_loop_gradients(case, b, slices) for b in case.tasks))
+    conf = conflicts_from_units(*(_loop_gradients(case, b, slices) for b in case.tasks),
+                                layout=lay, n_permutations=N_PERMUTATIONS)
+    return _scores(inter, conf)
+
+
+def pipeline_shared_loop(case):
+    """Per-sample gradients by a micro-batch-of-one loop computed once per task and shared
+    by the contributions, interference and conflicts (a careful hand-written pipeline).
+    """
+    from fisher_fast.conflicts import conflicts_from_units
+    from fisher_fast.interference import interference_from_units
+
+    per_task = [_loop_gradients(case, b) for b in case.tasks]
+    for g in per_task:
+        _ = {n: t.square() for n, t in g.tensors.items()}  # C_u = g_u²
     lay = ff.attention_layout(case.model)
     inter = interference_from_units(lay, *per_task)
     conf = conflicts_from_units(*per_task, layout=lay, n_permutations=N_PERMUTATIONS)
@@ -376,7 +404,8 @@ METHODS = {
     "backpack": backpack_full, "backpack-exact": backpack_exact, "backpack-mc": backpack_mc,
     "nngeometry": nngeometry_full, "nngeometry-exact": nngeometry_exact,
     "nngeometry-mc": nngeometry_mc,
-    "naive-loop": pipeline_naive, "separate-calls": pipeline_separate, "cross_task": pipeline_cross_task,
+    "naive-loop": pipeline_naive, "shared-loop": pipeline_shared_loop,
+    "separate-calls": pipeline_separate, "cross_task": pipeline_cross_task,
     "accumulator": accumulator, "accumulator-fisher": lambda c: accumulator(c, "fisher"),
     "one-shot": one_shot,
     "fwd+bwd-tf32": lambda c: fwd_bwd(c, tf32=True),

@@ -40,12 +40,19 @@ def table(workload, records: list[dict]) -> str:
             continue
         peak = r.get("peak_bytes")
         check = f"{r['max_rel_diff']:.1e} ({r['check_vs']})" if "max_rel_diff" in r else "–"
+        if r.get("max_rel_diff", 0) > 1e-4:
+            check += f", worst {r.get('worst_tensor')}"
+        if r.get("missing_tensors"):
+            check += f", {r['missing_tensors']} tensors missing"
         lines.append(f"| {r['method']} | {_fmt(r.get('seconds', 0) * 1e3, '.1f')} | "
                      f"{_fmt(r.get('rows_per_s'), '.1f')} | "
                      f"{_fmt(None if peak is None else peak / 2**20, '.1f')} | "
                      f"{_fmt(r.get('time_ratio'), '.2f')} | {_fmt(r.get('memory_ratio'), '.2f')} | {check} |")
-        for note in r.get("notes", [])[:4]:
+        notes = r.get("notes", [])
+        for note in notes[:2]:
             lines.append(f"| ↳ {r['method']} note | {note} | | | | | |")
+        if len(notes) > 2:
+            lines.append(f"| ↳ {r['method']} note | … and {len(notes) - 2} more like these | | | | | |")
     return "\n".join(lines)
 
 

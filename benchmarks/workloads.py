@@ -158,7 +158,7 @@ FULL = ("fwd+bwd", "fisher_fast", "fisher_fast-group", "loop", "vmap", "opacus",
         "nngeometry")
 EXACT = ("fwd+bwd", "fisher_fast-exact", "loop-exact", "backpack-exact", "nngeometry-exact")
 MC = ("fwd+bwd", "fisher_fast-mc", "backpack-mc", "nngeometry-mc")
-PIPELINE = ("naive-loop", "separate-calls", "cross_task")
+PIPELINE = ("naive-loop", "shared-loop", "separate-calls", "cross_task")
 STREAM = ("fwd+bwd", "accumulator", "accumulator-fisher", "one-shot", "loop")
 GPU_EXTRA = ("fwd+bwd-tf32", "fisher_fast-tf32", "fwd+bwd-bf16", "fisher_fast-bf16")
 

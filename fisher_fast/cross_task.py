@@ -192,8 +192,8 @@ def _gradients_once(model, batch, sample_ids, opts: Options, wanted, scored, fil
             empty += g.empty_ids
     w = torch.cat(weights)
 
-    def stacked(parts: dict) -> dict:
-        return {n: torch.cat(ts) for n, ts in parts.items() if ts}
+    def stacked(parts: dict) -> dict:  # one chunk (the usual case) is not copied
+        return {n: ts[0] if len(ts) == 1 else torch.cat(ts) for n, ts in parts.items() if ts}
 
     return (PerUnit(stacked(grads), list(ids), w, list(empty)),
             PerUnit(stacked(contrib), list(ids), w, list(empty)))

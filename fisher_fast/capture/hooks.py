@@ -174,7 +174,9 @@ class Capture:
                 if parts:
                     self._deliver_parts(entry, rule, saved, dy, sl, parts)
                 if full_attrs:
-                    grads = rule.grads(module, saved, dy, sl, self.dtype, full_attrs)
+                    into = self._rows_into(entry, rule, full_attrs, sl)
+                    grads = rule.grads(module, saved, dy, sl, self.dtype, full_attrs,
+                                       **({"into": into} if into else {}))
                     for a, g in grads.items():
                         self._deliver(entry.names[a], g, sl)
         finally:
@@ -283,6 +285,23 @@ class Capture:
                 mapped = (mapped[0], mapped[1].to(device))
             hit = self.plan.gram_maps[(name, id(spec))] = (spec, mapped, device)
         return None if hit[1] is None else (*hit[1], spec.n_groups)
+
+    def _rows_into(self, entry, rule, attrs, sl) -> dict:
+        """``{attr: the sink's own rows}`` for the attributes used once that a row-storing
+        sink (``per_sample_gradients``) keeps, when the rule can write there: the per-row
+        gradients are then formed in place, not copied.
+        """
+        view = getattr(self.sink, "rows_view", None)
+        if view is None or not getattr(rule, "writes_rows", False):
+            return {}
+        out = {}
+        for a in attrs:
+            name = entry.names[a]
+            if self.uses.get(name, 0) == 1:
+                v = view(name, sl.start, sl.stop - sl.start)
+                if v is not None and v.dtype == self.dtype:
+                    out[a] = v
+        return out
 
     def _deliver(self, name, g, sl):
         if self.uses.get(name, 0) == 1:

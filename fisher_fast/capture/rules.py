@@ -73,19 +73,28 @@ class LinearRule:
         """``(T, d_in, d_out)``: positions per row and the weight's two flattened axes."""
         return saved[0].numel() // saved.shape[-1], saved.shape[-1], dy.shape[-1]
 
-    def grads(self, module, x, dy, sl, dtype, attrs):
-        """Rows ``sl`` of the per-row gradients ``{attr: [s, *shape]}`` of ``attrs``, in ``dtype``."""
+    writes_rows = True  # ``grads`` can write into the sink's rows (``into``)
+
+    def grads(self, module, x, dy, sl, dtype, attrs, into: dict | None = None):
+        """Rows ``sl`` of the per-row gradients ``{attr: [s, *shape]}`` of ``attrs``, in ``dtype``.
+
+        ``into``: ``{attr: Tensor[s, *shape]}`` to write them in (the sink's own rows, so
+        that nothing is copied), for the attributes it names.
+        """
         xs, ds = self.rows(module, x, dy, sl, dtype)
+        into = into or {}
         out = {}
         if "weight" in attrs:
-            g = self._weight(xs, ds)
+            dest = into.get("weight")
+            g = self._weight(xs, ds, None if dest is None else dest.view(dest.shape[0], -1,
+                                                                           dest.shape[-1]))
             out["weight"] = g.reshape(g.shape[0], *module.weight.shape)
         if "bias" in attrs:
-            out["bias"] = ds.sum(dim=1)
+            out["bias"] = torch.sum(ds, dim=1, out=into.get("bias"))
         return out
 
-    def _weight(self, xs, ds):
-        return torch.einsum("nto,nti->noi", ds, xs)
+    def _weight(self, xs, ds, out=None):
+        return torch.bmm(ds.transpose(1, 2), xs, out=out)  # [s, out, in]: Σ_t δ_t x_tᵀ
 
     def weight_part(self, module, x, dy, sl, dtype, part: slice):
         """Rows ``sl`` of the weight's per-row gradient, block ``part`` of its first axis
@@ -152,8 +161,8 @@ class Conv1DRule(LinearRule):
     name = "conv1d"
     out_axis = 1
 
-    def _weight(self, xs, ds):
-        return torch.einsum("nti,nto->nio", xs, ds)
+    def _weight(self, xs, ds, out=None):
+        return torch.bmm(xs.transpose(1, 2), ds, out=out)  # [s, in, out]: Σ_t x_t δ_tᵀ
 
     def _weight_part(self, xs, ds, part):
         return self._weight(xs[..., part], ds)
@@ -198,6 +207,7 @@ class Conv2dRule(LinearRule):
 
     name = "conv2d"
     blocks = False  # one grouped backward per slice: a block would redo the whole input
+    writes_rows = False
 
     def grads(self, module, x, dy, sl, dtype, attrs):
         """Rows ``sl`` of the per-row gradients ``{attr: [s, *shape]}`` of ``attrs``, in ``dtype``."""
@@ -254,10 +264,15 @@ class EmbeddingRule:
         """What the backward needs of this call: the module's input, detached."""
         return _first_tensor(args, kwargs).detach()
 
-    def grads(self, module, ids, dy, sl, dtype, attrs):
-        """Rows ``sl`` of the dense per-row gradient ``{'weight': [s, V, d]}``."""
+    writes_rows = True
+
+    def grads(self, module, ids, dy, sl, dtype, attrs, into: dict | None = None):
+        """Rows ``sl`` of the dense per-row gradient ``{'weight': [s, V, d]}`` (written
+        into ``into["weight"]`` when given).
+        """
         s, V, d = ids[sl].shape[0], module.num_embeddings, dy.shape[-1]
-        g = torch.zeros((s, V, d), dtype=dtype, device=dy.device)
+        dest = (into or {}).get("weight")
+        g = torch.zeros((s, V, d), dtype=dtype, device=dy.device) if dest is None else dest.zero_()
         return {"weight": self.add_into(g, module, ids[sl], dy[sl])}
 
     def add_into(self, out: torch.Tensor, module, ids, dy) -> torch.Tensor:

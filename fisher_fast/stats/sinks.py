@@ -48,10 +48,21 @@ class PerUnitSink(_Sink):
         return name in self.out, None
 
     def add(self, name, g, start):
-        """Rows ``start, ...`` of ``name``'s per-row gradients, ``g [s, *shape]``."""
+        """Rows ``start, ...`` of ``name``'s per-row gradients, ``g [s, *shape]`` (no copy
+        when ``g`` is already those rows, from ``rows_view``).
+        """
         at = self.offset + start
-        self.out[name][at:at + g.shape[0]] = g
+        dest = self.out[name][at:at + g.shape[0]]
+        if g.data_ptr() != dest.data_ptr() or g.shape != dest.shape:
+            dest.copy_(g)
         self.got.add(name)
+
+    def rows_view(self, name, start, n):
+        """The stored rows ``start .. start + n`` of ``name`` (to be written in place)."""
+        if name not in self.out:
+            return None
+        at = self.offset + start
+        return self.out[name][at:at + n]
 
 
 class _BlockSums:
