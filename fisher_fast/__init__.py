@@ -43,13 +43,15 @@ from .attention.layouts import AttentionLayout, LayerAttention, attention_layout
 from .attention.slicing import head_group_ids, qkov_mask  # noqa: E402
 from .conflicts import ConflictResult, conflicts  # noqa: E402
 from .contributions import per_sample_contributions  # noqa: E402
+from .cross_task import CrossTaskResult, cross_task  # noqa: E402
 from .fdr import bh_qvalues, by_qvalues  # noqa: E402
 from .interference import InterferenceResult, interference  # noqa: E402
 from .store.contribution_store import ContributionStore  # noqa: E402
 
 __all__ += [
-    "AttentionLayout", "ConflictResult", "ContributionStore", "InterferenceResult",
-    "LayerAttention", "attention_layout", "bh_qvalues", "by_qvalues", "conflicts",
+    "AttentionLayout", "ConflictResult", "ContributionStore", "CrossTaskResult",
+    "InterferenceResult", "LayerAttention", "attention_layout", "bh_qvalues", "by_qvalues",
+    "conflicts", "cross_task",
     "head_group_ids", "interference", "per_sample_contributions", "qkov_mask",
 ]
 # --- end attention half ---------------------------------------------------------------------

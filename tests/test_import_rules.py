@@ -25,7 +25,7 @@ LAYERS = [
     ("capture", {"capture"}),
     ("orchestration", {"run"}),
     ("entry points", {"estimators", "accumulator", "per_sample", "contributions",
-                      "interference", "conflicts", "fdr", "distributed"}),
+                      "interference", "conflicts", "fdr", "cross_task", "distributed"}),
     ("package", {"__init__"}),
 ]
 RANK = {name: rank for rank, (_, names) in enumerate(LAYERS) for name in names}

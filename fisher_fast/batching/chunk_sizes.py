@@ -35,6 +35,10 @@ import torch
 
 
 def available_bytes(device: torch.device) -> int:
+    """Bytes a chunk may use on ``device``.
+
+    Free CUDA memory plus the allocator's unused cache, or the CPU's ``MemAvailable``.
+    """
     device = torch.device(device)
     if device.type == "cuda":  # free, plus what torch's caching allocator holds unused
         free, _ = torch.cuda.mem_get_info(device)
@@ -51,13 +55,17 @@ def available_bytes(device: torch.device) -> int:
 
 
 def default_budget(device) -> int:
+    """The default memory budget: half of ``available_bytes`` on CUDA, a quarter on the CPU."""
     device = torch.device(device)
     frac = 0.5 if device.type == "cuda" else 0.25
     return int(available_bytes(device) * frac)
 
 
-def _widths(model) -> tuple[int, int]:
-    total, widest = 0, 1
+def _widths(model) -> tuple[int, int, int]:
+    """``(Σ (d_in + d_out) of token-wise modules, widest Linear output, Σ (C_in + C_out) of
+    the Conv2d layers)``.
+    """
+    total, widest, channels = 0, 1, 0
     for m in model.modules():
         w = 0
         if isinstance(m, torch.nn.Linear):
@@ -66,8 +74,10 @@ def _widths(model) -> tuple[int, int]:
             w = m.weight.shape[0] + m.weight.shape[1]
         elif isinstance(m, torch.nn.Embedding):
             w = m.embedding_dim
+        elif isinstance(m, torch.nn.Conv2d):
+            channels += m.in_channels + m.out_channels
         total += w
-    return max(total, 1), widest
+    return max(total, 1), widest, channels
 
 
 def _tied_numel(model) -> int:
@@ -80,12 +90,20 @@ def _tied_numel(model) -> int:
 
 
 def row_activations(model, tensors: dict) -> int:
-    """Activation elements of one forward row, T (Σ_hooked (d_in + d_out) + 3 C): the size
-    of a row's share of a forward/backward pass.
+    """Activation elements of one forward row, T (Σ_hooked (d_in + d_out) + 3 C) + HW
+    Σ_conv (C_in + C_out): the size of a row's share of a forward/backward pass.
+
+    T is the length of the batch's integer tensors (token ids, labels ``[B, T]``), 1 when it
+    has none (a classifier's features ``[B, d]``: one position per row); HW the spatial size
+    of its float inputs ``[B, C, H, W]`` (an upper bound for every Conv2d's output), 1 for
+    others.
     """
-    seq = max((v.shape[1] for v in tensors.values() if v.dim() >= 2), default=1)
-    total, widest = _widths(model)
-    return seq * (total + 3 * widest)
+    seq = max((v.shape[1] for v in tensors.values()
+               if v.dim() >= 2 and not v.is_floating_point()), default=1)
+    spatial = max((v[0, 0].numel() for v in tensors.values()
+                   if v.dim() >= 3 and v.is_floating_point()), default=1)
+    total, widest, channels = _widths(model)
+    return seq * (total + 3 * widest) + spatial * channels
 
 
 def rows_per_chunk(model, tensors: dict, budget: int, n_units: int) -> int:
@@ -100,14 +118,34 @@ def rows_per_chunk(model, tensors: dict, budget: int, n_units: int) -> int:
     return -(-max(n_units, 1) // n_chunks)
 
 
-# A backward pass has a fixed cost (Python hooks, kernel launches) that rows amortise once
-# they hold about this many activation elements (a few ms of work on a CPU core or a GPU).
-PASS_ELEMENTS = 2**22
+# A backward pass has a fixed cost (Python hooks, autograd nodes, kernel launches) that rows
+# amortise once they hold about this many multiply-adds (a few ms on a CPU core; on the tiny
+# GPT-2 of docs/benchmarks.md, ~1700 rows, close to the 2^22 activation elements this
+# replaced, which gave a 784-512-512-10 MLP's classes 1461-row passes instead of 26).
+PASS_MACS = 2**24
+
+
+def row_macs(model, tensors: dict) -> int:
+    """Multiply-adds of one forward row through the weights: T Σ d_in d_out over the
+    token-wise Linear/Conv1D layers plus HW Σ C_in C_out k² over the Conv2d layers (T and
+    HW as in ``row_activations``).
+    """
+    seq = max((v.shape[1] for v in tensors.values()
+               if v.dim() >= 2 and not v.is_floating_point()), default=1)
+    spatial = max((v[0, 0].numel() for v in tensors.values()
+                   if v.dim() >= 3 and v.is_floating_point()), default=1)
+    macs = 0
+    for m in model.modules():
+        if isinstance(m, torch.nn.Linear) or (type(m).__name__ == "Conv1D" and hasattr(m, "nf")):
+            macs += seq * m.weight.numel()
+        elif isinstance(m, torch.nn.Conv2d):
+            macs += spatial * m.weight.numel()
+    return max(macs, 1)
 
 
 def rows_per_pass(model, tensors: dict) -> int:
     """Forward rows a backward pass should hold to amortise its fixed cost (at least 1)."""
-    return max(1, -(-PASS_ELEMENTS // max(row_activations(model, tensors), 1)))
+    return max(1, -(-PASS_MACS // row_macs(model, tensors)))
 
 
 def slice_bytes(budget: int) -> int:

@@ -26,6 +26,8 @@ from ..losses import IGNORE_INDEX, has_token_protocol
 
 @dataclass
 class Units:
+    """The units of one batch (or chunk): the forward row of each, weight, id, draws."""
+
     unit: str  # "sample" | "token"
     rows: torch.Tensor  # [U] row of the batch each unit's forward row copies
     weights: torch.Tensor  # [U] float64
@@ -51,7 +53,9 @@ class Units:
         return int(self.rows.numel())
 
     def take(self, start: int, stop: int) -> Units:
-        cut = (lambda t: None if t is None else t[start:stop])
+        """Units ``start:stop``."""
+        def cut(t):
+            return None if t is None else t[start:stop]
         return replace(self, rows=self.rows[start:stop], weights=self.weights[start:stop],
                        ids=self.ids[start:stop], pos=cut(self.pos), draw=cut(self.draw),
                        cls=cut(self.cls))
@@ -77,16 +81,16 @@ def plan_units(model, tensors: dict, ids: list, loss, unit: str, weighting: str,
         counts = loss.token_counts(tensors).to("cpu").long()
     else:
         counts = torch.ones(B, dtype=torch.long)
-    empty = [ids[i] for i in range(B) if counts[i] == 0]
+    empty = [ids[i] for i, c in enumerate(counts.tolist()) if c == 0]  # lists: no per-element tensors
     if unit == "sample":
         rows = torch.nonzero(counts > 0).flatten()
         w = counts[rows].double() if weighting == "token" else torch.ones(len(rows), dtype=torch.float64)
-        out = Units("sample", rows, w, [ids[int(r)] for r in rows], empty)
+        out = Units("sample", rows, w, [ids[r] for r in rows.tolist()], empty)
     else:
         targets = aligned_targets(loss, model, tensors).to("cpu")
         rows, pos = torch.nonzero(targets != IGNORE_INDEX, as_tuple=True)
         out = Units("token", rows, torch.ones(len(rows), dtype=torch.float64),
-                    [(ids[int(r)], int(t)) for r, t in zip(rows, pos)], empty, pos=pos)
+                    [(ids[r], t) for r, t in zip(rows.tolist(), pos.tolist(), strict=True)], empty, pos=pos)
     if len(out) == 0 and not allow_empty:
         raise ValueError(f"batch: expected at least one non-empty row, got {B} empty rows "
                          f"(ids {empty}).")

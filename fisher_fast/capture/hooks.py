@@ -17,56 +17,19 @@ parameters, so autograd never builds the batch weight gradients it would throw a
 
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 
 from ..batching.row_coupling import stateful_forward_error
+from ..capture import costs
 from ..capture.rules import FUNCTORCH
 from ..stats.groups import axis_map
+from .outputs import tensor_leaves, with_leaves
 
 
 def _tensors(args, kwargs):
     for v in list(args) + list(kwargs.values()):
         if isinstance(v, torch.Tensor):
             yield v
-
-
-def tensor_leaves(output) -> list[torch.Tensor]:
-    """The tensors of a module's output, in a fixed order: the output itself, or the
-    tensors of a tuple, list, dict, dataclass or HF ``ModelOutput`` (depth first).
-    """
-    if isinstance(output, torch.Tensor):
-        return [output]
-    if isinstance(output, dict):  # ModelOutput is an OrderedDict
-        items = list(output.values())
-    elif isinstance(output, (tuple, list)):
-        items = list(output)
-    elif dataclasses.is_dataclass(output) and not isinstance(output, type):
-        items = [getattr(output, f.name) for f in dataclasses.fields(output)]
-    else:
-        return []
-    return [t for item in items for t in tensor_leaves(item)]
-
-
-def with_leaves(output, leaves):
-    """``output`` with its tensors (in ``tensor_leaves`` order) taken from ``leaves``."""
-    if isinstance(output, torch.Tensor):
-        return next(leaves)
-    if isinstance(output, dict):
-        new = {k: with_leaves(v, leaves) for k, v in output.items()}
-        if type(output) is dict:
-            return new
-        for k, v in new.items():  # an HF ModelOutput keeps its class and attributes
-            output[k] = v
-        return output
-    if isinstance(output, (tuple, list)):
-        items = [with_leaves(v, leaves) for v in output]
-        return type(output)(items) if not hasattr(output, "_fields") else type(output)(*items)
-    if dataclasses.is_dataclass(output) and not isinstance(output, type):
-        return dataclasses.replace(output, **{f.name: with_leaves(getattr(output, f.name), leaves)
-                                              for f in dataclasses.fields(output)})
-    return output
 
 
 def _expand(values, n):
@@ -104,6 +67,7 @@ class Capture:
         self.slice_bytes = max(int(slice_bytes), 1)
         self.handles, self.roots, self.uses, self.buffers = [], [], {}, {}
         self.tensor_handles = []  # hooks on the forward's output tensors
+        self.right_factors = {}  # id(saved input) -> (input, x² factor): kept over passes
         self.paused = False
 
     def __enter__(self):
@@ -123,6 +87,7 @@ class Capture:
             h.remove()
         self.handles, self.tensor_handles = [], []
         self.roots, self.uses, self.buffers = [], {}, {}
+        self.right_factors = {}
         self.sink = None
         return False
 
@@ -231,9 +196,13 @@ class Capture:
             self.sink.add_pairs(entry.names["weight"], rows, tokens, values,
                                 tuple(module.weight.shape))
             return None
-        gram = self._gram_plan(entry, rule, saved, dy)  # (axis, unit -> group) or None
-        parts = None if gram else self._parts(entry, rule, dy)
-        full_attrs = tuple(a for a in attrs if not ((gram or parts) and a == "weight"))
+        route = self._route(entry, rule, saved, dy) if "weight" in attrs else None
+        gram = self._gram_map(entry, rule) if route and route.groups == "gram" else None
+        if route and route.elements == "separable":
+            self._add_separable(entry, rule, saved, dy)
+        weight_done = route is not None and not route.materialises
+        parts = None if weight_done else self._parts(entry, rule, dy)
+        full_attrs = tuple(a for a in attrs if not ((weight_done or parts) and a == "weight"))
         was = self.paused
         self.paused = True  # functorch re-runs the module: its children must not be captured
         try:
@@ -248,8 +217,10 @@ class Capture:
                 if parts:
                     self._deliver_parts(entry, rule, saved, dy, sl, parts)
                 if full_attrs:
+                    into = self._rows_into(entry, rule, full_attrs, sl)
                     try:
-                        grads = rule.grads(module, saved, dy, sl, self.dtype, full_attrs)
+                        grads = rule.grads(module, saved, dy, sl, self.dtype, full_attrs,
+                                           **({"into": into} if into else {}))
                     except RuntimeError as e:  # a forward that mutates state, under torch.func
                         explained = stateful_forward_error(e, entry.module_name, module)
                         if explained is None:
@@ -271,7 +242,7 @@ class Capture:
         whole slices); elsewhere one block is the whole weight.
         """
         name = entry.names.get("weight")
-        if name is None or not hasattr(rule, "weight_part") or not self._wanted(name):
+        if name is None or not getattr(rule, "blocks", False) or not self._wanted(name):
             return None
         cpu = cache_blocks(dy.device)
         if self.uses.get(name, 0) == 1:
@@ -309,29 +280,77 @@ class Capture:
         return (name is not None and hasattr(rule, "pairs") and self.uses.get(name, 0) == 1
                 and takes is not None and takes(name))
 
-    def _gram_plan(self, entry, rule, saved, dy):
-        """Gram products for the weight when the sink needs only its group values, the
-        groups depend on one axis of the weight (output units, heads of Q/K/V, heads of an
-        O projection's inputs, ...), and T (d_in + d_out) < d_in d_out; else ``None``.
+    def _route(self, entry, rule, saved, dy) -> costs.Route | None:
+        """How the weight of a Linear-like module (Linear, Conv1D, Conv2d) used once reaches
+        the sink in this chunk (``capture/costs.py``), or ``None`` for any other weight (tied
+        weights, embeddings, norms: materialised, or the pair path). Recorded in
+        ``plan.routes[module name]``.
         """
         name = entry.names.get("weight")
-        if name is None or not hasattr(rule, "gram_norms") or self.uses.get(name, 0) != 1:
+        if name is None or not hasattr(rule, "separable") or self.uses.get(name, 0) != 1:
             return None
         full, spec = self.sink.wants(name)
-        if full or spec is None:
+        takes = getattr(self.sink, "takes_separable", None)
+        elements = "second" if takes is not None and takes(name) else ("rows" if full else None)
+        gram_ok = spec is not None and self._gram_map(entry, rule) is not None
+        T, d_in, d_out = rule.dims(entry.module, saved, dy)
+        chosen = costs.route(self.n, T, d_in, d_out, elements=elements,
+                             groups=spec is not None, gram_ok=gram_ok)
+        self.plan.routes[entry.module_name] = chosen
+        return chosen
+
+    def _add_separable(self, entry, rule, saved, dy) -> None:
+        """The chunk's E[g²] of a weight with one position per row, as two factors (one GEMM
+        in the sink). The input's factor x² is the same in every backward pass of the chunk
+        (MC draws, classes), so it is formed once and the sink folds the passes into one
+        product.
+        """
+        key = id(saved)
+        hit = self.right_factors.get(key)
+        right = hit[1] if hit is not None and hit[0] is saved else None
+        left, right = rule.separable(entry.module, saved, dy, self.dtype, right)
+        self.right_factors[key] = (saved, right)
+        self.sink.add_separable(entry.names["weight"], left, right,
+                                tuple(entry.module.weight.shape), out_axis=rule.out_axis)
+
+    def _gram_map(self, entry, rule):
+        """``(axis, group of each unit along it, number of groups)`` when the weight's
+        groups follow one of its axes (output units, heads of Q/K/V, heads of an O
+        projection's inputs, ...) or are one group for the whole tensor (``"all"``); else
+        ``None``. Computed once per plan and group spec.
+        """
+        name = entry.names.get("weight")
+        _, spec = self.sink.wants(name)
+        if spec is None or not hasattr(rule, "gram_norms"):
             return None
         device = entry.module.weight.device
         hit = self.plan.gram_maps.get((name, id(spec)))
         if hit is None or hit[0] is not spec or hit[2] != device:  # once per plan and spec
-            mapped = axis_map(spec, tuple(entry.module.weight.shape), rule.out_axis)
+            if spec.kind == "single":
+                mapped = ("all", torch.zeros(1, dtype=torch.long))
+            else:
+                mapped = axis_map(spec, tuple(entry.module.weight.shape), rule.out_axis)
             if mapped is not None:
                 mapped = (mapped[0], mapped[1].to(device))
             hit = self.plan.gram_maps[(name, id(spec))] = (spec, mapped, device)
-        mapped = hit[1]
-        if mapped is None:
-            return None
-        materialise, via_gram = rule.gram_cost(entry.module, saved, dy)
-        return (*mapped, spec.n_groups) if via_gram < materialise else None
+        return None if hit[1] is None else (*hit[1], spec.n_groups)
+
+    def _rows_into(self, entry, rule, attrs, sl) -> dict:
+        """``{attr: the sink's own rows}`` for the attributes used once that a row-storing
+        sink (``per_sample_gradients``) keeps, when the rule can write there: the per-row
+        gradients are then formed in place, not copied.
+        """
+        view = getattr(self.sink, "rows_view", None)
+        if view is None or not getattr(rule, "writes_rows", False):
+            return {}
+        out = {}
+        for a in attrs:
+            name = entry.names[a]
+            if self.uses.get(name, 0) == 1:
+                v = view(name, sl.start, sl.stop - sl.start)
+                if v is not None and v.dtype == self.dtype:
+                    out[a] = v
+        return out
 
     def _deliver(self, name, g, sl):
         if self.uses.get(name, 0) == 1:

@@ -49,6 +49,8 @@ class Plan:
     fallbacks: set = field(default_factory=set)  # module names switched to functorch at run time
     # (name, id(spec)) -> (spec, Gram-path axis map, its device), filled on first use
     gram_maps: dict = field(default_factory=dict)
+    # module name -> the costs.Route its weight took in the last chunk (for reports, tests)
+    routes: dict = field(default_factory=dict)
 
     def describe(self) -> dict[str, list[str]]:
         """``{parameter name: ["module_name:path", ...]}`` (several entries for tied parameters)."""

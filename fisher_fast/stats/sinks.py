@@ -25,9 +25,11 @@ class _Sink:
         self.got = set()
 
     def received(self, name: str) -> bool:
+        """Whether ``name`` got rows in the current backward pass."""
         return name in self.got
 
     def add_zero(self, name, p, n):
+        """Zero gradients for ``n`` rows of a parameter the loss does not reach."""
         shape = (n, *p.shape)
         self.add(name, torch.zeros(shape, dtype=self.w.dtype, device=self.w.device), 0)
 
@@ -42,12 +44,25 @@ class PerUnitSink(_Sink):
                     for name, p in params.items()}
 
     def wants(self, name):
+        """``(full, group spec)``: whether the sink wants ``name``'s per-row gradients, and its groups."""
         return name in self.out, None
 
     def add(self, name, g, start):
+        """Rows ``start, ...`` of ``name``'s per-row gradients, ``g [s, *shape]`` (no copy
+        when ``g`` is already those rows, from ``rows_view``).
+        """
         at = self.offset + start
-        self.out[name][at:at + g.shape[0]] = g
+        dest = self.out[name][at:at + g.shape[0]]
+        if g.data_ptr() != dest.data_ptr() or g.shape != dest.shape:
+            dest.copy_(g)
         self.got.add(name)
+
+    def rows_view(self, name, start, n):
+        """The stored rows ``start .. start + n`` of ``name`` (to be written in place)."""
+        if name not in self.out:
+            return None
+        at = self.offset + start
+        return self.out[name][at:at + n]
 
 
 class _BlockSums:
@@ -115,23 +130,62 @@ class ShiftedSums(_BlockSums):
 
 
 class SquareSums(_BlockSums):
-    """Per-element ``W = Σ w`` and ``S = Σ w g²`` of a chunk (``SecondMoment`` states), added
+    r"""Per-element ``W = Σ w`` and ``S = Σ w g²`` of a chunk (``SecondMoment`` states), added
     like ``ShiftedSums``; no shift is needed (the terms are non-negative).
+
+    A weight with one position per row may instead arrive as its square-separable factors
+    (``add_separable``: :math:`S \mathrel{+}= (w \odot \delta^2)^	op x^2`). Consecutive
+    additions with the same input factor — the backward passes of one chunk's MC draws or
+    classes — are folded into one product: their weighted δ² are summed first.
     """
 
     def __init__(self, shape, dtype, device):
         super().__init__(dtype, device)
         self.S = torch.empty(shape, dtype=dtype, device=device)  # written by the first rows
+        self.written = False  # by a separable product
+        self.pending = None  # [Σ w δ² [n, d_out], x² [n, d_in], out_axis]: not yet multiplied
 
     def add(self, g: torch.Tensor, w: torch.Tensor, part: slice | None = None,
             owned: bool = False) -> None:
+        """More rows ``g [s, *shape]`` (or of block ``part``) with weights ``w``.
+
+        ``owned``: ``g`` may be overwritten.
+        """
+        self._flush()
         S = _block(self.S, part)
-        beta = 0 if self._begin(w, part) else 1
+        beta = 0 if self._begin(w, part) and not self.written else 1
         sq = (g.square_() if owned else g.square()).reshape(g.shape[0], -1)
         S.view(-1).addmv_(sq.T, w, beta=beta)
 
+    def add_separable(self, d2: torch.Tensor, x2: torch.Tensor, w: torch.Tensor,
+                      out_axis: int = 0) -> None:
+        """Rows with one position: ``d2 = δ² [s, d_out]``, ``x2 = x² [s, d_in]``, weights
+        ``w [s]``; ``out_axis``: the weight axis of d_out (1 for an ``[in, out]`` weight).
+        ``d2`` may be overwritten.
+        """
+        self.W += w.sum()
+        wd2 = d2.mul_(w[:, None])
+        if self.pending is not None and self.pending[1] is x2 and self.pending[2] == out_axis:
+            self.pending[0].add_(wd2)
+            return
+        self._flush()
+        self.pending = [wd2, x2, out_axis]
+
+    def _flush(self) -> None:
+        if self.pending is None:
+            return
+        wd2, x2, out_axis = self.pending
+        self.pending = None
+        beta = 1 if self.written or self.started else 0
+        if out_axis == 0:
+            self.S.view(wd2.shape[1], x2.shape[1]).addmm_(wd2.T, x2, beta=beta)
+        else:
+            self.S.view(x2.shape[1], wd2.shape[1]).addmm_(x2.T, wd2, beta=beta)
+        self.written = True
+
     def moments(self) -> SecondMoment:
         """The chunk's state; consumes the sums (computed in place)."""
+        self._flush()
         return SecondMoment(self.W, self.S.div_(self.W.clamp(min=torch.finfo(self.W.dtype).tiny)))
 
 
@@ -186,10 +240,12 @@ class MomentSink(_Sink):
             self._merge_groups(name, f, w)
 
     def wants(self, name):
+        """``(full, group spec)``: whether the sink wants ``name``'s per-row gradients, and its groups."""
         return name in self.full or any(name in st for st in self.micro.values()), \
             self.groups.get(name)
 
     def add(self, name, g, start):
+        """Rows ``start, ...`` of ``name``'s per-row gradients, ``g [s, *shape]``."""
         w = self.w[start:start + g.shape[0]].to(g.dtype)
         self.got.add(name)
         if name in self.full:
@@ -199,6 +255,24 @@ class MomentSink(_Sink):
                 states[name] = states[name].add(g, w)
         if name in self.groups:
             self._merge_groups(name, reduce_squares(self.groups[name], g), w)
+
+    def takes_separable(self, name) -> bool:
+        """The square-separable factors of a weight (``add_separable``) serve its E[g²]
+        alone (``second_only``): not the Welford mean and M2 (the shifted sums need each
+        row's gradient), nor ``batch_squared_gradient``'s states. Its groups come
+        separately (``add_groups``).
+        """
+        return (self.second_only and name in self.full
+                and not any(name in st for st in self.micro.values()))
+
+    def add_separable(self, name, d2, x2, shape, start: int = 0, out_axis: int = 0):
+        """The E[g²] of rows ``start, ...`` of a weight of ``shape`` with one position per
+        row, as the factors ``d2 = δ² [s, d_out]`` (overwritten) and ``x2 = x² [s, d_in]``
+        (``SquareSums.add_separable``).
+        """
+        w = self.w[start:start + d2.shape[0]].to(d2.dtype)
+        self.got.add(name)
+        self._sums(name, shape, d2).add_separable(d2, x2, w, out_axis)
 
     def takes_parts(self, name) -> bool:
         """Blocks of a parameter's first axis (``add_part``) serve its per-element moments
@@ -222,6 +296,7 @@ class MomentSink(_Sink):
         return self.sums[name]
 
     def add_groups(self, name, f, start):
+        """Rows ``start, ...`` of ``name``'s group values f = R(g²), ``[s, n_groups]``."""
         w = self.w[start:start + f.shape[0]].to(f.dtype)
         self.got.add(name)
         self._merge_groups(name, f, w)

@@ -82,8 +82,8 @@ def row_gradients(model, batch, loss_fn):
     names = [n for n, p in model.named_parameters()]
     params = [p for p in model.parameters()]
     rows = []
-    for r in range(batch["input_ids"].shape[0]):
+    for r in range(next(iter(batch.values())).shape[0]):
         sub = {k: v[r:r + 1] for k, v in batch.items()}
         g = torch.autograd.grad(loss_fn(model, sub).sum(), params, allow_unused=True)
-        rows.append([torch.zeros_like(p) if x is None else x for p, x in zip(params, g)])
+        rows.append([torch.zeros_like(p) if x is None else x for p, x in zip(params, g, strict=True)])
     return {n: torch.stack([row[i] for row in rows]) for i, n in enumerate(names)}

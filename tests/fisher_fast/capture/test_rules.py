@@ -8,7 +8,7 @@ from fisher_ref.testing.compare import assert_dicts_close
 from fisher_ref.testing.tolerances import tolerance
 from tests.fisher_fast._fast_modules import TinyLM, row_gradients, tiny_batch
 
-GRAM = dict(zip(("rtol", "atol"), tolerance("ghost-norm")))
+GRAM = dict(zip(("rtol", "atol"), tolerance("ghost-norm"), strict=True))
 
 
 @pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
@@ -16,7 +16,8 @@ def test_per_row_gradients_match_autograd(tied):
     model, batch = TinyLM(tied=tied), tiny_batch()
     got = ff.per_sample_gradients(model, batch, dtype=torch.float64, chunk_size=3)
     want = row_gradients(model, batch, ff.causal_lm_loss)
-    assert_dicts_close(got.tensors, want, **dict(zip(("rtol", "atol"), tolerance("float64-paths"))))
+    tol = dict(zip(("rtol", "atol"), tolerance("float64-paths"), strict=True))
+    assert_dicts_close(got.tensors, want, **tol)
 
 
 def test_padding_row_of_embedding_gets_no_gradient():
@@ -107,7 +108,7 @@ def test_sparse_embedding_moments_equal_dense_rows(monkeypatch):
     fisher = ff.empirical_fisher(model, batch, **kw)
     variance = ff.gradient_variance(model, batch, **kw)
     groups = ff.group_fisher(model, batch, **kw)
-    tol = dict(zip(("rtol", "atol"), tolerance("float64-paths")))
+    tol = dict(zip(("rtol", "atol"), tolerance("float64-paths"), strict=True))
     for name in ("emb.weight", "pos.weight"):
         g = rows[name]
         torch.testing.assert_close(fisher[name], g.square().mean(0), **tol)
@@ -125,7 +126,7 @@ def test_sparse_embedding_path_equals_oracle(monkeypatch):
                                    tie_embeddings=False)).double()
     batch = random_batch(vocab_size=5, batch_size=4, seq_len=6, seed=2, empty_rows=(1,))
     _sparse_only(monkeypatch)
-    tol = dict(zip(("rtol", "atol"), tolerance("float64-paths")))
+    tol = dict(zip(("rtol", "atol"), tolerance("float64-paths"), strict=True))
     for fast, ref in [(ff.empirical_fisher, fr.empirical_fisher),
                       (ff.gradient_variance, fr.gradient_variance)]:
         assert_dicts_close(fast(model, batch, dtype=torch.float64, chunk_size=3),
@@ -143,7 +144,7 @@ def test_tied_embedding_scatters_into_the_shared_buffer(monkeypatch):
     model = build_model(TinyConfig(arch="gpt2", num_layers=1, vocab_size=5)).double()
     assert model.lm_head.weight is model.transformer.wte.weight
     batch = random_batch(vocab_size=5, batch_size=4, seq_len=6, seed=2, empty_rows=(1,))
-    tol = dict(zip(("rtol", "atol"), tolerance("float64-paths")))
+    tol = dict(zip(("rtol", "atol"), tolerance("float64-paths"), strict=True))
     got = ff.per_sample_gradients(model, batch, dtype=torch.float64, chunk_size=2)
     want = fr.per_sample_gradients(model, batch)
     torch.testing.assert_close(got.tensors["transformer.wte.weight"],
@@ -151,3 +152,66 @@ def test_tied_embedding_scatters_into_the_shared_buffer(monkeypatch):
     _sparse_only(monkeypatch)  # from here a dense embedding gradient would fail the test
     assert_dicts_close(ff.empirical_fisher(model, batch, dtype=torch.float64, chunk_size=3),
                        fr.empirical_fisher(model, batch), **tol)
+
+
+CONVS = {
+    "pad1": dict(padding=1),
+    "same-even-kernel": dict(padding="same", kernel_size=2),  # asymmetric zero padding
+    "valid-stride2": dict(padding="valid", stride=2),
+    "dilated-no-bias": dict(padding=(2, 1), dilation=2, bias=False),
+    "rect-kernel": dict(kernel_size=(3, 1), stride=(1, 2)),
+}
+
+
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")
+@pytest.mark.parametrize("conv", CONVS)
+def test_conv2d_per_row_gradients_via_unfold_match_autograd(conv):
+    kw = {"kernel_size": 3, **CONVS[conv]}
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(2, 3, **kw), torch.nn.Tanh(), torch.nn.Flatten(),
+                                torch.nn.LazyLinear(4)).double()
+    x = torch.randn(5, 2, 6, 7, dtype=torch.float64)
+    model(x)  # materialise the lazy layer
+    model.eval()
+    assert ff.capture_plan(model)["0.weight"] == ["0:conv2d"]
+    batch = {"input": x, "labels": torch.arange(5) % 4}
+    got = ff.per_sample_gradients(model, batch, loss_fn=ff.sequence_classification_loss,
+                                  dtype=torch.float64, chunk_size=2)
+    want = row_gradients(model, batch, ff.sequence_classification_loss)
+    tol = dict(zip(("rtol", "atol"), tolerance("float64-paths"), strict=True))
+    assert_dicts_close(got.tensors, want, **tol)
+
+
+@pytest.mark.parametrize("conv", [dict(groups=2), dict(padding=1, padding_mode="reflect")],
+                         ids=["grouped", "reflect-padding"])
+def test_conv2d_the_rule_does_not_cover_goes_to_functorch(conv):
+    model = torch.nn.Sequential(torch.nn.Conv2d(2, 4, 3, **conv))
+    assert ff.capture_plan(model)["0.weight"] == ["0:functorch"]
+
+
+@pytest.mark.parametrize("rule_name", ["LINEAR", "CONV1D"])
+def test_separable_factors_give_the_squared_rows_of_one_position(rule_name):
+    from fisher_fast.capture import rules
+
+    rule = getattr(rules, rule_name)
+    g = torch.Generator().manual_seed(1)
+    x, dy = torch.randn(4, 5, generator=g, dtype=torch.float64), torch.randn(4, 3, generator=g,
+                                                                              dtype=torch.float64)
+    w = torch.rand(4, generator=g, dtype=torch.float64)
+    d2, x2 = rule.separable(None, x, dy, torch.float64)
+    full = rule._weight(x[:, None], dy[:, None])  # [n, *weight shape] by the rows' formula
+    want = torch.tensordot(w, full.square(), dims=1)
+    got = (w[:, None] * d2).T @ x2 if rule.out_axis == 0 else x2.T @ (w[:, None] * d2)
+    torch.testing.assert_close(got, want, **GRAM)
+
+
+def test_ghost_norm_of_the_whole_weight_equals_materialised_rows():
+    from fisher_fast.capture.rules import CONV2D
+
+    conv = torch.nn.Conv2d(2, 3, 3, padding=1).double()
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(3, 2, 5, 5, generator=g, dtype=torch.float64)
+    dy = torch.randn(3, 3, 5, 5, generator=g, dtype=torch.float64)
+    full = CONV2D.grads(conv, x, dy, slice(0, 3), torch.float64, ("weight",))["weight"]
+    got = CONV2D.gram_norms(conv, x, dy, slice(0, 3), torch.float64, "all")
+    torch.testing.assert_close(got[:, 0], full.square().flatten(1).sum(1), **GRAM)
