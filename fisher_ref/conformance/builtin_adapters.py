@@ -34,16 +34,28 @@ def ref(name: str):
     raise ValueError(f"fisher_ref: expected a public function {name!r}, found none in {_MODULES}.")
 
 
+def has_attention(model) -> bool:
+    """Whether fisher_ref detects an attention layout in ``model``."""
+    try:
+        ref("attention_layout")(model)
+    except ValueError:
+        return False
+    return True
+
+
 class ReferenceAdapter:
     """fisher_ref behind the adapter protocol: every capability, float64, one unit at a time.
 
     Each capability joins the batches into one (the oracle's result does not depend on the
-    split) and calls the fisher_ref function of the same meaning.
+    split) and calls the fisher_ref function of the same meaning. Conflicts are grouped by
+    QK-OV slice on models with an attention layout, by parameter otherwise.
     """
 
     name = "fisher_ref"
+    families = ("causal_lm", "classifier")
     units = ("sample", "token")
     weightings = ("sample", "token")
+    row_reductions = ("mean", "sum")
     dtype = torch.float64
 
     def empirical_fisher(self, model, batches, *, loss_fn, unit="sample", weighting="sample"):
@@ -55,7 +67,8 @@ class ReferenceAdapter:
                                                   unit=unit, weighting=weighting))
 
     def group_fisher(self, model, batches, *, loss_fn):
-        return ref("group_fisher")(model, join(batches), loss_fn=loss_fn, groups="heads")
+        groups = "heads" if has_attention(model) else "generic"
+        return ref("group_fisher")(model, join(batches), loss_fn=loss_fn, groups=groups)
 
     def per_sample_contributions(self, model, batches, *, loss_fn):
         try:
@@ -72,6 +85,18 @@ class ReferenceAdapter:
         pu = ref("per_sample_gradients")(model, join(batches), loss_fn=loss_fn)
         return pu.ids, pu.tensors
 
+    def per_unit(self, model, batches, *, loss_fn, unit="sample", weighting="sample"):
+        """Not a capability: the oracle's ``PerUnit`` gradients (diagnoses and weights)."""
+        return ref("per_sample_gradients")(model, join(batches), loss_fn=loss_fn, unit=unit,
+                                           weighting=weighting)
+
+    def exact_fisher(self, model, batches, *, loss_fn, unit="token"):
+        return dict(ref("exact_fisher")(model, join(batches), loss_fn=loss_fn, unit="token"))
+
+    def mc_fisher(self, model, batches, *, loss_fn, unit="token", n_samples=1, seed=0):
+        return dict(ref("mc_fisher")(model, join(batches), loss_fn=loss_fn, unit=unit,
+                                     n_samples=n_samples, seed=seed))
+
     def attention_layout(self, model):
         """Not a capability: the oracle's detected layout, used by the slicing properties."""
         return ref("attention_layout")(model)
@@ -84,8 +109,10 @@ class ReferenceAdapter:
                                    fisher="a", signed=signed, eps=eps)
 
     def conflict_pvalues(self, model, batches_a, batches_b, *, loss_fn, n_permutations, seed):
+        groups = "heads" if has_attention(model) else "parameters"
         result = ref("conflicts")(model, join(batches_a), join(batches_b), loss_fn=loss_fn,
-                                  n_permutations=n_permutations, seed=seed, n_bootstrap=10)
+                                  groups=groups, n_permutations=n_permutations, seed=seed,
+                                  n_bootstrap=10)
         return _pvalues(result)
 
     def fdr_qvalues(self, pvalues, *, method="bh"):

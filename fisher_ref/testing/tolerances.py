@@ -55,6 +55,36 @@ TOLERANCES: dict[tuple[str, torch.dtype], tuple[float, float, str]] = {
         "norm-relative error of mc_fisher with 4000 draws on a tiny GPT-2 (token units) against "
         "exact_fisher: Monte-Carlo error ~ CV / sqrt(n * U), about 0.01 expected",
     ),
+    ("float32-squares-scaled", torch.float32): (
+        2e-4, 1e-9,
+        "float32 sums of squares (F, group Fisher, contributions, the true Fisher) against the "
+        "float64 oracle, the atol a fraction of each tensor's largest value (compare_dicts' "
+        "atol_scale): squares carry the relative error of their own gradient, so the rtol of "
+        "float32-fisher covers them; measured excess over it <= 1e-16 x max (fisher_fast, "
+        "every architecture, 2 layers). 1e-9 x max still catches a 1e-8 ridge on tensors "
+        "whose entries stay below 10, and float16 flushing (errors of 6e-8), which an absolute "
+        "1e-7 would hide",
+    ),
+    ("float32-signed-scaled", torch.float32): (
+        2e-4, 1e-7,
+        "as float32-squares-scaled for (E[g])^2, whose mean gradient cancels across units: an "
+        "entry near zero keeps an absolute error ~ eps * max |g|, squared; measured excess over "
+        "the rtol <= 1.7e-9 x max (Phi-3, Qwen2); 1e-7 x max is a 60x margin",
+    ),
+    ("mc-fisher-conformance", torch.float64): (
+        30.0, 0.0,
+        "bound on R = |F_MC - F_exact|^2 / E|F_MC - F_exact|^2 for 1000 independent draws "
+        "per unit from the model (the expectation from the oracle's per-class gradients): "
+        "simulated over 29k replicates of 96 classifiers (4 units, 2-5 classes) R <= 13.2; "
+        "the argmax label instead of a draw has R >= 68 (its bias does not shrink with n). "
+        "Not a rounding tolerance: the first entry is the bound on R",
+    ),
+    ("pvalue-tie", torch.float64): (
+        0.0, 1e-9,
+        "a permuted mean cosine within 1e-9 of the observed one may be counted on either side "
+        "of it by another summation order (ties: a permutation that reproduces the split, "
+        "identical rows); distinct pair sets of float64 cosines differ by far more",
+    ),
     ("semantic-check", torch.float64): (
         0.0, 1e-10,
         "an entry outside the slice must leave other heads unchanged up to float64 rounding",

@@ -16,22 +16,45 @@ import torch
 
 import fisher_fast
 from fisher_ref.losses import CausalLMLoss as RefCausalLMLoss
+from fisher_ref.losses import ClassifierLoss as RefClassifierLoss
 from fisher_ref.testing.batches import concat_batches
 
 
 def fast_loss(loss_fn):
-    """fisher_fast's own built-in for fisher_ref's causal-LM loss; other callables as they are."""
+    """fisher_fast's own built-in for fisher_ref's causal-LM and classifier losses; other
+    callables as they are.
+    """
     if isinstance(loss_fn, RefCausalLMLoss):
         return fisher_fast.CausalLMLoss(loss_fn.reduction)
+    if isinstance(loss_fn, RefClassifierLoss):
+        return fisher_fast.ClassifierLoss(loss_fn.reduction, input_key=loss_fn.input_key)
     return loss_fn
 
 
+def _has_attention(model) -> bool:
+    """Whether fisher_fast detects an attention layout (else groups by parameter or role)."""
+    try:
+        fisher_fast.attention_layout(model)
+    except ValueError:
+        return False
+    return True
+
+
 class FisherFastAdapter:
-    """fisher_fast behind the adapter protocol (float64 accumulation)."""
+    """fisher_fast behind the adapter protocol (float64 accumulation).
+
+    Both model families; of the classifiers, not the ViT: fisher_fast's per-sample capture
+    does not take ``nn.MultiheadAttention`` yet (its forward returns a tuple and never calls
+    its ``out_proj`` module).
+    """
 
     name = "fisher_fast"
+    families = ("causal_lm", "classifier")
+    architectures = ("gpt2", "llama", "mistral", "qwen2", "phi3", "gpt_neox", "mlp", "cnn",
+                     "ln_gelu")
     units = ("sample", "token")
     weightings = ("sample", "token")
+    row_reductions = ("mean", "sum")
     dtype = torch.float64
 
     def _accumulate(self, model, batches, loss_fn, **options):
@@ -51,7 +74,8 @@ class FisherFastAdapter:
         return acc.squared_mean_gradient()
 
     def group_fisher(self, model, batches, *, loss_fn):
-        return self._accumulate(model, batches, loss_fn, groups="heads").group_fisher()
+        groups = "heads" if _has_attention(model) else "generic"
+        return self._accumulate(model, batches, loss_fn, groups=groups).group_fisher()
 
     def per_sample_contributions(self, model, batches, *, loss_fn):
         pu = fisher_fast.per_sample_contributions(model, concat_batches(batches),
@@ -69,8 +93,17 @@ class FisherFastAdapter:
     def conflict_pvalues(self, model, batches_a, batches_b, *, loss_fn, n_permutations, seed):
         result = fisher_fast.conflicts(model, concat_batches(batches_a), concat_batches(batches_b),
                                    loss_fn=fast_loss(loss_fn), n_permutations=n_permutations,
-                                   seed=seed, n_bootstrap=10, dtype=self.dtype)
+                                   seed=seed, n_bootstrap=10, dtype=self.dtype,
+                                   groups="heads" if _has_attention(model) else "parameters")
         return {str(g): float(rec["p"]) for g, rec in result.items()}
+
+    def exact_fisher(self, model, batches, *, loss_fn, unit="token"):
+        return fisher_fast.exact_fisher(model, concat_batches(batches), loss_fn=fast_loss(loss_fn),
+                                        unit="token", dtype=self.dtype)
+
+    def mc_fisher(self, model, batches, *, loss_fn, unit="token", n_samples=1, seed=0):
+        return fisher_fast.mc_fisher(model, concat_batches(batches), loss_fn=fast_loss(loss_fn),
+                                     unit=unit, n_samples=n_samples, seed=seed, dtype=self.dtype)
 
     def fdr_qvalues(self, pvalues, *, method="bh"):
         if method not in ("bh", "by"):
@@ -105,7 +138,8 @@ class FisherFastCudaAdapter(FisherFastAdapter):
             raise ValueError("fisher_fast_cuda: expected a CUDA device, got none.")
         super().__init__()
         for capability in ("empirical_fisher", "squared_mean_gradient", "group_fisher",
-                           "per_sample_contributions", "interference", "conflict_pvalues"):
+                           "per_sample_contributions", "interference", "conflict_pvalues",
+                           "exact_fisher", "mc_fisher"):
             method = getattr(self, capability)
             if method is not None:
                 setattr(self, capability, self._on_cuda(method))

@@ -5,7 +5,13 @@ import json
 import pytest
 import torch
 
-from fisher_ref.conformance.adapter import adapter_architectures, adapter_dtype, load_adapter, provided
+from fisher_ref.conformance.adapter import (
+    CAPABILITIES,
+    adapter_architectures,
+    adapter_dtype,
+    load_adapter,
+    provided,
+)
 from fisher_ref.conformance.builtin_adapters import ReferenceAdapter
 from fisher_ref.conformance.cases import DataSpec, split_batch
 from fisher_ref.conformance.pytest_plugin import conformance_suite
@@ -46,7 +52,7 @@ def test_report_json_round_trips(tmp_path):
 def test_load_adapter_instantiates_classes_and_keeps_objects():
     adapter = load_adapter("fisher_ref.conformance.builtin_adapters:ReferenceAdapter")
     assert isinstance(adapter, ReferenceAdapter)
-    assert "fdr_qvalues" in provided(adapter) and len(provided(adapter)) == 8
+    assert "fdr_qvalues" in provided(adapter) and len(provided(adapter)) == len(CAPABILITIES) == 10
 
 
 def test_split_batch_keeps_ids_with_their_rows():

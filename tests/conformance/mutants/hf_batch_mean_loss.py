@@ -5,7 +5,7 @@ rescaled by the batch size: row i gets weight B * K_i / sum_j T_j instead of 1.
 
 import torch
 
-from .collector import CollectorAdapter, FisherCollector, active_label_counts
+from .collector import LM_ARCHITECTURES, CollectorAdapter, FisherCollector, active_label_counts
 
 DEFECT = "per-sample gradients from the HF batch-mean loss"
 FAILS = {"empirical_fisher_agreement"}
@@ -32,4 +32,6 @@ class HFLossCollector(FisherCollector):
 
 class Adapter(CollectorAdapter):
     name = "mutant:hf_batch_mean_loss"
+    families = ("causal_lm",)
+    architectures = LM_ARCHITECTURES
     collector_class = HFLossCollector

@@ -5,7 +5,7 @@ added, instead of summing the uses' gradients and then squaring.
 
 import torch
 
-from .collector import CollectorAdapter, FisherCollector
+from .collector import LM_ARCHITECTURES, CollectorAdapter, FisherCollector
 
 DEFECT = "tied weights squared per use"
 FAILS = {"empirical_fisher_agreement"}
@@ -52,6 +52,8 @@ class PerModuleCollector(FisherCollector):
 
 class Adapter(CollectorAdapter):
     name = "mutant:tied_squared_per_use"
+    families = ("causal_lm",)
+    architectures = LM_ARCHITECTURES
     collector_class = PerModuleCollector
 
     per_sample_contributions = None  # this collector only provides the estimators

@@ -4,7 +4,7 @@ collector takes one gradient per token (of its NLL) and averages their squares.
 
 import torch
 
-from .collector import CollectorAdapter, FisherCollector
+from .collector import LM_ARCHITECTURES, CollectorAdapter, FisherCollector
 
 DEFECT = "per-token and per-sequence units confused"
 FAILS = {"empirical_fisher_agreement"}
@@ -28,4 +28,6 @@ class TokenUnitCollector(FisherCollector):
 
 class Adapter(CollectorAdapter):
     name = "mutant:units_confused"
+    families = ("causal_lm",)
+    architectures = LM_ARCHITECTURES
     collector_class = TokenUnitCollector
