@@ -72,8 +72,10 @@ def _slices_diagnosis(ctx: Context):
         total = sum(int(m.sum()) for m in exc.masks.values())
         inside = sum(int(m.sum()) for n, m in exc.masks.items() if n in layout.parameter_names())
         where = "L{}.H{}.{}".format(*exc.where)
+        if total == 0:
+            return f"the mask returned for {where} is empty (an offset past the tensor's end?)"
         text = (f"the mask returned for {where} covers the oracle's slices "
-                f"{', '.join(covered[:8]) or 'none'}{' ...' if len(covered) > 8 else ''}")
+                f"{', '.join(covered[:8]) or '(none)'}{' ...' if len(covered) > 8 else ''}")
         if inside < total:
             text += f", and {total - inside} entries outside every attention tensor"
         return text
@@ -163,15 +165,17 @@ def _check_partition(adapter, model, layout, ctx, config):
                     clash = m & (owner[n] >= 0)
                     if clash.any():
                         other = int(owner[n][clash][0])
-                        raise AssertionError(
+                        raise SliceMismatch(
                             f"slices overlap in {n!r}: L{la.index}.H{h}.{b} and "
                             f"L{la.index}.{BLOCKS[other // 1000]} head {other % 1000} share "
-                            f"{int(clash.sum())} entries")
+                            f"{int(clash.sum())} entries", (la.index, h, b), masks)
                     owner[n][m] = label
             sizes = {t: sum(int(m.sum()) for m in ms.values()) for t, ms in seen.items()}
             if not seen or min(sizes.values()) == 0 or len(set(sizes.values())) > 1:
-                raise AssertionError(f"L{la.index}.{b}: every (kv-)head needs a non-empty slice "
-                                     f"of the same size; entries per head: {sizes}")
+                odd = min(sizes, key=lambda t: (sizes[t], t)) if seen else 0
+                raise SliceMismatch(f"L{la.index}.{b}: every (kv-)head needs a non-empty slice "
+                                    f"of the same size; entries per head: {sizes}",
+                                    (la.index, odd, b), seen.get(odd, {}))
         for n, o in owner.items():
             if (o < 0).any():
                 raise AssertionError(f"slices of layer {la.index} leave {int((o < 0).sum())} of "
@@ -245,7 +249,8 @@ def _interference_diagnosis(ctx: Context):
                     signed=signed))
                 phi = "signed φ" if signed else "abs φ"
                 cands.append(Candidate(f"M with F̂ = {what} and {phi}", value))
-        return best_fit(exc.actual, cands, max(10 * ctx.close()["rtol"], 1e-9))
+        rtol, atol = ctx.tolerance(config)
+        return best_fit(exc.actual, cands, {"rtol": rtol, "atol": atol, "atol_scale": 0.0})
     return diagnose
 
 
@@ -323,8 +328,8 @@ def _check_nonnegative(adapter, model, a, b, ctx, key):
         if not torch.isfinite(t).all():
             raise AssertionError(f"interference block {blk}: non-finite entries")
         if (t < 0).any():
-            raise AssertionError(f"interference block {blk} (abs mode): {int((t < 0).sum())} "
-                                 f"negative entries, min {float(t.min()):.3g}")
+            raise InterferenceMismatch(f"interference block {blk} (abs mode): {int((t < 0).sum())} "
+                                       f"negative entries, min {float(t.min()):.3g}", got, False)
 
 
 interference_agreement = _interference_property(

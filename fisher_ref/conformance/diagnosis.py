@@ -16,8 +16,10 @@ variants,
 
 each times a named scale (``/ n_units``, ``× n_units``, ``/ n_units²``, ``/ n_tokens``,
 ``× n_tokens``) and then, for the best ones, plus a fitted constant ε, rounded to float16,
-or with values below float16's smallest normal flushed to zero. The best fit by relative
-L2 error over every tensor is reported by name:
+or with values below float16's smallest normal flushed to zero. A candidate *fits* when the
+implementation's result equals it within the property's own element-wise tolerance
+(``compare_dicts``: a 1e-8 ridge is no fit for F, however small its L2 norm); the best fit
+by relative L2 error over every tensor is reported by name:
 
     matches squared_mean_gradient / n_tokens to 2e-16
 
@@ -39,6 +41,7 @@ from fisher_ref.gradient_moments import (
     squared_mean_gradient_of,
 )
 from fisher_ref.results import PerUnit
+from fisher_ref.testing.compare import compare_dicts
 
 FLOAT16_TINY = 6.103515625e-05  # smallest normal float16
 FLOAT16_SLACK = 2e-2  # float16 keeps ~3 digits: a float16 candidate fits to ~1e-3
@@ -101,6 +104,9 @@ def estimator_bases(pu: PerUnit, batch_ids: list[list] | None = None) -> list[Ca
             out.append(Candidate(f"empirical_fisher of the first {k} units",
                                  dict(empirical_fisher_of(_subset(pu, list(range(k)))))))
     groups = _batch_units(pu, batch_ids) if batch_ids else []
+    for b in (2, 4):
+        if groups and b < U:
+            out.append(_micro_batch_mean(pu, groups, b))
     if len(groups) >= 1:
         W = pu.weights.sum()
         summed = {}
@@ -116,11 +122,27 @@ def estimator_bases(pu: PerUnit, batch_ids: list[list] | None = None) -> list[Ca
     return out
 
 
+def _micro_batch_mean(pu: PerUnit, groups: list[list[int]], b: int) -> Candidate:
+    """The unweighted mean, over micro-batches of b consecutive units restarting in each
+    batch as fed, of the squared micro-batch mean gradient.
+    """
+    chunks = [units[s:s + b] for units in groups for s in range(0, len(units), b)]
+    value = {}
+    for n, g in pu.tensors.items():
+        value[n] = sum(g[c].mean(0).square() for c in chunks) / len(chunks)
+    return Candidate(f"the unweighted mean over micro-batches of {b} (in each batch) of the "
+                     f"squared micro-batch mean gradient", value)
+
+
 def named_scales(n_units: int, n_tokens: int | None) -> dict[str, float]:
-    """The named factors a result is commonly off by."""
-    scales = {"": 1.0, " / n_units": 1.0 / n_units, " × n_units": float(n_units),
-              " / n_units²": 1.0 / n_units ** 2}
-    if n_tokens and n_tokens != n_units:
+    """The named factors a result is commonly off by (distinct values only: on one unit,
+    ``/ n_units`` is no factor at all).
+    """
+    scales = {"": 1.0}
+    if n_units != 1:
+        scales.update({" / n_units": 1.0 / n_units, " × n_units": float(n_units),
+                       " / n_units²": 1.0 / n_units ** 2})
+    if n_tokens and n_tokens not in (1, n_units):
         scales.update({" / n_tokens": 1.0 / n_tokens, " × n_tokens": float(n_tokens)})
     return scales
 
@@ -144,9 +166,11 @@ def _variants(base: Candidate, actual: dict) -> list[Candidate]:
     out.append(Candidate(f"{base.name} rounded to float16",
                          {k: v.to(torch.float16).to(torch.float64) for k, v in base.value.items()},
                          FLOAT16_SLACK))
-    out.append(Candidate(f"{base.name} with entries below float16's smallest normal flushed to 0",
-                         {k: torch.where(v.abs() < FLOAT16_TINY, torch.zeros_like(v), v)
-                          for k, v in base.value.items()}))
+    flushed = {k: torch.where(v.abs() < FLOAT16_TINY, torch.zeros_like(v), v)
+               for k, v in base.value.items()}
+    if any(not torch.equal(flushed[k], base.value[k]) for k in flushed):
+        out.append(Candidate(f"{base.name} with entries below float16's smallest normal flushed "
+                             f"to 0", flushed))
     return out
 
 
@@ -158,31 +182,51 @@ def _fitted_scale(base: Candidate, actual: dict) -> Candidate | None:
     if den == 0.0:
         return None
     alpha = float(a.dot(c)) / den
+    if abs(alpha - 1.0) < 1e-6:
+        return None  # the candidate itself, already named
     return Candidate(f"{alpha:.4g} × {base.name}", {k: v * alpha for k, v in base.value.items()})
 
 
-def best_fit(actual: dict, candidates: list[Candidate], tolerance: float) -> str:
+def fits(actual: dict, candidate: Candidate, tolerance) -> bool:
+    """Whether ``actual`` equals the candidate within ``tolerance``: a float (relative L2
+    error, plus the candidate's slack) or ``compare_dicts`` keywords (``rtol``, ``atol``,
+    ``atol_scale``; the slack raises the rtol).
+    """
+    if isinstance(tolerance, (int, float)):
+        return relative_error(actual, candidate.value) <= tolerance + candidate.slack
+    if set(candidate.value) - set(actual):
+        return False
+    kw = dict(tolerance, rtol=max(tolerance["rtol"], candidate.slack))
+    try:
+        return not compare_dicts({k: actual[k] for k in candidate.value}, candidate.value, **kw)
+    except RuntimeError:  # shapes that do not broadcast: no fit
+        return False
+
+
+def best_fit(actual: dict, candidates: list[Candidate], tolerance) -> str:
     """The diagnosis line for ``actual`` against ``candidates`` (already scaled).
 
-    A candidate fits when its relative error is at most ``tolerance`` (plus its slack); the
-    best fit, and every candidate within ``TIE_FACTOR`` of it, are named.
+    ``tolerance`` says when a candidate fits (see :func:`fits`); the best fit by relative
+    L2 error, and the other fits within ``TIE_FACTOR`` of it (quantities this example cannot
+    tell apart), are named.
     """
-    fits = sorted(((relative_error(actual, c.value), i, c) for i, c in enumerate(candidates)),
-                  key=lambda t: (t[0], t[1]))
-    if not fits:
+    ranked = sorted(((relative_error(actual, c.value), i, c) for i, c in enumerate(candidates)),
+                    key=lambda t: (t[0], t[1]))
+    if not ranked:
         return "no diagnosis (no candidate quantity)"
-    err, _, best = fits[0]
-    if err > tolerance + best.slack:
+    fitting = [(e, c) for e, _, c in ranked if fits(actual, c, tolerance)]
+    if not fitting:
+        err, _, best = ranked[0]
         return f"no known wrong quantity fits (closest: {best.name}, relative error {err:.2g})"
-    ties = [c.name for e, _, c in fits[1:]
-            if e <= max(TIE_FACTOR * err, tolerance) and e <= tolerance + c.slack][:3]
+    err, best = fitting[0]
+    ties = [c.name for e, c in fitting[1:] if e <= max(TIE_FACTOR * err, 1e-12)][:3]
     text = f"matches {best.name} to {err:.1g}"
     if ties:
         text += f" (indistinguishable on this example from {', '.join(ties)})"
     return text
 
 
-def diagnose_estimate(actual: dict, pu: PerUnit, *, tolerance: float, batch_ids=None,
+def diagnose_estimate(actual: dict, pu: PerUnit, *, tolerance, batch_ids=None,
                       n_tokens: int | None = None, extra: list[Candidate] = (),
                       reduce=None, scales: dict[str, float] | None = None) -> str:
     """The diagnosis line of an estimator's result ``actual`` (``{name: Tensor}``).
@@ -190,7 +234,7 @@ def diagnose_estimate(actual: dict, pu: PerUnit, *, tolerance: float, batch_ids=
     Args:
         actual: what the implementation returned.
         pu: the oracle's per-unit gradients of the rows the implementation was given.
-        tolerance: the relative L2 error within which a candidate fits.
+        tolerance: when a candidate fits (:func:`fits`).
         batch_ids: the sample ids of each batch, as fed (for the per-batch candidates).
         n_tokens: the total active label tokens (for the token-count scales).
         extra: more base candidates (e.g. another weighting, the argmax-label Fisher).

@@ -28,7 +28,6 @@ from fisher_ref.conformance.outputs import tensor_dict
 from fisher_ref.testing.compare import compare_dicts
 
 ESTIMATORS = ("empirical_fisher", "squared_mean_gradient")
-DIAGNOSIS_FLOOR = 1e-9  # a candidate fits to at least 1e-9 relative even for float64 adapters
 SIGNED_QUANTITIES = ("squared_mean_gradient",)  # (E[g])² cancels: the signed float32 row
 
 
@@ -123,10 +122,12 @@ def require_distinct_rows(ctx: Context, model, config, data, opts) -> None:
     assume(spread > 1e-6 * scale)
 
 
-def diagnosis_tolerance(ctx: Context) -> float:
-    """Relative L2 error within which a catalogue quantity counts as what was returned."""
-    rtol = ctx.close()["rtol"]
-    return max(10 * rtol, DIAGNOSIS_FLOOR)
+def diagnosis_tolerance(ctx: Context, config=None, estimator: str = "empirical_fisher") -> dict:
+    """When a catalogue quantity counts as what was returned: the property's own
+    element-wise tolerance (``compare_dicts`` keywords).
+    """
+    quantity = "signed" if estimator in SIGNED_QUANTITIES else "squares"
+    return ctx.close(config, quantity)
 
 
 def other_option_candidates(ctx: Context, model, batch, config, opts, estimator: str) -> list:
@@ -162,7 +163,8 @@ def diagnose_estimator(ctx: Context, exc: EstimateMismatch, config, model, opts:
     cands = list(extra)
     if reduce is None and hasattr(loss, "token_counts"):
         cands += other_option_candidates(ctx, model, batch, config, opts, exc.estimator)
-    return diagnose_estimate(exc.actual, pu, tolerance=diagnosis_tolerance(ctx),
+    tol = diagnosis_tolerance(ctx, config, exc.estimator)
+    return diagnose_estimate(exc.actual, pu, tolerance=tol,
                              batch_ids=[list(b["sample_ids"]) for b in batches],
                              n_tokens=n_tokens, extra=cands, reduce=reduce)
 

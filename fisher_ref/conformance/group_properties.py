@@ -152,7 +152,7 @@ def _diagnose_contributions(ctx: Context):
                   Candidate("g_u² with entries below float16's smallest normal flushed to 0",
                             {k: torch.where(v.abs() < 6.103515625e-05, torch.zeros_like(v), v)
                              for k, v in expected.items()})]
-        return best_fit(exc.actual, cands, diagnosis_tolerance(ctx))
+        return best_fit(exc.actual, cands, diagnosis_tolerance(ctx, example[0]))
     return diagnose
 
 
@@ -177,13 +177,51 @@ def _batch_squares(pu, presented, expected) -> dict:
     return out
 
 
+class LayoutMismatch(AssertionError):
+    """Contribution ids or shapes are wrong; ``diagnosis`` names what they look like."""
+
+    def __init__(self, message: str, diagnosis: str):
+        super().__init__(message)
+        self.diagnosis = diagnosis
+
+
+def _id_diagnosis(ids, want_ids, presented) -> str:
+    """What the returned ids look like, from the callers' ids."""
+    got = sorted(map(repr, ids))
+    rows = [i for b in presented for i in b["sample_ids"]]
+    looks = {
+        "the units' positions 0..U-1 instead of the callers' ids": list(range(len(want_ids))),
+        "the rows' positions within each batch": [k for b in presented for k in range(len(b["sample_ids"]))],
+        "the rows' positions in the split, empty rows counted": [rows.index(i) for i in want_ids],
+        'the ids cut at their first "_" (and merged)': sorted({str(i).split("_")[0] for i in want_ids}),
+        "the ids as strings": [str(i) for i in want_ids],
+    }
+    for label, candidate in looks.items():
+        if sorted(map(repr, candidate)) == got:
+            return f"the ids returned are {label}"
+    missing = [i for i in want_ids if repr(i) not in set(got)]
+    return f"no known id mistake fits ({len(missing)} of the callers' ids missing, e.g. {missing[:3]})"
+
+
 def _check_ids(got, want, config, model, ctx, presented):
     ids, _ = got
     if len(set(map(repr, ids))) != len(ids):
-        raise AssertionError(f"contribution ids are not unique: {ids}")
+        raise LayoutMismatch(f"contribution ids are not unique: {ids}",
+                             _id_diagnosis(ids, want[0], presented))
     if sorted(map(repr, ids)) != sorted(map(repr, want[0])):
-        raise AssertionError(f"contribution ids: expected the callers' ids of the non-empty rows "
-                             f"{want[0]}, got {ids}")
+        raise LayoutMismatch(f"contribution ids: expected the callers' ids of the non-empty rows "
+                             f"{want[0]}, got {ids}", _id_diagnosis(ids, want[0], presented))
+
+
+def _shape_diagnosis(model, name: str, got: tuple, n_units: int) -> str:
+    ids = group_ids(model, "heads" if has_attention(model) else "generic")
+    n_groups = ids[name][1] if name in ids else None
+    if n_groups is not None and got == (n_units, n_groups):
+        return (f"{name}: [U, {n_groups}] is one value per group (SPEC §3): the contributions were "
+                f"stored after group reduction")
+    if got == tuple(dict(model.named_parameters())[name].shape):
+        return f"{name}: no unit axis: one contribution for the whole split"
+    return f"{name}: shape {got} fits no known reduction"
 
 
 def _check_shapes(got, want, config, model, ctx, presented):
@@ -194,9 +232,10 @@ def _check_shapes(got, want, config, model, ctx, presented):
                              f"{sorted(params)}, got {sorted(tensors)}")
     for n, shape in params.items():
         if tuple(tensors[n].shape) != (len(want[0]), *shape):
-            raise AssertionError(f"contributions[{n!r}]: expected shape "
+            raise LayoutMismatch(f"contributions[{n!r}]: expected shape "
                                  f"{(len(want[0]), *shape)} (units x full parameter shape), "
-                                 f"got {tuple(tensors[n].shape)}")
+                                 f"got {tuple(tensors[n].shape)}",
+                                 _shape_diagnosis(model, n, tuple(tensors[n].shape), len(want[0])))
 
 
 def _check_values(got, want, config, model, ctx, presented):

@@ -108,11 +108,13 @@ def pvalues_positive(adapter, ctx: Context) -> PropertyResult:
         floor = 1.0 / (N_PERMUTATIONS + 1)
         bad = {g: p for g, p in ps.items() if not (floor - 1e-12 <= p <= 1.0) or math.isnan(p)}
         if bad:
-            raise AssertionError(f"with P = {N_PERMUTATIONS} permutations p must lie in "
-                                 f"[1/(P+1), 1] = [{floor:.4g}, 1]; got {bad}")
+            model = build_case_model(config, ctx.dtype)
+            raise PValueMismatch(f"with P = {N_PERMUTATIONS} permutations p must lie in "
+                                 f"[1/(P+1), 1] = [{floor:.4g}, 1]; got {bad}", ps,
+                                 oracle_conflicts(model, config, a, b, seed))
 
     return run_property(name, needs, _distinct_tasks(ctx), body, _describe_tasks, ctx,
-                        cover=_cover_tasks(ctx))
+                        cover=_cover_tasks(ctx), diagnose=_diagnose_p)
 
 
 def pvalues_calibrated(adapter, ctx: Context) -> PropertyResult:
@@ -126,28 +128,36 @@ def pvalues_calibrated(adapter, ctx: Context) -> PropertyResult:
     def body(example):
         config, base = example
         model = build_case_model(config, ctx.dtype)
-        ps = []
+        ps, first = [], None
         for r in range(CALIBRATION_REPEATS):
             a = _spec(config, seed=base + 2 * r, batch_size=4)
             b = _spec(config, seed=base + 2 * r + 1, batch_size=4, id_offset=100)
-            ps += list(_pvalues(adapter, model, a, b, r, config).values())
+            got = _pvalues(adapter, model, a, b, r, config)
+            first = first or (got, a, b, r)
+            ps += list(got.values())
         mean = float(np.mean(ps))
         lo, hi = CALIBRATION_MEAN
         if not lo <= mean <= hi:
-            raise AssertionError(f"null p-values over {CALIBRATION_REPEATS} repeats "
+            got, a, b, r = first
+            raise PValueMismatch(f"null p-values over {CALIBRATION_REPEATS} repeats "
                                  f"({len(ps)} values) have mean {mean:.3f}, outside [{lo}, {hi}]; "
                                  f"fraction at 1: {np.mean(np.array(ps) >= 1.0):.2f}, "
-                                 f"at the floor: {np.mean(np.array(ps) <= 1 / (N_PERMUTATIONS + 1)):.2f}")
+                                 f"at the floor: {np.mean(np.array(ps) <= 1 / (N_PERMUTATIONS + 1)):.2f}"
+                                 f" (diagnosed on the first repeat)", got,
+                                 oracle_conflicts(model, config, a, b, r))
 
     strategy = st.tuples(tiny_configs(ctx.archs, max_layers=1), st.integers(0, 2**16))
-    return run_property(name, needs, strategy, body,
-                        lambda e: f"{describe_model(e[0])}; for r < {CALIBRATION_REPEATS}: task A "
-                                  f"DataSpec(seed={e[1]} + 2r, batch_size=4, seq_len=5), task B "
-                                  f"DataSpec(seed={e[1]} + 2r + 1, batch_size=4, seq_len=5), "
-                                  f"n_permutations={N_PERMUTATIONS}, seed=r", ctx,
+    def describe(e):
+        return (f"{describe_model(e[0])}; for r < {CALIBRATION_REPEATS}: task A "
+                f"DataSpec(seed={e[1]} + 2r, batch_size=4), task B "
+                f"DataSpec(seed={e[1]} + 2r + 1, batch_size=4), "
+                f"n_permutations={N_PERMUTATIONS}, seed=r")
+
+    return run_property(name, needs, strategy, body, describe, ctx,
                         max_examples=max(1, ctx.max_examples // 3),
                         cover=lambda arch: st.tuples(tiny_configs((arch,), max_layers=1),
-                                                     st.integers(0, 2**16)))
+                                                     st.integers(0, 2**16)),
+                        diagnose=_diagnose_p)
 
 
 def _spec(config, **kwargs) -> DataSpec:
@@ -179,6 +189,8 @@ PVALUE_FORMULAS = {
         lambda obs, null, tie: np.sum(null <= obs + tie) / len(null),
     "the strict (1 + #{null < obs}) / (P + 1) (ties not counted)":
         lambda obs, null, tie: (1 + np.sum(null < obs - tie)) / (len(null) + 1),
+    "p = 1 for every group: the permuted statistic never moves (the permutation is not applied)":
+        lambda obs, null, tie: 1.0,
 }
 
 
@@ -195,7 +207,7 @@ def diagnose_pvalues(got: dict, oracle: dict) -> str:
         hits = 0
         for g in groups:
             _, obs, null = oracle[g]
-            slack = (_tie_allowance(obs, null, atol) + 1e-9) / (len(null) + 1)
+            slack = (_tie_allowance(obs, null, atol) + 1e-9) / len(null)  # (+1 or not)
             want = float(formula(obs, null, atol))
             hits += abs(got[g] - want) <= slack
         scores.append((hits, label))
@@ -347,8 +359,42 @@ def qvalues_statsmodels(adapter, ctx: Context) -> PropertyResult:
                 raise
             want = multipletests(np.asarray(ps), method=sm)[1]
             if got.shape != want.shape or not np.allclose(got, want, rtol=rtol, atol=atol):
-                raise AssertionError(f"{method} q-values for p = {list(ps)}: expected (statsmodels "
+                exc = QValueMismatch(f"{method} q-values for p = {list(ps)}: expected (statsmodels "
                                      f"{sm}) {want.tolist()}, got {got.tolist()}")
+                exc.got = got
+                raise exc
 
     return run_property(name, needs, _pvalue_lists, body, lambda ps: f"p = {list(ps)}", ctx,
-                        max_examples=max(20, ctx.max_examples * 4))
+                        max_examples=max(20, ctx.max_examples * 4), diagnose=_diagnose_q)
+
+
+class QValueMismatch(AssertionError):
+    """q-values differ from statsmodels'."""
+
+
+def qvalue_candidates(ps) -> dict:
+    """Known q-value formulas (and classic mistakes) for p-values ``ps``."""
+    from statsmodels.stats.multitest import multipletests
+
+    p = np.asarray(ps, dtype=float)
+    m = len(p)
+    ranks = np.argsort(np.argsort(p)) + 1
+    return {"BH (statsmodels fdr_bh)": multipletests(p, method="fdr_bh")[1],
+            "BY (statsmodels fdr_by)": multipletests(p, method="fdr_by")[1],
+            "p * m / rank without the step-up minimum": np.minimum(p * m / ranks, 1.0),
+            "Bonferroni p * m": np.minimum(p * m, 1.0),
+            "the p-values themselves": p}
+
+
+def _diagnose_q(ps, exc):
+    if not isinstance(exc, QValueMismatch):
+        return None
+    method = "by" if str(exc).startswith("by") else "bh"
+    got = np.asarray(exc.got if hasattr(exc, "got") else [], dtype=float)
+    if got.size == 0:
+        return None
+    rtol, atol = tolerance("fdr-any-implementation")
+    for label, q in qvalue_candidates(ps).items():
+        if q.shape == got.shape and np.allclose(got, q, rtol=rtol, atol=atol):
+            return f"matches {label} (asked for {method.upper()})"
+    return "no known q-value formula fits"

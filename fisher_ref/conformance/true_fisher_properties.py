@@ -113,7 +113,8 @@ def _diagnose(ctx: Context):
         config, data = example[0], example[1]
         model = build_case_model(config, ctx.dtype)
         cands = _true_fisher_candidates(ctx, model, data.batch(), exc.loss_fn)
-        return best_fit(exc.actual, cands, getattr(exc, "fit_tolerance", diagnosis_tolerance(ctx)))
+        return best_fit(exc.actual, cands,
+                        getattr(exc, "fit_tolerance", diagnosis_tolerance(ctx, config)))
     return diagnose
 
 
