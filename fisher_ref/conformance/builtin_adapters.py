@@ -59,18 +59,22 @@ class ReferenceAdapter:
     dtype = torch.float64
 
     def empirical_fisher(self, model, batches, *, loss_fn, unit="sample", weighting="sample"):
+        """F = Σ w_u g_u² / W per parameter (the adapter protocol's empirical_fisher)."""
         return dict(ref("empirical_fisher")(model, join(batches), loss_fn=loss_fn, unit=unit,
                                              weighting=weighting))
 
     def squared_mean_gradient(self, model, batches, *, loss_fn, unit="sample", weighting="sample"):
+        """S = (Σ w_u g_u / W)² per parameter."""
         return dict(ref("squared_mean_gradient")(model, join(batches), loss_fn=loss_fn,
                                                   unit=unit, weighting=weighting))
 
     def group_fisher(self, model, batches, *, loss_fn):
+        """Per-parameter group means R(F) (heads where the model has attention, else roles)."""
         groups = "heads" if has_attention(model) else "generic"
         return ref("group_fisher")(model, join(batches), loss_fn=loss_fn, groups=groups)
 
     def per_sample_contributions(self, model, batches, *, loss_fn):
+        """``(ids, {name: Tensor[U, *shape]})``: each unit's g_u²."""
         try:
             pu = ref("per_sample_contributions")(model, join(batches), loss_fn=loss_fn)
         except ValueError as exc:
@@ -91,9 +95,11 @@ class ReferenceAdapter:
                                            weighting=weighting)
 
     def exact_fisher(self, model, batches, *, loss_fn, unit="token"):
+        """The true Fisher with the expectation over the classes taken exactly."""
         return dict(ref("exact_fisher")(model, join(batches), loss_fn=loss_fn, unit="token"))
 
     def mc_fisher(self, model, batches, *, loss_fn, unit="token", n_samples=1, seed=0):
+        """The Monte-Carlo true Fisher: labels drawn from the model, ``n_samples`` draws."""
         return dict(ref("mc_fisher")(model, join(batches), loss_fn=loss_fn, unit=unit,
                                      n_samples=n_samples, seed=seed))
 
@@ -102,13 +108,16 @@ class ReferenceAdapter:
         return ref("attention_layout")(model)
 
     def qkov_mask(self, model, layer, head, block):
+        """The weight entries of the slice I(layer, head, block), biases excluded."""
         return ref("qkov_mask")(model, layer, head, block, include_bias=False)
 
     def interference(self, model, batches_a, batches_b, *, loss_fn, signed=False, eps=1e-12):
+        """M^B[i, j, l, h] per block with F̂ = task A's Fisher."""
         return ref("interference")(model, join(batches_a), join(batches_b), loss_fn=loss_fn,
                                    fisher="a", signed=signed, eps=eps)
 
     def conflict_pvalues(self, model, batches_a, batches_b, *, loss_fn, n_permutations, seed):
+        """``{group: p}``: one-sided permutation p-values of the mean between-task cosine."""
         groups = "heads" if has_attention(model) else "parameters"
         result = ref("conflicts")(model, join(batches_a), join(batches_b), loss_fn=loss_fn,
                                   groups=groups, n_permutations=n_permutations, seed=seed,
@@ -116,6 +125,7 @@ class ReferenceAdapter:
         return _pvalues(result)
 
     def fdr_qvalues(self, pvalues, *, method="bh"):
+        """BH (or BY) q-values in the order of ``pvalues``."""
         if method not in ("bh", "by"):
             raise ValueError(f"method: expected 'bh' or 'by', got {method!r}.")
         return ref(f"{method}_qvalues")(pvalues)
@@ -128,7 +138,7 @@ def _pvalues(result) -> dict:
     groups = result.get("groups") if isinstance(result, dict) else getattr(result, "groups", None)
     if groups is not None and not hasattr(groups, "items"):
         p = result["p"] if isinstance(result, dict) else result.p
-        return {str(g): float(v) for g, v in zip(groups, list(p))}
+        return {str(g): float(v) for g, v in zip(groups, list(p), strict=False)}
     source = groups if groups is not None else result
     out = {}
     for g, rec in source.items():

@@ -208,7 +208,7 @@ def loss_scaling(adapter, ctx: Context) -> PropertyResult:
         prop = _self_consistency("loss_scaling", 1, _scaled(c), "", allow_empty=False,
                                  requires_custom_loss=True, extra_of=_unscaled(c, ctx))
         results.append(prop(adapter, ctx))
-    for r, c in zip(results, LOSS_SCALES):
+    for r, c in zip(results, LOSS_SCALES, strict=False):
         if r.verdict != "pass":
             if r.counterexample:
                 r.counterexample += f"; loss scaled by c={c:g}"

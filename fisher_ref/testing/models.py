@@ -43,13 +43,16 @@ class TinyConfig:
 
     @property
     def kv_heads(self) -> int:
+        """H_kv (``num_heads`` when not set)."""
         return self.num_heads if self.num_kv_heads is None else self.num_kv_heads
 
     @property
     def d_model(self) -> int:
+        """The model width d (``num_heads * head_dim`` when ``hidden`` is not set)."""
         return self.num_heads * self.head_dim if self.hidden is None else self.hidden
 
     def make_id(self) -> str:
+        """A readable case id, e.g. ``arch=llama-L=2-H=4-kv=2-dh=2-seed=0``."""
         parts = [f"arch={self.arch}", f"L={self.num_layers}", f"H={self.num_heads}"]
         if self.kv_heads != self.num_heads:
             parts.append(f"kv={self.kv_heads}")

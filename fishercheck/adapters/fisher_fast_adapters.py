@@ -65,32 +65,39 @@ class FisherFastAdapter:
         return acc
 
     def empirical_fisher(self, model, batches, *, loss_fn, unit="sample", weighting="sample"):
+        """F = Σ w_u g_u² / W per parameter (the adapter protocol's empirical_fisher)."""
         # the lean E[g²]-only states, what a researcher streaming F uses
         return self._accumulate(model, batches, loss_fn, unit=unit, weighting=weighting,
                                 statistics="fisher").empirical_fisher()
 
     def squared_mean_gradient(self, model, batches, *, loss_fn, unit="sample", weighting="sample"):
+        """S = (Σ w_u g_u / W)² per parameter."""
         acc = self._accumulate(model, batches, loss_fn, unit=unit, weighting=weighting)
         return acc.squared_mean_gradient()
 
     def group_fisher(self, model, batches, *, loss_fn):
+        """Per-parameter group means R(F) (heads where the model has attention, else roles)."""
         groups = "heads" if _has_attention(model) else "generic"
         return self._accumulate(model, batches, loss_fn, groups=groups).group_fisher()
 
     def per_sample_contributions(self, model, batches, *, loss_fn):
+        """``(ids, {name: Tensor[U, *shape]})``: each unit's g_u²."""
         pu = fisher_fast.per_sample_contributions(model, concat_batches(batches),
                                               loss_fn=fast_loss(loss_fn), dtype=self.dtype)
         return pu.ids, pu.tensors
 
     def qkov_mask(self, model, layer, head, block):
+        """The weight entries of the slice I(layer, head, block), biases excluded."""
         return fisher_fast.qkov_mask(model, layer, head, block, include_bias=False)
 
     def interference(self, model, batches_a, batches_b, *, loss_fn, signed=False, eps=1e-12):
+        """M^B[i, j, l, h] per block with F̂ = task A's Fisher."""
         return fisher_fast.interference(model, concat_batches(batches_a), concat_batches(batches_b),
                                     loss_fn=fast_loss(loss_fn), fisher="a", signed=signed,
                                     eps=eps, dtype=self.dtype)
 
     def conflict_pvalues(self, model, batches_a, batches_b, *, loss_fn, n_permutations, seed):
+        """``{group: p}``: one-sided permutation p-values of the mean between-task cosine."""
         result = fisher_fast.conflicts(model, concat_batches(batches_a), concat_batches(batches_b),
                                    loss_fn=fast_loss(loss_fn), n_permutations=n_permutations,
                                    seed=seed, n_bootstrap=10, dtype=self.dtype,
@@ -98,14 +105,17 @@ class FisherFastAdapter:
         return {str(g): float(rec["p"]) for g, rec in result.items()}
 
     def exact_fisher(self, model, batches, *, loss_fn, unit="token"):
+        """The true Fisher with the expectation over the classes taken exactly."""
         return fisher_fast.exact_fisher(model, concat_batches(batches), loss_fn=fast_loss(loss_fn),
                                         unit="token", dtype=self.dtype)
 
     def mc_fisher(self, model, batches, *, loss_fn, unit="token", n_samples=1, seed=0):
+        """The Monte-Carlo true Fisher: labels drawn from the model, ``n_samples`` draws."""
         return fisher_fast.mc_fisher(model, concat_batches(batches), loss_fn=fast_loss(loss_fn),
                                      unit=unit, n_samples=n_samples, seed=seed, dtype=self.dtype)
 
     def fdr_qvalues(self, pvalues, *, method="bh"):
+        """BH (or BY) q-values in the order of ``pvalues``."""
         if method not in ("bh", "by"):
             raise ValueError(f"method: expected 'bh' or 'by', got {method!r}.")
         return (fisher_fast.bh_qvalues if method == "bh" else fisher_fast.by_qvalues)(pvalues)

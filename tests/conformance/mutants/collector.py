@@ -45,7 +45,7 @@ class FisherCollector:
                 grads = torch.autograd.grad(losses[i], list(self.params.values()), retain_graph=True,
                                             allow_unused=True)
                 yield sid, {n: (torch.zeros_like(p) if g is None else g).double()
-                            for (n, p), g in zip(self.params.items(), grads)}
+                            for (n, p), g in zip(self.params.items(), grads, strict=False)}
 
     def update(self, batch: dict) -> None:
         for sid, grads in self.sample_gradients(batch):
@@ -86,7 +86,7 @@ class FisherCollector:
                 grads = torch.autograd.grad(-logp[i, t, c], list(self.params.values()),
                                             retain_graph=True, allow_unused=True)
                 per_class.append({n: (torch.zeros_like(p) if g is None else g).double() ** 2
-                                  for (n, p), g in zip(self.params.items(), grads)})
+                                  for (n, p), g in zip(self.params.items(), grads, strict=False)})
             yield logp[i, t].detach().exp().double(), per_class
 
     def true_fisher(self, batches, weights_of):
@@ -266,7 +266,8 @@ class CollectorAdapter:
 
     def mc_fisher(self, model, batches, *, loss_fn, unit="token", n_samples=1, seed=0):
         gen = torch.Generator().manual_seed(seed)
-        return self.collector_class(model, loss_fn).true_fisher(batches, lambda p: self.draw(p, n_samples, gen))
+        collector = self.collector_class(model, loss_fn)
+        return collector.true_fisher(batches, lambda p: self.draw(p, n_samples, gen))
 
     def draw(self, p, n_samples, gen):
         """The share of each class among n draws from p (the Monte-Carlo weights)."""

@@ -17,7 +17,7 @@ def role_groups(model) -> dict:
     """
     out = {}
     for mname, module in model.named_modules():
-        for local, p in module.named_parameters(recurse=False):
+        for local, _ in module.named_parameters(recurse=False):
             name = f"{mname}.{local}" if mname else local
             if isinstance(module, torch.nn.Linear) and local == "weight":
                 out[name] = lambda t: t.sum(dim=1)

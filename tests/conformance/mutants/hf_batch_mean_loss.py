@@ -27,7 +27,7 @@ class HFLossCollector(FisherCollector):
                 grads = torch.autograd.grad(row, list(self.params.values()), retain_graph=True,
                                             allow_unused=True)
                 yield sid, {n: (torch.zeros_like(p) if g is None else g).double()
-                            for (n, p), g in zip(self.params.items(), grads)}
+                            for (n, p), g in zip(self.params.items(), grads, strict=False)}
 
 
 class Adapter(CollectorAdapter):

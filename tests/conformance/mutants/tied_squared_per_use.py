@@ -45,7 +45,7 @@ class PerModuleCollector(FisherCollector):
             if (batch["labels"][i, 1:] != -100).any():
                 gs = torch.autograd.grad(losses[i], params, retain_graph=True, allow_unused=True)
                 out = {n: (torch.zeros_like(p) if g is None else g).double()
-                       for (n, p), g in zip(self.params.items(), gs)}
+                       for (n, p), g in zip(self.params.items(), gs, strict=False)}
                 out["__head__"] = gs[-1].double()
                 yield sid, out
 

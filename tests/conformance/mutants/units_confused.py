@@ -23,7 +23,7 @@ class TokenUnitCollector(FisherCollector):
                     grads = torch.autograd.grad(nll, list(self.params.values()), retain_graph=True,
                                                 allow_unused=True)
                     yield (sid, t), {n: (torch.zeros_like(p) if g is None else g).double()
-                                     for (n, p), g in zip(self.params.items(), grads)}
+                                     for (n, p), g in zip(self.params.items(), grads, strict=False)}
 
 
 class Adapter(CollectorAdapter):
