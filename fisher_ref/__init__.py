@@ -41,8 +41,9 @@ from fisher_ref.welford import WelfordState, two_pass_moments
 
 __all__ = [
     "CausalLMLoss", "ClassifierLoss", "FisherResult", "MaskedLMLoss", "PerUnit",
-    "SequenceClassificationLoss", "WelfordState", "batch_squared_gradient", "batch_squared_gradient_of", "causal_lm_loss",
-    "classifier_loss", "empirical_fisher", "empirical_fisher_of", "estimator_impact", "exact_fisher",
+    "SequenceClassificationLoss", "WelfordState", "batch_squared_gradient",
+    "batch_squared_gradient_of", "causal_lm_loss", "classifier_loss", "empirical_fisher",
+    "empirical_fisher_of", "estimator_impact", "exact_fisher",
     "gradient_variance", "gradient_variance_of", "group_fisher", "group_fisher_of", "group_ids",
     "kendall", "masked_lm_loss", "mc_fisher", "mean_gradient", "mean_gradient_of",
     "per_sample_gradients", "pruning_mask_jaccard", "reduce_groups", "sequence_classification_loss",

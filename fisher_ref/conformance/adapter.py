@@ -37,8 +37,8 @@ trainable parameters only, a tied parameter once):
 ``group_fisher(model, batches, *, loss_fn)``
     -> ``dict[str, Tensor]``: per parameter, the 1-D tensor of group means R(F) in the group
     order of docs/architecture.md with ``groups="heads"`` (attention tensors by head, the
-    rest by role). A value may also be a dict
-    with a ``"mean"`` entry.
+    rest by role; a model without an attention layout entirely by role). A value may also
+    be a dict with a ``"mean"`` entry.
 ``per_sample_contributions(model, batches, *, loss_fn)``
     -> ``(ids, tensors)`` or an object with ``.ids`` and ``.tensors``: ``ids`` the callers'
     sample ids of the non-empty rows, ``tensors[name]`` of shape ``[U, *param.shape]`` with
