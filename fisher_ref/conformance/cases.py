@@ -83,6 +83,7 @@ class DataSpec:
     input_shape: tuple = ()
     num_classes: int = 0
     repeat: int = 1
+    input_dtype: str = "float64"
 
     def ids(self) -> list:
         """The rows' sample ids."""
@@ -118,7 +119,7 @@ class DataSpec:
         b = classifier_batch(cfg, batch_size=self.batch_size, seed=self.seed, empty_rows=empty,
                              sample_ids=self.ids())
         shift = {"low": -1.0, "high": 1.0}.get(self.tokens, 0.0)
-        b["input"] = b["input"] + shift
+        b["input"] = (b["input"] + shift).to(getattr(torch, self.input_dtype))
         return b
 
     def describe(self) -> str:
@@ -130,6 +131,8 @@ class DataSpec:
         fields += [f"empty_row={self.empty_row}", f"id_style={self.id_style!r}"]
         if self.repeat > 1:
             fields.append(f"repeat={self.repeat}")
+        if self.input_dtype != "float64":
+            fields.append(f"input_dtype={self.input_dtype!r}")
         if self.family == "classifier":
             return (f"DataSpec({', '.join(fields)}, family='classifier', "
                     f"input_shape={self.input_shape}, num_classes={self.num_classes}) -> "
@@ -268,9 +271,11 @@ def _classifier_config(draw, arch: str, size: str) -> ClassifierConfig:
 
 @st.composite
 def data_specs(draw, config=None, min_rows: int = 1, max_rows: int = 4, id_offset: int = 0,
-               tokens: str = "all", allow_empty: bool = True, size: str = "tiny") -> DataSpec:
+               tokens: str = "all", allow_empty: bool = True, size: str = "tiny",
+               dtype: torch.dtype = torch.float64) -> DataSpec:
     """A task's rows for ``config``'s family (default causal LM): 1-4 rows (``size="scale"``:
-    16-24) of 3-6 tokens (scale: 8-12), int or str ids, maybe one empty row.
+    16-24) of 3-6 tokens (scale: 8-12), int or str ids, maybe one empty row; a classifier's
+    inputs in ``dtype`` (the model's).
     """
     if size == "scale":
         min_rows, max_rows = max(min_rows, 16), max(max_rows, 24)
@@ -282,7 +287,8 @@ def data_specs(draw, config=None, min_rows: int = 1, max_rows: int = 4, id_offse
     extra = {}
     if config is not None and family_of(config) == "classifier":
         extra = {"family": "classifier", "input_shape": config.input_shape,
-                 "num_classes": config.num_classes, "seq_len": 1}
+                 "num_classes": config.num_classes, "seq_len": 1,
+                 "input_dtype": str(dtype).removeprefix("torch.")}
     return DataSpec(**{"seed": draw(st.integers(0, 2**16)), "batch_size": n, "seq_len": seq,
                        "empty_row": empty, "id_style": draw(st.sampled_from(["int", "str"])),
                        "id_offset": id_offset, "tokens": tokens, **extra})

@@ -86,7 +86,8 @@ def estimator_cases(draw, ctx: Context, min_rows: int = 1, options: bool = False
     ``archs``), its rows, a split, and (``options``) the unit, weighting and reduction.
     """
     config = draw(tiny_configs(tuple(archs or ctx.archs), size=ctx.size))
-    data = draw(data_specs(config, min_rows=min_rows, allow_empty=allow_empty, size=ctx.size))
+    data = draw(data_specs(config, dtype=ctx.dtype, min_rows=min_rows, allow_empty=allow_empty,
+                           size=ctx.size))
     sizes = draw(splits(data.batch_size))
     opts = {}
     if options:

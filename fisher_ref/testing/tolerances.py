@@ -79,6 +79,26 @@ TOLERANCES: dict[tuple[str, torch.dtype], tuple[float, float, str]] = {
         "the argmax label instead of a draw has R >= 68 (its bias does not shrink with n). "
         "Not a rounding tolerance: the first entry is the bound on R",
     ),
+    ("signed-interference-terms", torch.float64): (
+        0.0, 1e-12,
+        "signed interference sums terms C_i / F_hat * g_j of either sign: rounding scales with "
+        "the sum of |terms|, i.e. the abs-mode M of the same entry, not with the (cancelled) "
+        "result; two float64 orders of < 100 terms differ by ~1e-14 of it, 1e-12 is 100x",
+    ),
+    ("signed-interference-terms", torch.float32): (
+        0.0, 1e-5,
+        "as the float64 row for a float32 implementation: float32 gradients (eps 1.2e-7) "
+        "through a layer, squared and divided, summed over < 100 slice entries: ~1e-6 of the "
+        "abs-mode M; 1e-5 keeps a 10x margin, while a wrong phi or F_hat is O(1) of it",
+    ),
+    ("pvalue-tie", torch.float32): (
+        0.0, 0.1,
+        "a float32 implementation's mean cosines of a group whose unit gradients are nearly "
+        "parallel move with float32 rounding far more than the gradients do (measured: a Qwen2 "
+        "K slice, observed 0.206 in float64, 0.132 in float32): permuted statistics within 0.1 "
+        "of the observed one may fall on either side of it. Exact agreement is a float64 check; "
+        "pvalues_direction checks the tail of a float32 implementation with any stream",
+    ),
     ("pvalue-tie", torch.float64): (
         0.0, 1e-9,
         "a permuted mean cosine within 1e-9 of the observed one may be counted on either side "
