@@ -2,7 +2,7 @@
 
     fishercheck run --out DIR                         # embedded default model and tasks
     fishercheck run --model CKPT --task-a A.txt --task-b B.jsonl --out DIR [--check]
-    fishercheck conform --impl fisher_fast [--profile quick|thorough] [--report out.json]
+    fishercheck conform --impl fisher_fast [--profile quick|thorough|scale] [--report out.json]
 
 See docs/cli.md and docs/conformance.md.
 """
@@ -99,9 +99,10 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--impl", required=True, metavar="SPEC",
                    help="package.module:object adapter, or one of fisher_fast, fisher_fast32, "
                         "fisher_fast_cuda, fisher_ref")
-    c.add_argument("--profile", choices=("quick", "thorough"), default="quick",
-                   help="quick (default, CI): 10 examples per property; thorough: 60 and every "
-                        "architecture the adapter supports")
+    c.add_argument("--profile", choices=("quick", "thorough", "scale"), default="quick",
+                   help="quick (default, CI): 6 examples per property after the smallest of "
+                        "every architecture; thorough: 60; scale: 2 examples of 12 layers, 8 "
+                        "heads, 16+ rows")
     c.add_argument("--report", metavar="FILE", help="also write the report as JSON to FILE")
     c.add_argument("--property", action="append", dest="properties", metavar="NAME",
                    help="run only this property (repeatable); one of: " + ", ".join(PROPERTIES))

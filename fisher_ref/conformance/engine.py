@@ -3,7 +3,13 @@
 A property body takes one drawn example and raises ``AssertionError`` (a definition is
 broken) or any other exception (the adapter crashed); Hypothesis then shrinks the example.
 Its final replay is the minimal failing example, so the last failure recorded here is the
-one reported.
+one reported. A property may also pass
+
+- ``cover(arch) -> strategy``: the example strategy restricted to one architecture; when the
+  context asks for coverage, the smallest example of every architecture drawn is run first
+  (``@example``), so that a profile of a few examples still meets each architecture once;
+- ``diagnose(example, exc) -> str``: called once on the final (minimal) failure, it says what
+  the implementation's result matches (:mod:`fisher_ref.conformance.diagnosis`).
 """
 
 from __future__ import annotations
@@ -12,8 +18,9 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-from hypothesis import HealthCheck, given, settings
-from hypothesis.errors import HypothesisException
+from hypothesis import HealthCheck, Phase, find, given, settings
+from hypothesis import example as explicit_example
+from hypothesis.errors import HypothesisException, NoSuchExample
 
 from fisher_ref.testing.strategies import float64_tolerance_kind
 from fisher_ref.testing.tolerances import tolerance
@@ -33,6 +40,8 @@ class PropertyResult:
         needs: the capabilities the property exercises.
         examples: how many examples were run (0 when not provided).
         seconds: wall time.
+        diagnosis: for a failure, what the implementation's result matches (e.g.
+            ``"matches squared_mean_gradient / n_tokens to 2e-07"``), or that nothing does.
     """
 
     name: str
@@ -42,11 +51,14 @@ class PropertyResult:
     needs: tuple[str, ...] = ()
     examples: int = 0
     seconds: float = 0.0
+    diagnosis: str | None = None
 
     def to_dict(self) -> dict:
+        """The result as JSON-ready data."""
         return {"property": self.name, "verdict": self.verdict, "needs": list(self.needs),
                 "counterexample": self.counterexample, "message": self.message,
-                "examples": self.examples, "seconds": round(self.seconds, 3)}
+                "diagnosis": self.diagnosis, "examples": self.examples,
+                "seconds": round(self.seconds, 3)}
 
 
 @dataclass
@@ -56,9 +68,14 @@ class Context:
     Attributes:
         oracle: the reference adapter (``ReferenceAdapter`` over fisher_ref).
         max_examples: Hypothesis examples per property (before shrinking).
-        archs: architectures drawn for models.
+        archs: architectures drawn for models (both families).
         dtype: the dtype models are built in (the adapter's ``dtype``).
         units, weightings: the options the adapter's estimators support.
+        row_reductions: the per-row loss reductions drawn.
+        unit_reduction: ``"mean"`` or ``"sum"``, the adapter's estimators' convention.
+        custom_loss: whether the adapter computes with any ``loss_fn`` it is given.
+        size: ``"tiny"`` or ``"scale"`` (12 layers, 8 heads, 16+ rows; see ``cases``).
+        cover: run the smallest example of every architecture first.
         derandomize: fixed example sequence (CI), no example database.
         shrink_examples: new examples Hypothesis may try after the first failure to shrink
             it (a count, so the printed counterexample is the same on every run).
@@ -72,6 +89,11 @@ class Context:
     dtype: torch.dtype = torch.float64
     units: tuple[str, ...] = ("sample",)
     weightings: tuple[str, ...] = ("sample",)
+    row_reductions: tuple[str, ...] = ("mean",)
+    unit_reduction: str = "mean"
+    custom_loss: bool = True
+    size: str = "tiny"
+    cover: bool = False
     derandomize: bool = True
     shrink_examples: int = 60
     shrink_seconds: float = 120.0
@@ -92,22 +114,77 @@ class Context:
         adapters the float32 row.
         """
         if self.dtype == torch.float64:
-            kind = "float64-paths" if config is None else float64_tolerance_kind(config)
+            kind = "float64-paths" if config is None or not hasattr(config, "num_layers") \
+                else float64_tolerance_kind(config)
             return tolerance(kind, torch.float64)
         return tolerance("float32-fisher", torch.float32)
 
+    def close(self, config=None, quantity: str = "squares") -> dict:
+        """``rtol``, ``atol`` and ``atol_scale`` for ``compare_dicts``: float64 as
+        :meth:`tolerance`; float32 with an atol proportional to each tensor's largest value
+        (rows ``float32-squares-scaled`` for sums of squares, ``float32-signed-scaled`` for
+        quantities with cancellation such as (E[g])²), so that a 1e-8 ridge or float16
+        flushing is caught where an absolute 1e-7 would hide it.
+        """
+        if self.dtype == torch.float64:
+            rtol, atol = self.tolerance(config)
+            return {"rtol": rtol, "atol": atol, "atol_scale": 0.0}
+        kind = "float32-squares-scaled" if quantity == "squares" else "float32-signed-scaled"
+        rtol, scale = tolerance(kind, torch.float32)
+        return {"rtol": rtol, "atol": 0.0, "atol_scale": scale}
+
+    def unit_scale(self, estimator: str, total_weight: float) -> float:
+        """The factor between the adapter's convention and the SPEC's mean over units:
+        1 for ``unit_reduction="mean"``; W for F-like sums and W² for S = (Σ w g)² under
+        ``"sum"``.
+        """
+        if self.unit_reduction == "mean":
+            return 1.0
+        return total_weight ** 2 if estimator == "squared_mean_gradient" else total_weight
+
     def settings(self, max_examples: int | None = None) -> settings:
+        """Hypothesis settings of the profile (deterministic unless ``derandomize=False``)."""
         n = self.max_examples if max_examples is None else max_examples
         return settings(max_examples=max(1, n), derandomize=self.derandomize, database=None,
                         deadline=None, print_blob=False, report_multiple_bugs=False,
                         suppress_health_check=list(HealthCheck))
 
 
+def covering_examples(ctx: Context, key, cover) -> list:
+    """The simplest example of each architecture of ``ctx.archs`` that ``cover(arch)`` can
+    draw (``hypothesis.find``, derandomized; cached per property ``key``).
+    """
+    if not ctx.cover or cover is None:
+        return []
+
+    def compute():
+        out = []
+        # the generate phase only: Hypothesis tries the simplest choice sequence first, so the
+        # first example found is the smallest (no shrinking, no explain phase: milliseconds)
+        quiet = settings(database=None, derandomize=True, max_examples=50, deadline=None,
+                         phases=(Phase.generate,), suppress_health_check=list(HealthCheck))
+        for arch in ctx.archs:
+            try:
+                strategy = cover(arch)
+            except ValueError:
+                continue  # the property does not draw this architecture
+            if strategy is None:
+                continue
+            try:
+                out.append(find(strategy, lambda _: True, settings=quiet))
+            except NoSuchExample:
+                continue
+        return out
+
+    return ctx.memo(("cover", key), compute)
+
+
 def run_property(name: str, needs: tuple[str, ...], strategy, body, describe, ctx: Context,
-                 max_examples: int | None = None) -> PropertyResult:
+                 max_examples: int | None = None, cover=None, diagnose=None) -> PropertyResult:
     """Run ``body(example)`` on examples from ``strategy``; shrink and keep the minimal failure.
 
-    ``describe(example) -> str`` renders an example for the report. Shrinking is bounded by
+    ``describe(example) -> str`` renders an example for the report; ``cover`` and
+    ``diagnose`` are described in the module docstring. Shrinking is bounded by
     ``ctx.shrink_examples`` new examples after the first failure (deterministic) and by
     ``ctx.shrink_seconds`` (a safety cap): once either is spent, examples not seen before are
     skipped (count as passing), so Hypothesis stops at the smallest failure found so far and
@@ -136,7 +213,10 @@ def run_property(name: str, needs: tuple[str, ...], strategy, body, describe, ct
                 record["first_failure"] = time.perf_counter()
             raise
 
-    wrapped = ctx.settings(max_examples)(given(strategy)(test))
+    wrapped = given(strategy)(test)
+    for ex in reversed(covering_examples(ctx, name, cover)):
+        wrapped = explicit_example(ex)(wrapped)
+    wrapped = ctx.settings(max_examples)(wrapped)
     start = time.perf_counter()
     try:
         wrapped()
@@ -151,9 +231,24 @@ def run_property(name: str, needs: tuple[str, ...], strategy, body, describe, ct
         if text is not None and record["timed_out"]:
             text += (f" (shrinking stopped by the {ctx.shrink_seconds:g} s time cap: a rerun may "
                      f"print another example)")
+        diagnosis = _diagnosis(diagnose, example, exc)
         return PropertyResult(name, FAIL, text, message, needs, record["n"],
-                              time.perf_counter() - start)
+                              time.perf_counter() - start, diagnosis)
     return PropertyResult(name, PASS, None, None, needs, record["n"], time.perf_counter() - start)
+
+
+def _diagnosis(diagnose, example, exc) -> str | None:
+    """``diagnose(example, exc)`` for a failed definition (not a crash); its own failure is
+    reported in words, never raised.
+    """
+    if diagnose is None or example is None or not isinstance(exc, AssertionError):
+        return getattr(exc, "diagnosis", None)
+    if getattr(exc, "diagnosis", None):
+        return exc.diagnosis
+    try:
+        return diagnose(example, exc)
+    except Exception as err:  # the diagnosis is help, never a verdict
+        return f"no diagnosis ({type(err).__name__}: {err})"
 
 
 def _message(exc: BaseException | None) -> str:
@@ -165,4 +260,5 @@ def _message(exc: BaseException | None) -> str:
 
 
 def not_provided(name: str, needs: tuple[str, ...]) -> PropertyResult:
+    """The verdict of a property whose capabilities the adapter lacks."""
     return PropertyResult(name, NOT_PROVIDED, needs=needs)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from fisher_ref.losses import causal_lm_loss
+from fisher_ref.losses import IGNORE_INDEX, causal_lm_loss, reduce_rows, token_nll
 
 
 class ScaledLoss:
@@ -19,10 +19,43 @@ class ScaledLoss:
         self.base = base
 
     def __call__(self, model, batch: dict) -> torch.Tensor:
+        """Each row's loss times c, ``Tensor[B]``."""
         return self.scale * self.base(model, batch)
 
     def __repr__(self) -> str:
         return f"ScaledLoss({self.scale:g} * {self.base!r})"
+
+
+class RelabeledLoss:
+    r"""A token loss on other labels: each active target y becomes :math:`(y + 1) \bmod C`.
+
+    A loss of the same form and scale as ``base`` (so F keeps its magnitude) that only an
+    implementation using the caller's ``loss_fn`` computes: one that takes the model's own
+    loss, or its own cross-entropy of ``batch["labels"]``, gets the Fisher of the original
+    labels. Keeps the token protocol (``logits_and_targets`` returns the moved targets).
+    """
+
+    def __init__(self, base=causal_lm_loss):
+        self.base = base
+        self.reduction = base.reduction
+
+    def __repr__(self) -> str:
+        return f"RelabeledLoss({self.base!r}, y -> (y + 1) mod C)"
+
+    def logits_and_targets(self, model, batch: dict):
+        """The base loss's logits and its targets moved to the next class."""
+        logits, targets = self.base.logits_and_targets(model, batch)
+        moved = torch.where(targets == IGNORE_INDEX, targets, (targets + 1) % logits.shape[-1])
+        return logits, moved
+
+    def token_counts(self, batch: dict) -> torch.Tensor:
+        """The base loss's active label counts (moving a label keeps it active)."""
+        return self.base.token_counts(batch)
+
+    def __call__(self, model, batch: dict) -> torch.Tensor:
+        """Each row's loss on the moved labels, ``Tensor[B]``."""
+        logits, targets = self.logits_and_targets(model, batch)
+        return reduce_rows(token_nll(logits, targets), targets, self.reduction)
 
 
 def tensor_dict(result, what: str) -> dict[str, torch.Tensor]:
@@ -61,6 +94,7 @@ def group_means(result, what: str = "group_fisher") -> dict[str, torch.Tensor]:
 
 
 def bool_masks(result, what: str = "qkov_mask") -> dict[str, torch.Tensor]:
+    """A ``dict[str, BoolTensor]`` from a mapping result, on CPU."""
     if not hasattr(result, "items"):
         raise AssertionError(f"{what}: expected a dict of bool masks, got {type(result).__name__}.")
     return {str(k): torch.as_tensor(v).detach().to("cpu").bool() for k, v in result.items()}

@@ -24,27 +24,33 @@ class ConformanceReport:
 
     @property
     def passed(self) -> bool:
+        """Nothing failed and at least one property passed."""
         return not self.failures() and any(r.verdict == PASS for r in self.results)
 
     def failures(self) -> list[PropertyResult]:
+        """The failed properties."""
         return [r for r in self.results if r.verdict == FAIL]
 
     def verdict(self, name: str) -> str:
+        """The verdict of property ``name``."""
         for r in self.results:
             if r.name == name:
                 return r.verdict
         raise ValueError(f"property: expected one of {[r.name for r in self.results]}, got {name!r}.")
 
     def counts(self) -> dict[str, int]:
+        """How many properties passed, failed, and were not provided."""
         return {v: sum(r.verdict == v for r in self.results) for v in (PASS, FAIL, NOT_PROVIDED)}
 
     def to_dict(self) -> dict:
+        """The report as JSON-ready data."""
         return {"adapter": self.adapter, "profile": self.profile, "passed": self.passed,
                 "counts": self.counts(), "provided": list(self.provided),
                 "seconds": round(self.seconds, 2), "meta": self.meta,
                 "results": [r.to_dict() for r in self.results]}
 
     def to_json(self, path=None) -> str:
+        """The report as JSON text, also written to ``path`` when given."""
         text = json.dumps(self.to_dict(), indent=2, default=str)
         if path is not None:
             with open(path, "w") as fh:
@@ -52,6 +58,7 @@ class ConformanceReport:
         return text
 
     def table(self, width: int = 100) -> str:
+        """The report as a fixed-width table (with diagnoses) for people."""
         return format_table(self, width)
 
 

@@ -2,9 +2,13 @@
 
 Profiles:
 
-- ``quick`` (CI): few examples per property, models drawn from GPT-2, LLaMA (GQA, explicit
-  head_dim) and Phi-3 (fused Q/K/V with GQA).
+- ``quick`` (CI): few examples per property; the smallest example of every architecture the
+  adapter supports is run first, so each (GPT-2, LLaMA, Mistral, Qwen2, Phi-3, GPT-NeoX; MLP,
+  CNN, LayerNorm/GELU, ViT) is met at least once.
 - ``thorough``: many examples, every architecture the adapter supports.
+- ``scale``: a few examples of what tiny cases miss: 12 layers, 8 heads, 16-24 rows of 8-12
+  tokens (a collector that keeps only the first 8 samples, or matches layer ``h.1`` to
+  ``h.11``, fails here); minutes on a CPU.
 
 Both are deterministic by default (``derandomize=True``, no example database), so a CI gate
 gives the same verdict on every run; ``derandomize=False`` explores new examples each run.
@@ -19,6 +23,8 @@ from fisher_ref.conformance.adapter import (
     adapter_dtype,
     adapter_name,
     adapter_option,
+    adapter_row_reductions,
+    adapter_unit_reduction,
     provided,
 )
 from fisher_ref.conformance.engine import FAIL, Context, PropertyResult
@@ -26,10 +32,12 @@ from fisher_ref.conformance.properties import PROPERTIES
 from fisher_ref.conformance.report import ConformanceReport
 
 PROFILES = {
-    "quick": {"max_examples": 10, "archs": ("gpt2", "llama", "phi3"), "shrink_examples": 60,
+    "quick": {"max_examples": 6, "size": "tiny", "cover": True, "shrink_examples": 60,
               "shrink_seconds": 120.0},
-    "thorough": {"max_examples": 60, "archs": None, "shrink_examples": 400,
+    "thorough": {"max_examples": 60, "size": "tiny", "cover": True, "shrink_examples": 400,
                  "shrink_seconds": 600.0},
+    "scale": {"max_examples": 2, "size": "scale", "cover": False, "shrink_examples": 8,
+              "shrink_seconds": 300.0},
 }
 
 
@@ -40,7 +48,7 @@ def run_conformance(adapter, *, profile: str = "quick", properties=None, derando
 
     Args:
         adapter: the implementation under test.
-        profile: ``"quick"`` or ``"thorough"``.
+        profile: ``"quick"``, ``"thorough"`` or ``"scale"``.
         properties: names to run (default: all of ``PROPERTIES``).
         derandomize: deterministic examples (True for CI).
         oracle: the reference adapter (default: ``ReferenceAdapter`` over fisher_ref).
@@ -71,13 +79,14 @@ def run_conformance(adapter, *, profile: str = "quick", properties=None, derando
 
         oracle = ReferenceAdapter()
     conf = PROFILES[profile]
-    supported = adapter_architectures(adapter)
-    archs = tuple(a for a in (conf["archs"] or supported) if a in supported) or supported
-    ctx = Context(oracle=oracle, max_examples=conf["max_examples"], archs=archs,
-                  dtype=adapter_dtype(adapter),
+    ctx = Context(oracle=oracle, max_examples=conf["max_examples"],
+                  archs=adapter_architectures(adapter), dtype=adapter_dtype(adapter),
                   units=tuple(adapter_option(adapter, "units", ("sample",))),
                   weightings=tuple(adapter_option(adapter, "weightings", ("sample",))),
-                  derandomize=derandomize,
+                  row_reductions=adapter_row_reductions(adapter),
+                  unit_reduction=adapter_unit_reduction(adapter),
+                  custom_loss=bool(adapter_option(adapter, "custom_loss", True)),
+                  size=conf["size"], cover=conf["cover"], derandomize=derandomize,
                   shrink_examples=_or(shrink_examples, conf["shrink_examples"]),
                   shrink_seconds=_or(shrink_seconds, conf["shrink_seconds"]))
     start = time.perf_counter()

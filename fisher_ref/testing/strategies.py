@@ -107,7 +107,7 @@ def row_splits(draw, n_rows: int, max_pieces: int = 3) -> list[tuple[int, int]]:
     """Consecutive pieces ``[(0, a), (a, b), ..., (z, n_rows)]`` of at least one row each."""
     cuts = draw(st.sets(st.integers(1, max(n_rows - 1, 1)), max_size=max_pieces - 1))
     bounds = [0] + sorted(c for c in cuts if 0 < c < n_rows) + [n_rows]
-    return list(zip(bounds[:-1], bounds[1:]))
+    return list(zip(bounds[:-1], bounds[1:], strict=False))
 
 
 def chunk_sizes(max_size: int = 6):

@@ -55,6 +55,56 @@ TOLERANCES: dict[tuple[str, torch.dtype], tuple[float, float, str]] = {
         "norm-relative error of mc_fisher with 4000 draws on a tiny GPT-2 (token units) against "
         "exact_fisher: Monte-Carlo error ~ CV / sqrt(n * U), about 0.01 expected",
     ),
+    ("float32-squares-scaled", torch.float32): (
+        2e-4, 1e-9,
+        "float32 sums of squares (F, group Fisher, contributions, the true Fisher) against the "
+        "float64 oracle, the atol a fraction of each tensor's largest value (compare_dicts' "
+        "atol_scale): squares carry the relative error of their own gradient, so the rtol of "
+        "float32-fisher covers them; measured excess over it <= 1e-16 x max (fisher_fast, "
+        "every architecture, 2 layers). 1e-9 x max still catches a 1e-8 ridge on tensors "
+        "whose entries stay below 10, and float16 flushing (errors of 6e-8), which an absolute "
+        "1e-7 would hide",
+    ),
+    ("float32-signed-scaled", torch.float32): (
+        2e-4, 1e-7,
+        "as float32-squares-scaled for (E[g])^2, whose mean gradient cancels across units: an "
+        "entry near zero keeps an absolute error ~ eps * max |g|, squared; measured excess over "
+        "the rtol <= 1.7e-9 x max (Phi-3, Qwen2); 1e-7 x max is a 60x margin",
+    ),
+    ("mc-fisher-conformance", torch.float64): (
+        30.0, 0.0,
+        "bound on R = |F_MC - F_exact|^2 / E|F_MC - F_exact|^2 for 1000 independent draws "
+        "per unit from the model (the expectation from the oracle's per-class gradients): "
+        "simulated over 29k replicates of 96 classifiers (4 units, 2-5 classes) R <= 13.2; "
+        "the argmax label instead of a draw has R >= 68 (its bias does not shrink with n). "
+        "Not a rounding tolerance: the first entry is the bound on R",
+    ),
+    ("signed-interference-terms", torch.float64): (
+        0.0, 1e-12,
+        "signed interference sums terms C_i / F_hat * g_j of either sign: rounding scales with "
+        "the sum of |terms|, i.e. the abs-mode M of the same entry, not with the (cancelled) "
+        "result; two float64 orders of < 100 terms differ by ~1e-14 of it, 1e-12 is 100x",
+    ),
+    ("signed-interference-terms", torch.float32): (
+        0.0, 1e-5,
+        "as the float64 row for a float32 implementation: float32 gradients (eps 1.2e-7) "
+        "through a layer, squared and divided, summed over < 100 slice entries: ~1e-6 of the "
+        "abs-mode M; 1e-5 keeps a 10x margin, while a wrong phi or F_hat is O(1) of it",
+    ),
+    ("pvalue-tie", torch.float32): (
+        0.0, 0.1,
+        "a float32 implementation's mean cosines of a group whose unit gradients are nearly "
+        "parallel move with float32 rounding far more than the gradients do (measured: a Qwen2 "
+        "K slice, observed 0.206 in float64, 0.132 in float32): permuted statistics within 0.1 "
+        "of the observed one may fall on either side of it. Exact agreement is a float64 check; "
+        "pvalues_direction checks the tail of a float32 implementation with any stream",
+    ),
+    ("pvalue-tie", torch.float64): (
+        0.0, 1e-9,
+        "a permuted mean cosine within 1e-9 of the observed one may be counted on either side "
+        "of it by another summation order (ties: a permutation that reproduces the split, "
+        "identical rows); distinct pair sets of float64 cosines differ by far more",
+    ),
     ("semantic-check", torch.float64): (
         0.0, 1e-10,
         "an entry outside the slice must leave other heads unchanged up to float64 rounding",

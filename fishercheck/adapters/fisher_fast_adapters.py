@@ -11,86 +11,111 @@ tolerance.
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Sequence
 
 import torch
 
 import fisher_fast
 from fisher_ref.losses import CausalLMLoss as RefCausalLMLoss
+from fisher_ref.losses import ClassifierLoss as RefClassifierLoss
 from fisher_ref.testing.batches import concat_batches
 
 
-def fast_loss(loss_fn: Callable) -> Callable:
-    """fisher_fast's own built-in for fisher_ref's causal-LM loss; other callables as they are."""
+def fast_loss(loss_fn):
+    """fisher_fast's own built-in for fisher_ref's causal-LM and classifier losses; other
+    callables as they are.
+    """
     if isinstance(loss_fn, RefCausalLMLoss):
         return fisher_fast.CausalLMLoss(loss_fn.reduction)
+    if isinstance(loss_fn, RefClassifierLoss):
+        return fisher_fast.ClassifierLoss(loss_fn.reduction, input_key=loss_fn.input_key)
     return loss_fn
 
 
+def _has_attention(model) -> bool:
+    """Whether fisher_fast detects an attention layout (else groups by parameter or role)."""
+    try:
+        fisher_fast.attention_layout(model)
+    except ValueError:
+        return False
+    return True
+
+
 class FisherFastAdapter:
-    """fisher_fast behind the adapter protocol (float64 accumulation)."""
+    """fisher_fast behind the adapter protocol (float64 accumulation).
+
+    Both model families; of the classifiers, not the ViT: fisher_fast's per-sample capture
+    does not take ``nn.MultiheadAttention`` yet (its forward returns a tuple and never calls
+    its ``out_proj`` module).
+    """
 
     name = "fisher_fast"
+    families = ("causal_lm", "classifier")
+    architectures = ("gpt2", "llama", "mistral", "qwen2", "phi3", "gpt_neox", "mlp", "cnn",
+                     "ln_gelu")
     units = ("sample", "token")
     weightings = ("sample", "token")
+    row_reductions = ("mean", "sum")
     dtype = torch.float64
 
-    def _accumulate(self, model: torch.nn.Module, batches: list[dict], loss_fn: Callable,
-                    **options) -> fisher_fast.FisherAccumulator:
-        """One accumulator of ``self.dtype`` fed every batch in order."""
+    def _accumulate(self, model, batches, loss_fn, **options):
         acc = fisher_fast.FisherAccumulator(model, loss_fn=fast_loss(loss_fn), dtype=self.dtype,
                                             **options)
         for batch in batches:
             acc.update(batch)
         return acc
 
-    def empirical_fisher(self, model: torch.nn.Module, batches: list[dict], *, loss_fn: Callable,
-                         unit: str = "sample", weighting: str = "sample") -> dict:
-        """E[g²] per parameter, streamed through the lean ``statistics="fisher"`` states."""
+    def empirical_fisher(self, model, batches, *, loss_fn, unit="sample", weighting="sample"):
+        """F = Σ w_u g_u² / W per parameter (the adapter protocol's empirical_fisher)."""
         # the lean E[g²]-only states, what a researcher streaming F uses
         return self._accumulate(model, batches, loss_fn, unit=unit, weighting=weighting,
                                 statistics="fisher").empirical_fisher()
 
-    def squared_mean_gradient(self, model: torch.nn.Module, batches: list[dict], *,
-                              loss_fn: Callable, unit: str = "sample",
-                              weighting: str = "sample") -> dict:
-        """(E[g])² per parameter, streamed through one accumulator."""
+    def squared_mean_gradient(self, model, batches, *, loss_fn, unit="sample", weighting="sample"):
+        """S = (Σ w_u g_u / W)² per parameter."""
         acc = self._accumulate(model, batches, loss_fn, unit=unit, weighting=weighting)
         return acc.squared_mean_gradient()
 
-    def group_fisher(self, model: torch.nn.Module, batches: list[dict], *, loss_fn: Callable) -> dict:
-        """Per-head group statistics (``groups="heads"``), streamed."""
-        return self._accumulate(model, batches, loss_fn, groups="heads").group_fisher()
+    def group_fisher(self, model, batches, *, loss_fn):
+        """Per-parameter group means R(F) (heads where the model has attention, else roles)."""
+        groups = "heads" if _has_attention(model) else "generic"
+        return self._accumulate(model, batches, loss_fn, groups=groups).group_fisher()
 
-    def per_sample_contributions(self, model: torch.nn.Module, batches: list[dict], *,
-                                 loss_fn: Callable) -> tuple[list, dict]:
-        """``(ids, {name: Tensor[units, *param_shape]})``: each unit's g² on the joined batches."""
+    def per_sample_contributions(self, model, batches, *, loss_fn):
+        """``(ids, {name: Tensor[U, *shape]})``: each unit's g_u²."""
         pu = fisher_fast.per_sample_contributions(model, concat_batches(batches),
                                               loss_fn=fast_loss(loss_fn), dtype=self.dtype)
         return pu.ids, pu.tensors
 
-    def qkov_mask(self, model: torch.nn.Module, layer: int, head: int, block: str) -> dict:
-        """fisher_fast's mask of the weight slice I(layer, head, block)."""
+    def qkov_mask(self, model, layer, head, block):
+        """The weight entries of the slice I(layer, head, block), biases excluded."""
         return fisher_fast.qkov_mask(model, layer, head, block, include_bias=False)
 
-    def interference(self, model: torch.nn.Module, batches_a: list[dict], batches_b: list[dict], *,
-                     loss_fn: Callable, signed: bool = False,
-                     eps: float = 1e-12) -> fisher_fast.InterferenceResult:
-        """QK-OV interference of the joined task-A batches on the joined task-B batches."""
+    def interference(self, model, batches_a, batches_b, *, loss_fn, signed=False, eps=1e-12):
+        """M^B[i, j, l, h] per block with F̂ = task A's Fisher."""
         return fisher_fast.interference(model, concat_batches(batches_a), concat_batches(batches_b),
                                     loss_fn=fast_loss(loss_fn), fisher="a", signed=signed,
                                     eps=eps, dtype=self.dtype)
 
-    def conflict_pvalues(self, model: torch.nn.Module, batches_a: list[dict], batches_b: list[dict],
-                         *, loss_fn: Callable, n_permutations: int, seed: int) -> dict[str, float]:
-        """``{group: permutation p-value}`` of the per-head conflict test."""
+    def conflict_pvalues(self, model, batches_a, batches_b, *, loss_fn, n_permutations, seed):
+        """``{group: p}``: one-sided permutation p-values of the mean between-task cosine."""
         result = fisher_fast.conflicts(model, concat_batches(batches_a), concat_batches(batches_b),
                                    loss_fn=fast_loss(loss_fn), n_permutations=n_permutations,
-                                   seed=seed, n_bootstrap=10, dtype=self.dtype)
+                                   seed=seed, n_bootstrap=10, dtype=self.dtype,
+                                   groups="heads" if _has_attention(model) else "parameters")
         return {str(g): float(rec["p"]) for g, rec in result.items()}
 
-    def fdr_qvalues(self, pvalues: Sequence[float], *, method: str = "bh") -> Sequence[float]:
-        """Benjamini–Hochberg (``"bh"``) or Benjamini–Yekutieli (``"by"``) q-values."""
+    def exact_fisher(self, model, batches, *, loss_fn, unit="token"):
+        """The true Fisher with the expectation over the classes taken exactly."""
+        return fisher_fast.exact_fisher(model, concat_batches(batches), loss_fn=fast_loss(loss_fn),
+                                        unit="token", dtype=self.dtype)
+
+    def mc_fisher(self, model, batches, *, loss_fn, unit="token", n_samples=1, seed=0):
+        """The Monte-Carlo true Fisher: labels drawn from the model, ``n_samples`` draws."""
+        return fisher_fast.mc_fisher(model, concat_batches(batches), loss_fn=fast_loss(loss_fn),
+                                     unit=unit, n_samples=n_samples, seed=seed, dtype=self.dtype)
+
+    def fdr_qvalues(self, pvalues, *, method="bh"):
+        """BH (or BY) q-values in the order of ``pvalues``."""
         if method not in ("bh", "by"):
             raise ValueError(f"method: expected 'bh' or 'by', got {method!r}.")
         return (fisher_fast.bh_qvalues if method == "bh" else fisher_fast.by_qvalues)(pvalues)
@@ -103,7 +128,7 @@ class FisherFast32Adapter(FisherFastAdapter):
     dtype = torch.float32
 
 
-def _to(x: object, device: str) -> object:
+def _to(x, device):
     if isinstance(x, dict):
         return {k: _to(v, device) for k, v in x.items()}
     if isinstance(x, list):
@@ -123,14 +148,15 @@ class FisherFastCudaAdapter(FisherFastAdapter):
             raise ValueError("fisher_fast_cuda: expected a CUDA device, got none.")
         super().__init__()
         for capability in ("empirical_fisher", "squared_mean_gradient", "group_fisher",
-                           "per_sample_contributions", "interference", "conflict_pvalues"):
+                           "per_sample_contributions", "interference", "conflict_pvalues",
+                           "exact_fisher", "mc_fisher"):
             method = getattr(self, capability)
             if method is not None:
                 setattr(self, capability, self._on_cuda(method))
 
     @staticmethod
-    def _on_cuda(method: Callable) -> Callable:
-        def call(model: torch.nn.Module, *batch_lists: list[dict], **options) -> object:
+    def _on_cuda(method):
+        def call(model, *batch_lists, **options):
             cuda_model = copy.deepcopy(model).to("cuda")
             return method(cuda_model, *[_to(b, "cuda") for b in batch_lists], **options)
         return call

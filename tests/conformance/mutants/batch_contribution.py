@@ -22,8 +22,8 @@ class BatchContributionCollector(FisherCollector):
         loss = self.loss_fn(self.model, inputs)[keep].mean()
         grads = torch.autograd.grad(loss, list(self.params.values()), allow_unused=True)
         grads = {n: (torch.zeros_like(p) if g is None else g).double()
-                 for (n, p), g in zip(self.params.items(), grads)}
-        for sid, k in zip(batch["sample_ids"], keep):
+                 for (n, p), g in zip(self.params.items(), grads, strict=False)}
+        for sid, k in zip(batch["sample_ids"], keep, strict=False):
             if k:
                 self.store_contribution(sid, grads)
 

@@ -14,8 +14,13 @@ import torch
 
 
 def active_label_counts(batch: dict) -> torch.Tensor:
-    """Active (shifted) label tokens per row: labels[:, 1:] != -100."""
-    return (batch["labels"][:, 1:] != -100).sum(1)
+    """Active label tokens per row: the shifted labels[:, 1:] != -100 of a causal LM, or
+    labels != -100 of a classifier (one label per row).
+    """
+    labels = batch["labels"]
+    if labels.dim() == 1:
+        return (labels != -100).long()
+    return (labels[:, 1:] != -100).sum(1)
 
 
 class FisherCollector:
@@ -40,7 +45,7 @@ class FisherCollector:
                 grads = torch.autograd.grad(losses[i], list(self.params.values()), retain_graph=True,
                                             allow_unused=True)
                 yield sid, {n: (torch.zeros_like(p) if g is None else g).double()
-                            for (n, p), g in zip(self.params.items(), grads)}
+                            for (n, p), g in zip(self.params.items(), grads, strict=False)}
 
     def update(self, batch: dict) -> None:
         for sid, grads in self.sample_gradients(batch):
@@ -67,6 +72,36 @@ class FisherCollector:
     def contributions(self):
         return list(self.ids), {n: torch.stack(v) for n, v in self.contribs.items()}
 
+    # --------------------------------------------------------------- true Fisher
+    def class_gradients(self, batch: dict):
+        """Yield (probabilities [C], [per-class squared gradient dicts]) for every active
+        label (a unit: a token of a causal LM, a row of a classifier).
+        """
+        inputs = {k: v for k, v in batch.items() if k != "sample_ids"}
+        logits, targets = self.loss_fn.logits_and_targets(self.model, inputs)
+        logp = torch.log_softmax(logits, -1)
+        for i, t in (targets != -100).nonzero().tolist():
+            per_class = []
+            for c in range(logits.shape[-1]):
+                grads = torch.autograd.grad(-logp[i, t, c], list(self.params.values()),
+                                            retain_graph=True, allow_unused=True)
+                per_class.append({n: (torch.zeros_like(p) if g is None else g).double() ** 2
+                                  for (n, p), g in zip(self.params.items(), grads, strict=False)})
+            yield logp[i, t].detach().exp().double(), per_class
+
+    def true_fisher(self, batches, weights_of):
+        """Mean over units of sum_c weights_of(p)[c] * g_c^2."""
+        total = {n: torch.zeros_like(p, dtype=torch.float64) for n, p in self.params.items()}
+        units = 0
+        for batch in batches:
+            for p, per_class in self.class_gradients(batch):
+                w = weights_of(p)
+                for c, sq in enumerate(per_class):
+                    for n in total:
+                        total[n] += w[c] * sq[n]
+                units += 1
+        return {n: t / units for n, t in total.items()}
+
 
 # ----------------------------------------------------------------------------- attention
 
@@ -79,11 +114,19 @@ def head_geometry(config):
 
 
 def qkov_mask(model, layer: int, head: int, block: str) -> dict:
-    """Index arithmetic for GPT-2 (fused Conv1D), LLaMA-family and Phi-3 (fused rows)."""
+    """Index arithmetic for GPT-2 (fused Conv1D), LLaMA-family, Phi-3 (fused rows) and
+    GPT-NeoX (fused rows grouped per head, [H, 3, dh]).
+    """
     cfg = model.config
     H, KV, dh = head_geometry(cfg)
     params = dict(model.named_parameters())
     kvh = head // (H // KV)
+    if cfg.model_type == "gpt_neox":
+        pre = f"gpt_neox.layers.{layer}.attention."
+        if block == "O":
+            return _cols(params[pre + "dense.weight"], head * dh, dh, pre + "dense.weight")
+        start = (head * 3 + "QKV".index(block)) * dh
+        return _rows(params[pre + "query_key_value.weight"], start, dh, pre + "query_key_value.weight")
     if cfg.model_type == "gpt2":
         pre = f"transformer.h.{layer}.attn."
         if block == "O":
@@ -150,12 +193,18 @@ def bh(pvalues, method: str = "bh") -> np.ndarray:
 
 # ----------------------------------------------------------------------------- the adapter
 
+LM_ARCHITECTURES = ("gpt2", "llama", "mistral", "qwen2", "phi3", "gpt_neox")
+
+
 class CollectorAdapter:
     """The conformance adapter of FisherCollector (about thirty lines, as in docs)."""
 
     name = "collector"
     collector_class = FisherCollector
-    architectures = ("gpt2", "llama", "mistral", "qwen2", "phi3")
+    families = ("causal_lm", "classifier")
+    architectures = ("gpt2", "llama", "mistral", "qwen2", "phi3", "gpt_neox", "mlp", "cnn",
+                     "ln_gelu")
+    row_reductions = ("mean", "sum")
 
     def _collect(self, model, batches, loss_fn):
         collector = self.collector_class(model, loss_fn)
@@ -211,3 +260,16 @@ class CollectorAdapter:
 
     def fdr_qvalues(self, pvalues, *, method="bh"):
         return bh(pvalues, method)
+
+    def exact_fisher(self, model, batches, *, loss_fn, unit="token"):
+        return self.collector_class(model, loss_fn).true_fisher(batches, lambda p: p)
+
+    def mc_fisher(self, model, batches, *, loss_fn, unit="token", n_samples=1, seed=0):
+        gen = torch.Generator().manual_seed(seed)
+        collector = self.collector_class(model, loss_fn)
+        return collector.true_fisher(batches, lambda p: self.draw(p, n_samples, gen))
+
+    def draw(self, p, n_samples, gen):
+        """The share of each class among n draws from p (the Monte-Carlo weights)."""
+        draws = torch.multinomial(p, n_samples, replacement=True, generator=gen)
+        return torch.bincount(draws, minlength=p.numel()).double() / n_samples

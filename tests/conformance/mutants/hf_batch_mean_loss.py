@@ -5,7 +5,7 @@ rescaled by the batch size: row i gets weight B * K_i / sum_j T_j instead of 1.
 
 import torch
 
-from .collector import CollectorAdapter, FisherCollector, active_label_counts
+from .collector import LM_ARCHITECTURES, CollectorAdapter, FisherCollector, active_label_counts
 
 DEFECT = "per-sample gradients from the HF batch-mean loss"
 FAILS = {"empirical_fisher_agreement"}
@@ -27,9 +27,11 @@ class HFLossCollector(FisherCollector):
                 grads = torch.autograd.grad(row, list(self.params.values()), retain_graph=True,
                                             allow_unused=True)
                 yield sid, {n: (torch.zeros_like(p) if g is None else g).double()
-                            for (n, p), g in zip(self.params.items(), grads)}
+                            for (n, p), g in zip(self.params.items(), grads, strict=False)}
 
 
 class Adapter(CollectorAdapter):
     name = "mutant:hf_batch_mean_loss"
+    families = ("causal_lm",)
+    architectures = LM_ARCHITECTURES
     collector_class = HFLossCollector

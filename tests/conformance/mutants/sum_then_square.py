@@ -17,7 +17,7 @@ class BatchGradientCollector(FisherCollector):
             return
         loss = self.loss_fn(self.model, inputs).sum()  # one backward for the whole batch
         grads = torch.autograd.grad(loss, list(self.params.values()), allow_unused=True)
-        for (name, p), g in zip(self.params.items(), grads):
+        for (name, p), g in zip(self.params.items(), grads, strict=False):
             g = torch.zeros_like(p) if g is None else g
             self.sum_sq[name] += g.double() ** 2
             self.sum_g[name] += g.double()

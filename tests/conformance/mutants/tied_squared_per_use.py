@@ -5,7 +5,7 @@ added, instead of summing the uses' gradients and then squaring.
 
 import torch
 
-from .collector import CollectorAdapter, FisherCollector
+from .collector import LM_ARCHITECTURES, CollectorAdapter, FisherCollector
 
 DEFECT = "tied weights squared per use"
 FAILS = {"empirical_fisher_agreement"}
@@ -45,13 +45,15 @@ class PerModuleCollector(FisherCollector):
             if (batch["labels"][i, 1:] != -100).any():
                 gs = torch.autograd.grad(losses[i], params, retain_graph=True, allow_unused=True)
                 out = {n: (torch.zeros_like(p) if g is None else g).double()
-                       for (n, p), g in zip(self.params.items(), gs)}
+                       for (n, p), g in zip(self.params.items(), gs, strict=False)}
                 out["__head__"] = gs[-1].double()
                 yield sid, out
 
 
 class Adapter(CollectorAdapter):
     name = "mutant:tied_squared_per_use"
+    families = ("causal_lm",)
+    architectures = LM_ARCHITECTURES
     collector_class = PerModuleCollector
 
     per_sample_contributions = None  # this collector only provides the estimators

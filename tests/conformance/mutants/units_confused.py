@@ -4,7 +4,7 @@ collector takes one gradient per token (of its NLL) and averages their squares.
 
 import torch
 
-from .collector import CollectorAdapter, FisherCollector
+from .collector import LM_ARCHITECTURES, CollectorAdapter, FisherCollector
 
 DEFECT = "per-token and per-sequence units confused"
 FAILS = {"empirical_fisher_agreement"}
@@ -23,9 +23,11 @@ class TokenUnitCollector(FisherCollector):
                     grads = torch.autograd.grad(nll, list(self.params.values()), retain_graph=True,
                                                 allow_unused=True)
                     yield (sid, t), {n: (torch.zeros_like(p) if g is None else g).double()
-                                     for (n, p), g in zip(self.params.items(), grads)}
+                                     for (n, p), g in zip(self.params.items(), grads, strict=False)}
 
 
 class Adapter(CollectorAdapter):
     name = "mutant:units_confused"
+    families = ("causal_lm",)
+    architectures = LM_ARCHITECTURES
     collector_class = TokenUnitCollector
