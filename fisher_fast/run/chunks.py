@@ -2,9 +2,10 @@
 
 ``run_chunks`` never loops over samples: each chunk of units is one batched forward and one
 backward of ``losses.sum()``. TF32 is switched off for each chunk's own work
-(``allow_tf32=True`` keeps the global setting) and restored before the chunk is handed over. ``autocast=torch.bfloat16`` runs each chunk's
-forward under ``torch.autocast`` (the bf16 fast path; the backward follows the forward's
-dtypes, per-row products and statistics stay in the statistics dtype).
+(``allow_tf32=True`` keeps the global setting) and restored before the chunk is handed
+over. ``autocast=torch.bfloat16`` runs each chunk's forward under ``torch.autocast`` (the
+bf16 fast path; the backward follows the forward's dtypes, per-row products and statistics
+stay in the statistics dtype).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ def forward_context(device: torch.device, autocast):
 
 @contextlib.contextmanager
 def tf32(allow: bool):
+    """TF32 off for CUDA matmuls and convolutions inside (unless ``allow``), restored after."""
     old = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
     if not allow:
         torch.backends.cuda.matmul.allow_tf32 = False
@@ -122,7 +124,7 @@ def _run_chunk(model, plan, tensors, part, sink, opts: Options, *, device, slice
             weights.to(device=device, dtype=dtype)  # exact_fisher: w p_c
         columns = losses.unbind(1) if part.n_draws else (losses,)
         w_columns = weights.unbind(1) if part.n_draws else (weights,)
-        for k, (column, w) in enumerate(zip(columns, w_columns)):
+        for k, (column, w) in enumerate(zip(columns, w_columns, strict=True)):
             sink.begin(w)
             cap.backward(column, retain_graph=k + 1 < len(columns))
         _check_finite(losses, bad, part, n)

@@ -23,12 +23,15 @@ import torch
 
 @dataclass
 class Moments:
+    """Weighted Welford/Chan state per element: total weight W (0-d), mean and M2."""
+
     W: torch.Tensor  # 0-d
     mean: torch.Tensor
     m2: torch.Tensor
 
     @staticmethod
     def zeros(shape, dtype, device) -> Moments:
+        """The state of no units."""
         z = torch.zeros(shape, dtype=dtype, device=device)
         return Moments(torch.zeros((), dtype=dtype, device=device), z, z.clone())
 
@@ -47,7 +50,7 @@ class Moments:
                  shape) -> Moments:
         r"""Two-pass moments of s per-unit tensors ``[s, *shape]`` that are zero except along
         axis 0 at the pairs (unit ``rows[p]``, index ``cols[p]``) with ``values[p]``
-        (distinct pairs; the sparse per-row gradients of an embedding):
+        (distinct pairs; the sparse per-row gradients of an embedding).
 
         .. math::
 
@@ -82,6 +85,7 @@ class Moments:
         return Moments(W, mean, m2)
 
     def merge(self, other: Moments) -> Moments:
+        """Chan's merge of two states (a new state)."""
         W = self.W + other.W
         r = other.W / W.clamp(min=torch.finfo(W.dtype).tiny)  # 0 when both are empty
         delta = other.mean - self.mean
@@ -102,6 +106,7 @@ class Moments:
         return (self.mean, self.m2)
 
     def to(self, device) -> Moments:
+        """The state on ``device``."""
         return Moments(self.W.to(device), self.mean.to(device), self.m2.to(device))
 
     def second_moment(self) -> torch.Tensor:
@@ -113,10 +118,12 @@ class Moments:
         return self.m2 / self.W
 
     def tensors(self, prefix: str) -> dict[str, torch.Tensor]:
+        """The state's tensors under ``prefix``-ed names (for state files)."""
         return {f"{prefix}.W": self.W, f"{prefix}.mean": self.mean, f"{prefix}.m2": self.m2}
 
     @staticmethod
     def from_tensors(d: dict, prefix: str) -> Moments:
+        """The inverse of ``tensors``."""
         return Moments(d[f"{prefix}.W"], d[f"{prefix}.mean"], d[f"{prefix}.m2"])
 
 
@@ -146,6 +153,7 @@ class SecondMoment:
         return SecondMoment(W, f.div_(W.clamp(min=torch.finfo(W.dtype).tiny)))
 
     def merge(self, other: SecondMoment) -> SecondMoment:
+        """The weighted mean of two E[x²] states (a new state)."""
         W = self.W + other.W
         tiny = torch.finfo(W.dtype).tiny
         return SecondMoment(W, (self.f * self.W + other.f * other.W) / W.clamp(min=tiny))
@@ -163,7 +171,9 @@ class SecondMoment:
         return self.f.clone() if copy else self.f
 
     def arrays(self) -> tuple:
+        """The per-element arrays (for finiteness checks)."""
         return (self.f,)
 
     def to(self, device) -> SecondMoment:
+        """The state on ``device``."""
         return SecondMoment(self.W.to(device), self.f.to(device))

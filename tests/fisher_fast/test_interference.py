@@ -126,7 +126,8 @@ def test_fisher_options_by_hand():
     ones = {n: torch.ones(t.shape[1:], dtype=torch.float64) for n, t in GA.tensors.items()}
     given = interference_from_units(_layout(), GA, GB, fisher=ones, eps=0.0)["Q"][:, :, 0]
     c = GA.tensors["q"][..., 0].square()
-    torch.testing.assert_close(given, c[:, None, :] * GB.tensors["q"][..., 0].abs()[None], rtol=RTOL, atol=ATOL)
+    torch.testing.assert_close(given, c[:, None, :] * GB.tensors["q"][..., 0].abs()[None],
+                               rtol=RTOL, atol=ATOL)
     pooled = interference_from_units(_layout(), GA, GB, fisher="pooled", eps=0.0)["Q"][:, :, 0]
     f = (c.sum(0) + GB.tensors["q"][..., 0].square().sum(0)) / 4          # [5+... ] / 4 units
     torch.testing.assert_close(pooled, given / f, rtol=RTOL, atol=ATOL)
@@ -258,7 +259,8 @@ def test_a_failed_streamed_interference_leaves_the_store_unchanged(tmp_path):
 
 def test_score_rows_is_the_scoring_step_and_chunk_size_the_forward_chunk(tmp_path):
     """``score_rows`` (A's units scored at a time) and ``chunk_size`` (forward rows) are two
-    options: any of either gives the same scores, with and without a store."""
+    options: any of either gives the same scores, with and without a store.
+    """
     from fisher_fast.interference import interference
 
     model, a, b = _llama_case()

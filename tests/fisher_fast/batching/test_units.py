@@ -69,7 +69,8 @@ def test_shared_class_losses_are_each_class_nll_weighted_by_its_probability():
     from fisher_fast.batching.units import Units, draw_layout, with_shared_classes
 
     logits = torch.randn(2, 3, 3, dtype=torch.float64)
-    units = with_shared_classes(Units("token", torch.tensor([0, 1]), torch.tensor([1.0, 1.0], dtype=torch.float64),
+    weights = torch.tensor([1.0, 1.0], dtype=torch.float64)
+    units = with_shared_classes(Units("token", torch.tensor([0, 1]), weights,
                                       [("a", 2), ("b", 0)], [], pos=torch.tensor([2, 0])), 3)
     # 2 rows per token carrying 2 classes each: (0, 1) and (2, an empty slot of weight 0)
     laid = draw_layout(units, rows_per_chunk=4, rows_per_pass=4)
