@@ -13,6 +13,7 @@ from collections.abc import Callable
 
 import torch
 
+from .attention.layouts import AttentionLayout
 from .batching.checks import (
     check_choice,
     check_model,
@@ -27,6 +28,7 @@ from .batching.units import aligned_targets, with_shared_draws
 from .capture.plan import build_plan
 from .file_integrity import PathLike, readable_file, writable_path
 from .losses import has_token_protocol
+from .results import FisherResult, LossFn, SampleIds
 from .run.batch_statistics import Keep, accumulate_batch
 from .run.chunks import model_device
 from .run.options import Options, check_device, check_flag
@@ -87,11 +89,14 @@ class FisherAccumulator:
             ``group_fisher``, ``batch_squared_gradient``) are offered.
     """
 
-    def __init__(self, model, loss_fn=None, *, device=None, dtype=torch.float32, unit="sample",
-                 weighting="sample", chunk_size=None, memory_budget=None, groups=None,
-                 layout=None, micro_batch_sizes=(), elements=True, allow_tf32=False,
-                 autocast=None,
-                 labels="true", n_samples=1, seed=0, statistics="all"):
+    def __init__(self, model: torch.nn.Module, loss_fn: LossFn | None = None, *,
+                 device: str | torch.device | None = None, dtype: torch.dtype = torch.float32,
+                 unit: str = "sample", weighting: str = "sample", chunk_size: int | None = None,
+                 memory_budget: float | None = None, groups: str | dict | None = None,
+                 layout: AttentionLayout | dict | None = None, micro_batch_sizes: tuple = (),
+                 elements: bool = True, allow_tf32: bool = False,
+                 autocast: torch.dtype | None = None, labels: str = "true", n_samples: int = 1,
+                 seed: int = 0, statistics: str = "all") -> None:
         check_model(model)
         self.model = model
         check_choice("labels", labels, LABELS)
@@ -129,7 +134,8 @@ class FisherAccumulator:
         return self.options.dtype
 
     # updating ----------------------------------------------------------------------------
-    def update(self, batch: dict, task: str = "default", sample_ids=None) -> int:
+    def update(self, batch: dict, task: str = "default",
+               sample_ids: SampleIds | None = None) -> int:
         """Add a batch's units to ``task``; returns how many units were added.
 
         Default sample ids continue from the rows the task has seen. Every id counts once
@@ -185,42 +191,42 @@ class FisherAccumulator:
         return state
 
     # estimators --------------------------------------------------------------------------
-    def mean_gradient(self, task="default"):
+    def mean_gradient(self, task: str = "default") -> FisherResult:
         """ḡ = Σ w_u g_u / W."""
         self._true_labels("mean_gradient")
         self._all_statistics("mean_gradient")
         return readout.mean_gradient(self._state(task))
 
-    def empirical_fisher(self, task="default"):
+    def empirical_fisher(self, task: str = "default") -> FisherResult:
         """F = Σ w_u g_u² / W (E[g²]); with ``labels="mc"``, the MC Fisher (mean over the
         draws).
         """
         return readout.empirical_fisher(self._state(task))
 
-    def squared_mean_gradient(self, task="default"):
+    def squared_mean_gradient(self, task: str = "default") -> FisherResult:
         """S = ḡ² ((E[g])²)."""
         self._true_labels("squared_mean_gradient")
         self._all_statistics("squared_mean_gradient")
         return readout.squared_mean_gradient(self._state(task))
 
-    def gradient_variance(self, task="default", unbiased=False):
+    def gradient_variance(self, task: str = "default", unbiased: bool = False) -> FisherResult:
         """V = F − S (population, weighted); ``unbiased`` multiplies by W²/(W² − Σw²)."""
         self._true_labels("gradient_variance")
         self._all_statistics("gradient_variance")
         return readout.gradient_variance(self._state(task), unbiased)
 
-    def batch_squared_gradient(self, micro_batch_size, task="default"):
+    def batch_squared_gradient(self, micro_batch_size: int, task: str = "default") -> FisherResult:
         """Σ_m W_m ḡ_m² / W over micro-batches of ``micro_batch_size`` consecutive units
         (a size given in ``micro_batch_sizes``).
         """
         self._true_labels("batch_squared_gradient")
         return readout.batch_squared_gradient(self._state(task), micro_batch_size)
 
-    def group_fisher(self, task="default"):
+    def group_fisher(self, task: str = "default") -> FisherResult:
         """Per-group mean (= R(F)), variance, stderr, snr and n of f_u = R(g_u²)."""
         return readout.group_fisher(self._state(task))
 
-    def n_units(self, task="default") -> int:
+    def n_units(self, task: str = "default") -> int:
         """The number of units ``task`` has accumulated."""
         return self._state(task).n_units
 

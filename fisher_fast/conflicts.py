@@ -93,7 +93,8 @@ class ConflictResult(dict):
 
     hypothesis = HYPOTHESIS
 
-    def __init__(self, data, *, nulls, fdr, n_permutations, seed, ids_a, ids_b):
+    def __init__(self, data: dict, *, nulls: dict, fdr: str, n_permutations: int, seed: int,
+                 ids_a: list, ids_b: list) -> None:
         super().__init__(data)
         self.nulls, self.fdr = nulls, fdr
         self.n_permutations, self.seed = n_permutations, seed

@@ -10,15 +10,12 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Hashable
-from typing import TYPE_CHECKING
 
 import torch
 
 from .per_sample import iter_unit_gradients
 from .results import LossFn, PerUnit, SampleIds
-
-if TYPE_CHECKING:
-    from .store.contribution_store import ContributionStore
+from .store.contribution_store import ContributionStore
 
 
 def per_sample_contributions(model: torch.nn.Module, batch: dict, *,

@@ -26,12 +26,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .attention.layouts import attention_layout
+from .attention.layouts import AttentionLayout, attention_layout
 from .conflicts import ConflictResult, conflicts_from_units
 from .interference import InterferenceResult, _layout_names, interference_from_units
 from .per_sample import unit_gradient_chunks
-from .results import PerUnit
+from .results import LossFn, PerUnit, SampleIds
 from .run.options import Options
+from .store.contribution_store import ContributionStore
 
 CONTRIBUTIONS = ("attention", "all", None)
 INTERFERENCE_OPTIONS = ("fisher", "signed", "eps", "ridge_rel", "top_k", "score_rows")
@@ -79,13 +80,15 @@ def _check_tasks(tasks) -> tuple:
 
 
 def cross_task(model: torch.nn.Module, batch_a: dict, batch_b: dict, *,
-               contributions: str | None = "attention", store=None,
+               contributions: str | None = "attention", store: ContributionStore | None = None,
                return_contributions: bool = True, interference: bool | dict = True,
-               conflicts: bool | dict = True, tasks=("a", "b"), layout=None,
-               include_bias: bool = False, loss_fn=None, unit: str = "sample",
+               conflicts: bool | dict = True, tasks: tuple = ("a", "b"),
+               layout: AttentionLayout | dict | None = None,
+               include_bias: bool = False, loss_fn: LossFn | None = None, unit: str = "sample",
                weighting: str = "sample", dtype: torch.dtype | None = None,
                chunk_size: int | None = None, memory_budget: float | None = None,
-               sample_ids_a=None, sample_ids_b=None) -> CrossTaskResult:
+               sample_ids_a: SampleIds | None = None,
+               sample_ids_b: SampleIds | None = None) -> CrossTaskResult:
     """Contributions, interference and conflicts of two tasks from one gradient pass each.
 
     Args:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Hashable
-from typing import TYPE_CHECKING
 
 import torch
 
@@ -32,9 +31,7 @@ from .batching.checks import check_positive_int
 from .per_sample import unit_gradient_chunks, unit_gradients
 from .results import LossFn, SampleIds
 from .run.options import Options
-
-if TYPE_CHECKING:
-    from .store.contribution_store import ContributionStore
+from .store.contribution_store import ContributionStore
 
 FISHER_CHOICES = ("a", "b", "pooled")
 

@@ -62,7 +62,7 @@ def reduce_rows(nll: torch.Tensor, targets: torch.Tensor, reduction: str) -> tor
 class _TokenLoss:
     """Shared body of the built-in losses; subclasses align logits and labels."""
 
-    def __init__(self, reduction: str = "mean"):
+    def __init__(self, reduction: str = "mean") -> None:
         if reduction not in REDUCTIONS:
             raise ValueError(f"reduction: expected one of {REDUCTIONS}, got {reduction!r}.")
         self.reduction = reduction
@@ -70,7 +70,8 @@ class _TokenLoss:
     def __repr__(self) -> str:
         return f"{type(self).__name__}(reduction={self.reduction!r})"
 
-    def align(self, logits: torch.Tensor, labels: torch.Tensor):  # pragma: no cover - abstract
+    def align(self, logits: torch.Tensor,
+              labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # pragma: no cover - abstract
         raise NotImplementedError
 
     def targets(self, batch: dict) -> torch.Tensor:
@@ -94,7 +95,8 @@ class _TokenLoss:
         """The model's logits on the batch: ``model(**batch)``, labels withheld."""
         return model_logits(model, batch)
 
-    def logits_and_targets(self, model: torch.nn.Module, batch: dict):
+    def logits_and_targets(self, model: torch.nn.Module,
+                           batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """``(logits [B, T, C], targets [B, T])``, aligned.
 
         Checks the targets against the number of classes C before any loss is formed: an
@@ -119,7 +121,8 @@ class _TokenLoss:
 class CausalLMLoss(_TokenLoss):
     """Next-token loss with the HF shift: logits at t predict the label at t + 1."""
 
-    def align(self, logits, labels):
+    def align(self, logits: torch.Tensor,
+              labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits at t with the label at t + 1: ``logits[:, :-1]``, ``labels[:, 1:]``."""
         return (None if logits is None else logits[:, :-1]), labels[:, 1:]
 
@@ -127,7 +130,8 @@ class CausalLMLoss(_TokenLoss):
 class MaskedLMLoss(_TokenLoss):
     """Masked-LM loss: logits and labels aligned as they are."""
 
-    def align(self, logits, labels):
+    def align(self, logits: torch.Tensor,
+              labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits and labels as they are."""
         return logits, labels
 
@@ -135,7 +139,8 @@ class MaskedLMLoss(_TokenLoss):
 class SequenceClassificationLoss(_TokenLoss):
     """Sequence classification: logits ``[B, C]``, labels ``[B]``; one position (T = 1)."""
 
-    def align(self, logits, labels):
+    def align(self, logits: torch.Tensor,
+              labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits ``[B, C]`` and labels ``[B]`` as one position: ``[B, 1, C]``, ``[B, 1]``."""
         if labels.dim() != 1:
             raise ValueError(f"SequenceClassificationLoss: expected labels of shape [B], "
@@ -154,7 +159,7 @@ class ClassifierLoss(_TokenLoss):
         input_key: the batch key of the model's input (default ``"input"``).
     """
 
-    def __init__(self, reduction: str = "mean", input_key: str = "input"):
+    def __init__(self, reduction: str = "mean", input_key: str = "input") -> None:
         super().__init__(reduction)
         if not isinstance(input_key, str) or not input_key:
             raise ValueError(f"input_key: expected a non-empty str, got {input_key!r}.")
@@ -163,7 +168,8 @@ class ClassifierLoss(_TokenLoss):
     def __repr__(self) -> str:
         return f"ClassifierLoss(reduction={self.reduction!r}, input_key={self.input_key!r})"
 
-    def align(self, logits, labels):
+    def align(self, logits: torch.Tensor,
+              labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Labels ``[B]`` become ``[B, 1]`` and logits ``[B, C]`` become ``[B, 1, C]``."""
         if labels.dim() not in (1, 2):
             raise ValueError(f"ClassifierLoss: expected labels of shape [B] or [B, T], "

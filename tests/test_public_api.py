@@ -118,7 +118,6 @@ def test_every_public_function_of_the_oracle_core_modules_is_documented_and_anno
     assert not found, _report(found)
 
 
-@pytest.mark.xfail(strict=False, reason="fisher_fast being annotated by the lead")
 def test_fisher_fast_exports_are_documented_and_annotated():
     found = problems(_exported(fisher_fast), "fisher_fast")
     assert not found, _report(found)

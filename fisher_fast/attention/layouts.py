@@ -94,7 +94,8 @@ _HOW_TO_DECLARE = (
 )
 
 
-def attention_layout(model: torch.nn.Module, layout=None) -> AttentionLayout:
+def attention_layout(model: torch.nn.Module,
+                     layout: AttentionLayout | dict | None = None) -> AttentionLayout:
     """The model's attention layout, detected from its modules or declared, checked against shapes.
 
     Args:

@@ -145,7 +145,8 @@ def per_head_sum(tensors: dict, la: LayerAttention, block: str,
 
 
 def qkov_mask(model: torch.nn.Module, layer: int, head: int, block: str,
-              include_bias: bool = False, layout=None) -> dict[str, torch.Tensor]:
+              include_bias: bool = False,
+              layout: AttentionLayout | dict | None = None) -> dict[str, torch.Tensor]:
     """Boolean masks of the slice I(layer, head, block), for the parameters it touches.
 
     Args:
@@ -174,7 +175,8 @@ def qkov_mask(model: torch.nn.Module, layer: int, head: int, block: str,
     return out
 
 
-def head_group_ids(model: torch.nn.Module, layout=None) -> dict[str, tuple[torch.Tensor, int]]:
+def head_group_ids(model: torch.nn.Module, layout: AttentionLayout | dict | None = None,
+                   ) -> dict[str, tuple[torch.Tensor, int]]:
     """Per-head group ids of every attention parameter (SPEC §3 attention roles).
 
     Returns:
