@@ -121,7 +121,7 @@ def per_layer(F: dict, S: dict, blocks: dict[str, int], n_layers: int) -> list[d
         the ratio is ``inf`` where ΣS is 0.
     """
     sums: dict[int, list[float]] = {}
-    for name in F:
+    for name in (n for n in blocks if n in F):  # model order, whatever the dict order of F
         s = sums.setdefault(blocks[name], [0.0, 0.0])
         s[0] += float(F[name].double().sum())
         s[1] += float(S[name].double().sum())
