@@ -14,13 +14,12 @@ import contextlib
 import os
 import signal
 import sys
-import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
+from fishercheck.interrupts import Interrupted, signals_interrupt
 from fishercheck.progress import Progress
 
 _EPILOG = """\
@@ -171,32 +170,6 @@ def _check_run_options(args: argparse.Namespace) -> None:
                          f"{args.tokenizer!r} for the embedded default.")
 
 
-class Interrupted(KeyboardInterrupt):
-    """SIGINT or SIGTERM during a run (``main`` exits with 128 + the signal's number)."""
-
-    def __init__(self, signum: int):
-        super().__init__(signum)
-        self.signum = signum
-
-
-@contextlib.contextmanager
-def _signals_interrupt() -> Iterator[None]:
-    """SIGINT and SIGTERM raise :class:`Interrupted`, so that a run cleans up after itself."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def interrupt(signum: int, frame: object) -> None:
-        raise Interrupted(signum)
-
-    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-
-
 def run_command(args: argparse.Namespace) -> int:
     """``fishercheck run``: check the inputs, run the main job, write the report; exit status.
 
@@ -222,7 +195,7 @@ def run_command(args: argparse.Namespace) -> int:
              Path(args.task_b) if args.task_b else default_b)
     bars = progress.Progress(_n_steps(args, "memory"), enabled=progress.wanted(args.quiet),
                              desc="fishercheck run")
-    with _signals_interrupt(), out as staging, bars, contextlib.ExitStack() as held:
+    with signals_interrupt(), out as staging, bars, contextlib.ExitStack() as held:
         with bars.step("reading the tasks"):
             texts = [inputs.read_texts(p, args.text_field, args.samples) for p in paths]
             for task, t, p in zip("AB", texts, paths, strict=True):

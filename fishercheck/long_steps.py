@@ -21,6 +21,7 @@ import torch
 
 import fisher_fast
 from fishercheck.interference_blocks import Scores, inverse_fisher, score_tile, task_b_views
+from fishercheck.interrupts import deferred
 from fishercheck.memory_plan import Plan
 from fishercheck.run_store import RunStore
 
@@ -106,9 +107,10 @@ def file_contributions(model: torch.nn.Module, units: Batch, names: list[str], *
         skipped += n_rows(chunk) - len(missing)
         if missing:
             part = chunk if len(missing) == n_rows(chunk) else rows_of(chunk, missing)
-            fisher_fast.per_sample_contributions(model, part, store=store, task=TASK_A,
-                                                 return_tensors=False, params=names,
-                                                 chunk_size=chunk_rows, dtype=dtype)
+            with deferred():  # a signal mid-commit must not roll back a committed chunk
+                fisher_fast.per_sample_contributions(model, part, store=store, task=TASK_A,
+                                                     return_tensors=False, params=names,
+                                                     chunk_size=chunk_rows, dtype=dtype)
         advance(n_rows(chunk))
     return skipped
 

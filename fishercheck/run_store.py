@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 
 import fisher_fast
+from fishercheck.interrupts import deferred
 from fishercheck.outputs import write_text
 
 try:
@@ -47,7 +48,11 @@ MANIFEST = "run.json"
 CONTRIBUTIONS = "contributions"
 _STATE = re.compile(r"moments-(?P<task>[AB])\.rows-(?P<rows>\d+)\.safetensors")
 _OURS = re.compile(r"(run\.json|\.lock|contributions|interference|conflicts\.json|check\.json|"
-                   r"moments-[AB]\.rows-\d+\.safetensors|\..*\.tmp-\d+.*)")
+                   r"moments-[AB]\.rows-\d+\.safetensors)")
+# a temporary file of a write a killed run left: fishercheck's (.run.tmp-PID.json) or
+# fisher_fast's (.moments-A.rows-000032.safetensors.PID.HEX.tmp)
+_TEMPORARY = re.compile(r"\.(run|conflicts|check)\.tmp-\d+\.json|\.moments-[AB]\.rows-\d+"
+                        r"\.safetensors\.\d+\.[0-9a-f]+\.tmp")
 
 
 def model_digest(model: torch.nn.Module) -> str:
@@ -110,7 +115,8 @@ class RunStore:
                 raise self._error("a directory apart from --out (a run replaces --out whole)",
                                   f"{given} and --out {str(out)!r}")
         if p.is_dir():
-            other = sorted(n for n in os.listdir(p) if not _OURS.fullmatch(n))
+            other = sorted(n for n in os.listdir(p)
+                           if not (_OURS.fullmatch(n) or _TEMPORARY.fullmatch(n)))
             if other or (os.listdir(p) and not (p / MANIFEST).is_file()):
                 shown = ", ".join((other or sorted(os.listdir(p)))[:4])
                 raise self._error("a new or empty directory, or the store of an earlier "
@@ -140,6 +146,9 @@ class RunStore:
             self._compare(manifest["fingerprint"], fingerprint)
         self.path.mkdir(parents=True, exist_ok=True)
         self._acquire()
+        for stale in self.path.iterdir():  # a killed run's half-written file (we hold the lock)
+            if _TEMPORARY.fullmatch(stale.name):
+                stale.unlink(missing_ok=True)
         if manifest is None:
             if (self.path / MANIFEST).exists():  # another run created it meanwhile
                 manifest = self._read_manifest()
@@ -226,12 +235,13 @@ class RunStore:
         if self._contributions is None:
             d = self.path / CONTRIBUTIONS
             try:
-                if (d / "manifest.json").exists():
-                    self._contributions = fisher_fast.ContributionStore.open(
-                        d, device_bytes=0, host_bytes=0, device=device)
-                else:
-                    self._contributions = fisher_fast.ContributionStore(
-                        d, device_bytes=0, host_bytes=0, device=device)
+                with deferred():  # it may write its manifest and remove a crashed write's shard
+                    if (d / "manifest.json").exists():
+                        self._contributions = fisher_fast.ContributionStore.open(
+                            d, device_bytes=0, host_bytes=0, device=device)
+                    else:
+                        self._contributions = fisher_fast.ContributionStore(
+                            d, device_bytes=0, host_bytes=0, device=device)
             except ValueError as exc:
                 raise ValueError(f"--store: expected a readable contribution store in "
                                  f"{str(d)!r}, got: {exc}") from None
