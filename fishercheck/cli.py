@@ -34,6 +34,7 @@ See docs/cli.md and docs/conformance.md."""
 
 
 DEFAULT_MAX_LENGTH = 64  # tokens per row unless --max-length (or the model's positions) says less
+DEFAULT_SAMPLES = 64  # rows per task unless --samples says otherwise
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -66,9 +67,10 @@ def _parser() -> argparse.ArgumentParser:
                                                      "(required with --model)")
     r.add_argument("--text-field", default="text", metavar="NAME",
                    help="field of .jsonl records (default: text)")
-    r.add_argument("--samples", "--max-samples", type=int, default=64, metavar="N",
-                   dest="samples", help="rows per task, the first N texts of each task file "
-                                        "(default: 64; a file with fewer is said and used whole)")
+    r.add_argument("--samples", "--max-samples", type=int, default=None, metavar="N",
+                   dest="samples", help=f"rows per task, the first N texts of each task file "
+                                        f"(default: {DEFAULT_SAMPLES}; a file with fewer is used "
+                                        f"whole, and said when N is given)")
     r.add_argument("--max-length", type=int, default=None, metavar="N",
                    help=f"tokens per row (default: {DEFAULT_MAX_LENGTH}, or the model's positions "
                         f"if fewer)")
@@ -196,10 +198,11 @@ def run_command(args: argparse.Namespace) -> int:
     bars = progress.Progress(_n_steps(args, "memory"), enabled=progress.wanted(args.quiet),
                              desc="fishercheck run")
     with signals_interrupt(), out as staging, bars, contextlib.ExitStack() as held:
+        given, args.samples = args.samples is not None, args.samples or DEFAULT_SAMPLES
         with bars.step("reading the tasks"):
             texts = [inputs.read_texts(p, args.text_field, args.samples) for p in paths]
             for task, t, p in zip("AB", texts, paths, strict=True):
-                if len(t) < args.samples:
+                if given and len(t) < args.samples:
                     bars.write(f"fishercheck run: task {task}: {str(p)!r} has {len(t)} texts, "
                                f"fewer than --samples {args.samples}: all {len(t)} are used")
         with bars.step("loading the model"):

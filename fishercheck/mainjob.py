@@ -382,6 +382,8 @@ def run(model: torch.nn.Module, batch_a: Batch, batch_b: Batch, *, n_pairs: int 
     """
     layout = fisher_fast.attention_layout(model)
     _check_heads(layout)
+    batch_a, batch_b = (b if "sample_ids" in b else {**b, "sample_ids": list(range(
+        b["input_ids"].shape[0]))} for b in (batch_a, batch_b))  # fisher_fast's default ids
     if plan is None:
         plan = default_plan(model, batch_a, batch_b, n_pairs=n_pairs,
                             n_permutations=n_permutations, dtype=dtype, chunk_rows=chunk_rows)

@@ -142,10 +142,19 @@ class RunStore:
                 was made for other inputs (naming which); nothing is changed then.
         """
         manifest = self._read_manifest()
-        if manifest is not None:
-            self._compare(manifest["fingerprint"], fingerprint)
-        self.path.mkdir(parents=True, exist_ok=True)
-        self._acquire()
+        if manifest is not None:  # in use by another run: said first, whatever its inputs
+            self._acquire()
+            try:
+                self._compare(manifest["fingerprint"], fingerprint)
+            except BaseException:
+                self.close()
+                raise
+        else:
+            self.path.mkdir(parents=True, exist_ok=True)
+            self._acquire()
+        if self._lock is not None:  # ours now (the pid written once the store is this run's)
+            os.ftruncate(self._lock, 0)
+            os.write(self._lock, f"{os.getpid()}\n".encode())
         for stale in self.path.iterdir():  # a killed run's half-written file (we hold the lock)
             if _TEMPORARY.fullmatch(stale.name):
                 stale.unlink(missing_ok=True)
@@ -205,8 +214,6 @@ class RunStore:
             raise self._error("a store no other fishercheck run is using",
                               f"{self.given!r} in use by the run with pid {pid}; wait for it "
                               "or use another --store") from None
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
         self._lock = fd
 
     def close(self) -> None:
