@@ -10,11 +10,17 @@ For each task (SPEC §1–§3, sample units, mean per-row loss):
 - the impact of the estimator (SPEC §9): Spearman, Kendall and top-k Jaccard between R(F)
   and R(S) over the heads' slices.
 
-Across tasks: QK-OV interference (SPEC §6, per-(l, h) means and the top pairs) and per-head
-conflicts (SPEC §7: mean between-task cosine, permutation p, BH q). ``check=True``
-recomputes a subset with fisher_ref, the float64 oracle, and reports the largest relative
-differences. :func:`run` returns a :class:`fishercheck.report_schema.Report` (without
-``meta``, which the CLI adds).
+Across tasks: QK-OV interference (SPEC §6, per-(l, h) means and the top pairs) of every row of
+task A on every row of task B, and per-head conflicts (SPEC §7: mean between-task cosine,
+permutation p, BH q) on the first ``n_pairs`` rows of each. ``check=True`` recomputes a subset
+with fisher_ref, the float64 oracle, and reports the largest relative differences.
+:func:`run` returns a :class:`fishercheck.report_schema.Report` (without ``meta``, which the
+CLI adds).
+
+The long steps run in the fixed chunks and scoring blocks of a memory plan
+(:mod:`fishercheck.memory_plan`), and with a :class:`fishercheck.run_store.RunStore` resume
+from what it holds (:mod:`fishercheck.long_steps`); the interference is scored a tile at a
+time (:mod:`fishercheck.interference_blocks`).
 """
 
 from __future__ import annotations
