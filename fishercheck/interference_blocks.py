@@ -91,12 +91,23 @@ class Scores:
         self.top: list[tuple] = []  # (score, block, layer, head, i, j), i and j global
 
     def add(self, tile: torch.Tensor, i0: int, j0: int) -> None:
-        """Add a tile ``[4, L, H, n_A, n_B]`` whose first entry is (i0, j0) of the matrix."""
-        self.sums += tile.double().sum(dim=(3, 4)).cpu()
-        key = torch.nan_to_num(tile.reshape(-1), nan=-math.inf)
-        order = torch.sort(key, descending=True, stable=True).indices[:self.top_k]
+        """Add a tile ``[4, L, H, n_A, n_B]`` whose first entry is (i0, j0) of the matrix.
+
+        The tile's largest entries are found without sorting it: ``topk`` gives the k-th
+        largest value, and only the entries at or above it (ties included) are sorted, stably,
+        so that ties keep their (block, layer, head, i, j) order.
+        """
+        self.sums += tile.sum(dim=(3, 4), dtype=torch.float64).cpu()
+        flat = tile.reshape(-1)
+        key = torch.nan_to_num(flat, nan=-math.inf) if bool(flat.isnan().any()) else flat
+        k = min(self.top_k, key.numel())
+        if k == 0:
+            return
+        threshold = torch.topk(key, k).values[-1]
+        candidates = (key >= threshold).nonzero().flatten()                # in flat order
+        order = candidates[torch.sort(key[candidates], descending=True, stable=True).indices[:k]]
         shape = tile.shape
-        for f, score in zip(order.tolist(), tile.reshape(-1)[order].tolist(), strict=True):
+        for f, score in zip(order.tolist(), flat[order].tolist(), strict=True):
             b, rest = divmod(f, shape[1] * shape[2] * shape[3] * shape[4])
             layer, rest = divmod(rest, shape[2] * shape[3] * shape[4])
             head, rest = divmod(rest, shape[3] * shape[4])

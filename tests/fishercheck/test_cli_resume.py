@@ -150,3 +150,30 @@ def test_a_task_file_with_fewer_texts_than_samples_is_said(tmp_path, capsys):
     meta = json.loads((out / "report.json").read_text())["meta"]
     assert meta["samples"] == 200 and meta["rows"] == {"A": 128, "B": 128}
     assert "128 of the 200 rows asked for" in (out / "report.md").read_text()
+
+
+@pytest.mark.gpu
+def test_a_run_on_cuda_interrupted_and_resumed_writes_the_uninterrupted_report(tmp_path, device,
+                                                                              monkeypatch):
+    import fisher_fast
+
+    small = ["--samples", "64", "--pairs", "8", "--permutations", "99", "--no-plots",
+             "--checkpoint-interval", "0", "--memory-budget", "12M", "--device", device]
+    assert main(["run", "--out", str(tmp_path / "ref"), "--store", str(tmp_path / "ref-store"),
+                 *small]) == 0
+    calls, original = [], fisher_fast.per_sample_contributions
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    argv = ["run", "--out", str(tmp_path / "out"), "--store", str(tmp_path / "store"), *small]
+    with monkeypatch.context() as m:
+        m.setattr(fisher_fast, "per_sample_contributions", interrupted)
+        assert main(argv) == 130
+    assert main(argv) == 0
+    got, want = numbers(tmp_path / "out"), numbers(tmp_path / "ref")
+    assert got[:3] == want[:3] and got[3]["meta"]["device"] == "cuda"
+    assert got[3]["store"]["reused"]["contributions_A_rows"] == 32
