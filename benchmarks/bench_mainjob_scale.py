@@ -107,7 +107,7 @@ def main() -> None:
     p.add_argument("--budget", default="8G", help="--memory-budget (but for recompute)")
     p.add_argument("--recompute-budget", default="24M",
                    help="--memory-budget of the recompute configuration")
-    p.add_argument("--recompute-pairs", type=int, default=32,
+    p.add_argument("--recompute-pairs", type=int, default=8,
                    help="--pairs of the recompute configuration (the conflicts' test holds "
                         "both tasks' gradients: at --pairs 768 it needs ~4 GiB)")
     p.add_argument("--configs", default="memory,store,resumed,recompute")
