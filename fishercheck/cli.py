@@ -14,13 +14,12 @@ import contextlib
 import os
 import signal
 import sys
-import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
+from fishercheck.interrupts import Interrupted, signals_interrupt
 from fishercheck.progress import Progress
 
 _EPILOG = """\
@@ -35,6 +34,7 @@ See docs/cli.md and docs/conformance.md."""
 
 
 DEFAULT_MAX_LENGTH = 64  # tokens per row unless --max-length (or the model's positions) says less
+DEFAULT_SAMPLES = 64  # rows per task unless --samples says otherwise
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -67,13 +67,16 @@ def _parser() -> argparse.ArgumentParser:
                                                      "(required with --model)")
     r.add_argument("--text-field", default="text", metavar="NAME",
                    help="field of .jsonl records (default: text)")
-    r.add_argument("--max-samples", type=int, default=64, metavar="N",
-                   help="rows per task (default: 64)")
+    r.add_argument("--samples", "--max-samples", type=int, default=None, metavar="N",
+                   dest="samples", help=f"rows per task, the first N texts of each task file "
+                                        f"(default: {DEFAULT_SAMPLES}; a file with fewer is used "
+                                        f"whole, and said when N is given)")
     r.add_argument("--max-length", type=int, default=None, metavar="N",
                    help=f"tokens per row (default: {DEFAULT_MAX_LENGTH}, or the model's positions "
                         f"if fewer)")
     r.add_argument("--pairs", type=int, default=32, metavar="N",
-                   help="rows per task for interference and conflicts (default: 32)")
+                   help="rows per task for the conflicts' permutation test (default: 32); "
+                        "interference uses every row")
     r.add_argument("--permutations", type=int, default=1000, metavar="N",
                    help="permutations per conflict test (default: 1000)")
     r.add_argument("--seed", type=int, default=0, help="seed of the permutations (default: 0)")
@@ -87,6 +90,18 @@ def _parser() -> argparse.ArgumentParser:
                         "differences")
     r.add_argument("--check-rows", type=int, default=8, metavar="N",
                    help="rows per task for --check (default: 8)")
+    r.add_argument("--store", metavar="DIR",
+                   help="keep task A's contributions and every finished step in DIR (created "
+                        "if missing): an interrupted run rerun with the same command continues "
+                        "from there")
+    r.add_argument("--memory-budget", metavar="BYTES",
+                   help="bytes the job's tensors may hold, e.g. 512M or 4G (default: a quarter "
+                        "of the available RAM, or half the free memory of a CUDA device); task "
+                        "A's contributions are computed again for each scoring block when they "
+                        "do not fit and no --store is given")
+    r.add_argument("--checkpoint-interval", type=float, default=60.0, metavar="SECONDS",
+                   help="with --store: save an accumulator at most this often (default: 60; "
+                        "0: after every chunk)")
     r.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     r.add_argument("--quiet", action="store_true",
                    help="no progress bars (they are drawn on stderr only when it is a terminal)")
@@ -140,9 +155,16 @@ def _device(name: str) -> torch.device:
 
 def _check_run_options(args: argparse.Namespace) -> None:
     """The options of ``run`` that need no file: positive counts, --model with both tasks."""
-    for name in ("max_samples", "max_length", "pairs", "permutations", "check_rows"):
+    from fishercheck.memory_plan import parse_bytes
+
+    for name in ("samples", "max_length", "pairs", "permutations", "check_rows"):
         if getattr(args, name) is not None:
             _positive("--" + name.replace("_", "-"), getattr(args, name))
+    if args.memory_budget is not None:
+        parse_bytes(args.memory_budget)
+    if not args.checkpoint_interval >= 0:  # also nan
+        raise ValueError(f"--checkpoint-interval: expected a number of seconds >= 0, got "
+                         f"{args.checkpoint_interval}.")
     if args.model is not None and (args.task_a is None or args.task_b is None):
         raise ValueError("--model: expected --task-a and --task-b with it, got "
                          f"task-a={args.task_a!r}, task-b={args.task_b!r}.")
@@ -151,56 +173,39 @@ def _check_run_options(args: argparse.Namespace) -> None:
                          f"{args.tokenizer!r} for the embedded default.")
 
 
-class Interrupted(KeyboardInterrupt):
-    """SIGINT or SIGTERM during a run (``main`` exits with 128 + the signal's number)."""
-
-    def __init__(self, signum: int):
-        super().__init__(signum)
-        self.signum = signum
-
-
-@contextlib.contextmanager
-def _signals_interrupt() -> Iterator[None]:
-    """SIGINT and SIGTERM raise :class:`Interrupted`, so that a run cleans up after itself."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def interrupt(signum: int, frame: object) -> None:
-        raise Interrupted(signum)
-
-    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-
-
 def run_command(args: argparse.Namespace) -> int:
     """``fishercheck run``: check the inputs, run the main job, write the report; exit status.
 
     The report is written into a fresh directory beside ``--out`` and swapped in whole
     (:class:`fishercheck.outputs.OutputDir`): a run that fails leaves ``--out`` as it was.
+    With ``--store``, every finished piece of work is kept there
+    (:class:`fishercheck.run_store.RunStore`) and a rerun continues from it.
 
     Raises:
         ValueError: bad input (``main`` prints it and exits with status 2).
         Interrupted: SIGINT or SIGTERM (after cleaning up).
     """
-    from fishercheck import inputs, mainjob, outputs, plots, progress
+    from fishercheck import inputs, outputs, plots, progress
+    from fishercheck.run_store import RunStore
 
     start = time.perf_counter()
     _check_run_options(args)
     device = _device(args.device)
     out = outputs.OutputDir(args.out, known=("report.json", "report.md", *plots.PLOTS))
+    store = RunStore(args.store, out=args.out) if args.store is not None else None
     default_a, default_b = inputs.default_tasks()
     paths = (Path(args.task_a) if args.task_a else default_a,
              Path(args.task_b) if args.task_b else default_b)
-    n_steps = 4 + len(mainjob.steps(args.check)) + (0 if args.no_plots else 1)
-    bars = progress.Progress(n_steps, enabled=progress.wanted(args.quiet), desc="fishercheck run")
-    with _signals_interrupt(), out as staging, bars:
+    bars = progress.Progress(_n_steps(args, "memory"), enabled=progress.wanted(args.quiet),
+                             desc="fishercheck run")
+    with signals_interrupt(), out as staging, bars, contextlib.ExitStack() as held:
+        given, args.samples = args.samples is not None, args.samples or DEFAULT_SAMPLES
         with bars.step("reading the tasks"):
-            texts = [inputs.read_texts(p, args.text_field, args.max_samples) for p in paths]
+            texts = [inputs.read_texts(p, args.text_field, args.samples) for p in paths]
+            for task, t, p in zip("AB", texts, paths, strict=True):
+                if given and len(t) < args.samples:
+                    bars.write(f"fishercheck run: task {task}: {str(p)!r} has {len(t)} texts, "
+                               f"fewer than --samples {args.samples}: all {len(t)} are used")
         with bars.step("loading the model"):
             inp = inputs.load_model(args.model, args.tokenizer, allow_partial=args.allow_partial)
         with bars.step("tokenising"):
@@ -209,12 +214,58 @@ def run_command(args: argparse.Namespace) -> int:
                        for t, prefix, p in zip(texts, ("a", "b"), paths, strict=True)]
             for batch, path in zip(batches, paths, strict=True):
                 inputs.check_batch(batch, inp.model, path)
-        results = _main_job(args, inp, batches, device, bars)
-        results["meta"] = _meta(inp, paths, device, max_length, batches)
+        model = inp.model.to(device)
+        batches = [{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in b.items()}
+                   for b in batches]
+        with bars.step("planning the memory"):
+            plan = _plan(args, model, batches, device, max_length, store)
+            if store is not None:
+                held.enter_context(store)
+        bars.total(_n_steps(args, plan.mode))
+        results = _main_job(args, model, batches, plan, store, bars)
+        results["meta"] = _meta(inp, paths, device, max_length, batches, args.samples)
         _write(results, staging, plots=not args.no_plots, start=start, bars=bars)
         out.commit()
     _summary(results, args.out)
     return 0
+
+
+def _n_steps(args: argparse.Namespace, mode: str) -> int:
+    """Steps of a run: reading, loading, tokenising, planning, the job's, plots, report."""
+    from fishercheck import mainjob
+
+    return 5 + len(mainjob.steps(args.check, mode)) + (0 if args.no_plots else 1)
+
+
+def _plan(args: argparse.Namespace, model: torch.nn.Module, batches: list[dict],
+          device: torch.device, max_length: int, store: object) -> object:
+    """The memory plan; with ``--store``, the store opened (created, or checked and its plan
+    kept: a resumed run chunks as the interrupted one did).
+    """
+    import fisher_fast
+    from fishercheck import long_steps, mainjob, memory_plan
+    from fishercheck.run_store import batch_digest, model_digest
+
+    budget = (memory_plan.parse_bytes(args.memory_budget) if args.memory_budget is not None
+              else memory_plan.default_budget(device))
+    dtype = getattr(torch, args.dtype)
+    layout = fisher_fast.attention_layout(model)
+    sizes = mainjob.plan_sizes(model, layout, *(long_steps.units_of(b) for b in batches),
+                               args.pairs, args.permutations, dtype)
+    plan = memory_plan.make_plan(sizes, budget, store=store is not None)
+    if store is None:
+        return plan
+    fingerprint = {
+        "model": model_digest(model), "task_a": batch_digest(batches[0]),
+        "task_b": batch_digest(batches[1]),
+        "settings": {"samples": args.samples, "max_length": max_length, "pairs": args.pairs,
+                     "permutations": args.permutations, "seed": args.seed, "dtype": args.dtype,
+                     "device": device.type, "check": args.check,
+                     "check_rows": args.check_rows if args.check else None}}
+    recorded = store.open(fingerprint, plan.describe())
+    if recorded is not None:
+        plan = memory_plan.make_plan(sizes, budget, store=True, fixed=recorded)
+    return plan
 
 
 def _max_length(args: argparse.Namespace, model: torch.nn.Module, bars: Progress) -> int:
@@ -231,26 +282,24 @@ def _max_length(args: argparse.Namespace, model: torch.nn.Module, bars: Progress
     return max_length
 
 
-def _main_job(args: argparse.Namespace, inp: object, batches: list[dict],
-              device: torch.device, bars: Progress) -> dict:
-    """:func:`fishercheck.mainjob.run` on ``device``."""
+def _main_job(args: argparse.Namespace, model: torch.nn.Module, batches: list[dict],
+              plan: object, store: object, bars: Progress) -> dict:
+    """:func:`fishercheck.mainjob.run` with the plan and the store."""
     from fishercheck import mainjob
 
-    model = inp.model.to(device)
-    batches = [{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in b.items()}
-               for b in batches]
     return mainjob.run(model, *batches, n_pairs=args.pairs, n_permutations=args.permutations,
                        seed=args.seed, check=args.check, check_rows=args.check_rows,
-                       dtype=getattr(torch, args.dtype), progress=bars)
+                       dtype=getattr(torch, args.dtype), progress=bars, plan=plan, store=store,
+                       checkpoint_interval=args.checkpoint_interval)
 
 
 def _meta(inp: object, paths: tuple[Path, Path], device: torch.device, max_length: int,
-          batches: list[dict]) -> dict:
+          batches: list[dict], samples: int) -> dict:
     """The report's ``meta``: the model and how it loaded, the task files, where it ran."""
     return {"model": inp.source, "trained": inp.trained, "weights": inp.weights,
             "missing_tensors": inp.missing, "unexpected_tensors": inp.unexpected,
             "task_a": str(paths[0]), "task_b": str(paths[1]), "device": str(device),
-            "max_length": max_length,
+            "max_length": max_length, "samples": samples,
             "rows": {t: int(b["input_ids"].shape[0]) for t, b in zip("AB", batches, strict=True)},
             "plots": []}
 
@@ -319,6 +368,11 @@ def conform_command(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     """The ``fishercheck`` command; returns the exit status (2 on bad input, with a message).
 
+    Every error is one line on stderr: bad input (``ValueError``), running out of memory, a
+    failed read or write (``OSError``), and any other exception (named, with its first line;
+    ``FISHERCHECK_TRACEBACK=1`` re-raises it for the traceback). SIGINT and SIGTERM exit with
+    128 + the signal's number.
+
     Args:
         argv: the arguments (default: ``sys.argv[1:]``).
     """
@@ -327,15 +381,37 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "run":
             return run_command(args)
         return conform_command(args)
-    except ValueError as exc:
-        print(f"fishercheck {args.command}: error: {exc}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt as exc:
         signum = exc.signum if isinstance(exc, Interrupted) else signal.SIGINT
         where = f"; --out {args.out!r} is as it was" if args.command == "run" else ""
+        if getattr(args, "store", None) is not None:
+            where += (f"; --store {args.store!r} keeps the work done: rerun the same command to "
+                      "continue")
         print(f"fishercheck {args.command}: interrupted ({signal.Signals(signum).name}){where}.",
               file=sys.stderr)
         return 128 + int(signum)
+    except Exception as exc:  # noqa: BLE001 - every error is one line (module docstring)
+        if os.environ.get("FISHERCHECK_TRACEBACK") and not isinstance(exc, ValueError):
+            raise
+        print(f"fishercheck {args.command}: error: {_one_line(exc, args)}", file=sys.stderr)
+        return 2
+
+
+def _one_line(exc: BaseException, args: argparse.Namespace) -> str:
+    """The message of an error, on one line (see :func:`main`)."""
+    first = (str(exc).strip().splitlines() or [""])[0]
+    if isinstance(exc, ValueError):
+        return first
+    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
+        lower = " --memory-budget," if args.command == "run" else ""
+        return (f"out of memory ({type(exc).__name__}: {first or 'no details'}); lower"
+                f"{lower} --samples or --pairs, or use a machine with more memory.")
+    if isinstance(exc, OSError):
+        where = f" {exc.filename!r}" if exc.filename else ""
+        return f"expected to read and write files, got {type(exc).__name__}{where}: " \
+               f"{exc.strerror or first}."
+    return (f"unexpected {type(exc).__name__}: {first} (a bug or an unsupported model: "
+            "FISHERCHECK_TRACEBACK=1 shows the traceback).")
 
 
 if __name__ == "__main__":

@@ -10,11 +10,17 @@ For each task (SPEC §1–§3, sample units, mean per-row loss):
 - the impact of the estimator (SPEC §9): Spearman, Kendall and top-k Jaccard between R(F)
   and R(S) over the heads' slices.
 
-Across tasks: QK-OV interference (SPEC §6, per-(l, h) means and the top pairs) and per-head
-conflicts (SPEC §7: mean between-task cosine, permutation p, BH q). ``check=True``
-recomputes a subset with fisher_ref, the float64 oracle, and reports the largest relative
-differences. :func:`run` returns a :class:`fishercheck.report_schema.Report` (without
-``meta``, which the CLI adds).
+Across tasks: QK-OV interference (SPEC §6, per-(l, h) means and the top pairs) of every row of
+task A on every row of task B, and per-head conflicts (SPEC §7: mean between-task cosine,
+permutation p, BH q) on the first ``n_pairs`` rows of each. ``check=True`` recomputes a subset
+with fisher_ref, the float64 oracle, and reports the largest relative differences.
+:func:`run` returns a :class:`fishercheck.report_schema.Report` (without ``meta``, which the
+CLI adds).
+
+The long steps run in the fixed chunks and scoring blocks of a memory plan
+(:mod:`fishercheck.memory_plan`), and with a :class:`fishercheck.run_store.RunStore` resume
+from what it holds (:mod:`fishercheck.long_steps`); the interference is scored a tile at a
+time (:mod:`fishercheck.interference_blocks`).
 """
 
 from __future__ import annotations
@@ -29,8 +35,11 @@ import torch
 import fisher_fast
 from fisher_fast.attention.slicing import block_params, per_head_sum
 from fisher_ref.impact import estimator_impact
+from fishercheck import long_steps, memory_plan
+from fishercheck.interference_blocks import slice_names
 from fishercheck.progress import OFF, Progress
 from fishercheck.report_schema import BLOCKS, LAYER_EMBEDDINGS, LAYER_FINAL
+from fishercheck.run_store import RunStore
 
 Batch = dict  # HF-style: input_ids / attention_mask / labels Tensor[batch, pos], sample_ids
 
@@ -118,7 +127,7 @@ def per_layer(F: dict, S: dict, blocks: dict[str, int], n_layers: int) -> list[d
         the ratio is ``inf`` where ΣS is 0.
     """
     sums: dict[int, list[float]] = {}
-    for name in F:
+    for name in (n for n in blocks if n in F):  # model order, whatever the dict order of F
         s = sums.setdefault(blocks[name], [0.0, 0.0])
         s[0] += float(F[name].double().sum())
         s[1] += float(S[name].double().sum())
@@ -292,73 +301,193 @@ def oracle_check(model: torch.nn.Module, batch_a: Batch, batch_b: Batch, *, n: i
     return out
 
 
-def steps(check: bool) -> list[str]:
-    """The names of :func:`run`'s steps (one progress step each)."""
-    return (["task A: E[g²] and (E[g])²", "task B: E[g²] and (E[g])²", "interference",
-             "conflicts"] + (["check against fisher_ref"] if check else []))
+STEPS = {"moments A": "task A: E[g²] and (E[g])²", "moments B": "task B: E[g²] and (E[g])²",
+         "contributions": "task A: contributions", "interference": "interference",
+         "conflicts": "conflicts", "check": "check against fisher_ref"}
+
+
+def steps(check: bool, mode: str = "memory") -> list[str]:
+    """The names of :func:`run`'s steps (one progress step each).
+
+    Args:
+        check: whether the oracle check runs.
+        mode: the memory plan's mode: task A's contributions are a step of their own unless
+            they are computed again for each scoring block (``"recompute"``).
+    """
+    keys = ["moments A", "moments B"] + (["contributions"] if mode != "recompute" else []) \
+        + ["interference", "conflicts"] + (["check"] if check else [])
+    return [STEPS[k] for k in keys]
+
+
+def plan_sizes(model: torch.nn.Module, layout: fisher_fast.AttentionLayout, units_a: Batch,
+               units_b: Batch, n_pairs: int, n_permutations: int,
+               dtype: torch.dtype) -> memory_plan.Sizes:
+    """What :func:`fishercheck.memory_plan.make_plan` needs to know of this job."""
+    params = {id(p): p for p in model.parameters()}
+    itemsize = torch.finfo(dtype).bits // 8
+    attention = sum(dict(model.named_parameters())[n].numel() for n in slice_names(layout))
+    la = layout.layers[0]
+    distinct = sum(x.num_heads * 2 + x.num_kv_heads * 2 for x in layout.layers)
+    return memory_plan.Sizes(
+        n_params=sum(p.numel() for p in params.values()), unit_bytes=attention * itemsize,
+        itemsize=itemsize, row_bytes=memory_plan.row_bytes(model, units_a["input_ids"].shape[1]),
+        rows_a=long_steps.n_rows(units_a), rows_b=long_steps.n_rows(units_b),
+        pairs_a=min(n_pairs, long_steps.n_rows(units_a)),
+        pairs_b=min(n_pairs, long_steps.n_rows(units_b)), layers=len(layout.layers),
+        heads=la.num_heads, slices=distinct, permutations=n_permutations)
+
+
+def default_plan(model: torch.nn.Module, batch_a: Batch, batch_b: Batch, *, n_pairs: int,
+                 n_permutations: int, dtype: torch.dtype, chunk_rows: int,
+                 budget: int | None = None, store: bool = False) -> memory_plan.Plan:
+    """The memory plan of a job (unbounded when ``budget`` is None: memory mode, one block)."""
+    layout = fisher_fast.attention_layout(model)
+    sizes = plan_sizes(model, layout, long_steps.units_of(batch_a), long_steps.units_of(batch_b),
+                       n_pairs, n_permutations, dtype)
+    return memory_plan.make_plan(sizes, budget if budget is not None else 2**62, store=store,
+                                 chunk_rows=chunk_rows)
+
+
+def _check_heads(layout: fisher_fast.AttentionLayout) -> None:
+    heads = sorted({la.num_heads for la in layout.layers})
+    if len(heads) != 1:
+        raise ValueError(f"main job: expected the same number of attention heads in every "
+                         f"layer, got {heads}.")
 
 
 def run(model: torch.nn.Module, batch_a: Batch, batch_b: Batch, *, n_pairs: int = 32,
         n_permutations: int = 1000, seed: int = 0, check: bool = False, check_rows: int = 8,
-        dtype: torch.dtype = torch.float32, chunk_rows: int = 32, progress: Progress = OFF) -> dict:
+        dtype: torch.dtype = torch.float32, chunk_rows: int = 32, progress: Progress = OFF,
+        plan: memory_plan.Plan | None = None, store: RunStore | None = None,
+        checkpoint_interval: float = 60.0) -> dict:
     """Every quantity of the main job, as plain Python data (see the module docstring).
+
+    E[g²] and (E[g])² and the interference of task A on task B use every row of the batches;
+    the conflicts' permutation test the first ``n_pairs`` rows of each.
 
     Args:
         model: a causal LM in eval mode.
         batch_a: task A's rows.
         batch_b: task B's rows.
-        n_pairs: rows per task for interference and conflicts.
+        n_pairs: rows per task for the conflicts' test.
         n_permutations: permutations of the conflicts' test.
         seed: their seed.
         check: recompute ``check_rows`` rows per task with fisher_ref.
         check_rows: rows per task for ``check``.
         dtype: fisher_fast's accumulation dtype.
-        chunk_rows: rows per accumulator update.
-        progress: where to report each of :func:`steps` (and the rows of the first two).
+        chunk_rows: rows per chunk when no ``plan`` is given.
+        progress: where to report each of :func:`steps` (and the rows of the long ones).
+        plan: the memory plan (:mod:`fishercheck.memory_plan`); default: unbounded, with
+            chunks of ``chunk_rows``.
+        store: a ``--store`` to resume from and save to (mode ``"store"`` plans only).
+        checkpoint_interval: seconds between saves of an accumulator to ``store``.
 
     Returns:
-        The report (:class:`fishercheck.report_schema.Report`) without ``meta``.
+        The report (:class:`fishercheck.report_schema.Report`) without ``meta``; with a
+        store, ``store`` says what was resumed from it.
     """
-    timings, results = {}, {"tasks": {}}
-    names = steps(check)
     layout = fisher_fast.attention_layout(model)
+    _check_heads(layout)
+    batch_a, batch_b = (b if "sample_ids" in b else {**b, "sample_ids": list(range(
+        b["input_ids"].shape[0]))} for b in (batch_a, batch_b))  # fisher_fast's default ids
+    if plan is None:
+        plan = default_plan(model, batch_a, batch_b, n_pairs=n_pairs,
+                            n_permutations=n_permutations, dtype=dtype, chunk_rows=chunk_rows)
+    if (plan.mode == "store") != (store is not None):
+        raise ValueError(f"main job: expected a store exactly with a plan of mode 'store', got "
+                         f"mode {plan.mode!r} and store={store!r}.")
+    timings, results, reused = {}, {"tasks": {}}, {}
     blocks, n_layers = parameter_blocks(model, layout), len(layout.layers)
     t0 = time.perf_counter()
-    for name, (task, batch) in zip(names, (("A", batch_a), ("B", batch_b)), strict=False):
-        with progress.step(name, rows=batch["input_ids"].shape[0]) as advance:
-            F, S, units = moments(model, batch, chunk_rows=chunk_rows, dtype=dtype, advance=advance)
+    fhat = {}
+    for task, batch in (("A", batch_a), ("B", batch_b)):
+        with progress.step(STEPS[f"moments {task}"], rows=long_steps.n_rows(batch)) as advance:
+            acc, reused[f"moments_{task}_rows"] = long_steps.task_moments(
+                model, batch, task, chunk_rows=plan.chunk_rows, dtype=dtype, advance=advance,
+                store=store, interval=checkpoint_interval)
+            F, S = acc.empirical_fisher(task), acc.squared_mean_gradient(task)
             RF, RS = head_groups(F, layout), head_groups(S, layout)
         results["tasks"][task] = {
-            "n_units": units, "per_layer": per_layer(F, S, blocks, n_layers),
+            "n_units": acc.n_units(task), "per_layer": per_layer(F, S, blocks, n_layers),
             "head_fisher": RF.tolist(), "head_squared_mean": RS.tolist(),
             "impact": estimator_impact(RF.reshape(-1), RS.reshape(-1)),
         }
+        if task == "A":
+            fhat = {n: F[n] for n in slice_names(layout)}
+        del acc, F, S
     timings["moments_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    results["interference"] = _interference(model, batch_a, batch_b, fhat, layout, plan, dtype,
+                                            store, progress, reused)
+    timings["interference_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     a, b = rows(batch_a, n_pairs), rows(batch_b, n_pairs)
     pairs_used = {"A": int(a["input_ids"].shape[0]), "B": int(b["input_ids"].shape[0])}
-    with progress.step(names[2]):
-        inter = fisher_fast.interference(model, a, b, dtype=dtype)
-    results["interference"] = interference_summary(inter)
-    timings["interference_s"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    with progress.step(names[3]):
-        conf = fisher_fast.conflicts(model, a, b, groups="heads", n_permutations=n_permutations,
-                                     seed=seed, dtype=dtype)
-    results["conflicts"] = conflicts_summary(conf, layout)
+    with progress.step(STEPS["conflicts"]):
+        def conflicts() -> dict:
+            conf = fisher_fast.conflicts(model, a, b, groups="heads",
+                                         n_permutations=n_permutations, seed=seed, dtype=dtype)
+            return conflicts_summary(conf, layout)
+
+        results["conflicts"] = _saved_step(store, "conflicts", conflicts, reused)
     timings["conflicts_s"] = time.perf_counter() - t0
     if check:
         t0 = time.perf_counter()
-        with progress.step(names[4]):
-            results["check"] = oracle_check(model, batch_a, batch_b, n=check_rows,
-                                            n_permutations=min(n_permutations, 200), seed=seed,
-                                            dtype=dtype)
+        with progress.step(STEPS["check"]):
+            results["check"] = _saved_step(store, "check", lambda: oracle_check(
+                model, batch_a, batch_b, n=check_rows, n_permutations=min(n_permutations, 200),
+                seed=seed, dtype=dtype), reused)
         timings["check_s"] = time.perf_counter() - t0
     results["layout"] = {"layers": n_layers, "heads": layout.layers[0].num_heads,
                          "kv_heads": layout.layers[0].num_kv_heads,
                          "head_dim": layout.layers[0].head_dim, "kind": layout.kind}
-    results["settings"] = {"pairs_per_task": pairs_used, "n_permutations": n_permutations,
-                           "seed": seed, "dtype": str(dtype).replace("torch.", ""),
-                           "unit": "sample", "loss": "causal LM, mean over each row's tokens"}
+    results["settings"] = {"pairs_per_task": pairs_used,
+                           "interference_units": {
+                               t: long_steps.n_rows(long_steps.units_of(x))
+                               for t, x in (("A", batch_a), ("B", batch_b))},
+                           "n_permutations": n_permutations, "seed": seed,
+                           "dtype": str(dtype).replace("torch.", ""), "unit": "sample",
+                           "loss": "causal LM, mean over each row's tokens",
+                           "memory": plan.describe()}
     results["timings"] = timings
+    if store is not None:
+        results["store"] = {"path": str(store.path), "reused": reused}
     return results
+
+
+def _saved_step(store: RunStore | None, name: str, compute: Callable[[], dict],
+                reused: dict) -> dict:
+    """A step's result from ``store`` if it finished there before, else computed (and saved)."""
+    saved = store.result(name) if store is not None else None
+    reused[name] = saved is not None
+    if saved is None:
+        saved = compute()
+        if store is not None:
+            store.save_result(name, saved)
+    return saved
+
+
+def _interference(model: torch.nn.Module, batch_a: Batch, batch_b: Batch, fhat: dict,
+                  layout: fisher_fast.AttentionLayout, plan: memory_plan.Plan,
+                  dtype: torch.dtype, store: RunStore | None, progress: Progress,
+                  reused: dict) -> dict:
+    """Task A's contributions (kept, filed in the store, or not at all) and the interference."""
+    units_a, units_b = long_steps.units_of(batch_a), long_steps.units_of(batch_b)
+    names, c = list(fhat), plan.chunk_rows
+    kept = contributions = None
+    if plan.mode != "recompute":
+        with progress.step(STEPS["contributions"], rows=long_steps.n_rows(units_a)) as advance:
+            if store is not None:
+                contributions = store.contributions(next(model.parameters()).device)
+                reused["contributions_A_rows"] = long_steps.file_contributions(
+                    model, units_a, names, store=contributions, chunk_rows=c, dtype=dtype,
+                    advance=advance)
+            else:
+                kept = long_steps.kept_contributions(model, units_a, names, chunk_rows=c,
+                                                     dtype=dtype, advance=advance)
+    pairs = long_steps.n_rows(units_a) * long_steps.n_rows(units_b)
+    with progress.step(STEPS["interference"], rows=pairs, unit="pair") as advance:
+        summary, reused["interference_blocks"] = long_steps.interference(
+            model, units_a, units_b, fhat, layout, plan, dtype=dtype, kept=kept,
+            contributions=contributions, store=store, advance=advance)
+    return summary

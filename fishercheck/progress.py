@@ -54,6 +54,11 @@ class Progress:
             inner.close()
             self._bar.update(1)
 
+    def total(self, steps: int) -> None:
+        """Change the number of steps (once a command knows how many it takes)."""
+        self._bar.total = steps
+        self._bar.refresh()
+
     def advance(self, name: str) -> None:
         """Mark one step done, ``name`` being the one just finished."""
         self._bar.set_postfix_str(name)

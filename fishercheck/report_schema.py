@@ -39,19 +39,32 @@ class Meta(TypedDict):
     task_b: str
     device: str
     max_length: int
-    rows: dict[str, int]  # task -> rows used
+    samples: int  # rows per task asked for (--samples)
+    rows: dict[str, int]  # task -> rows used (fewer than samples when its file has fewer)
     plots: list[str]
+
+
+class MemoryPlan(TypedDict):
+    """The memory plan (:mod:`fishercheck.memory_plan`): chunks, blocks, where C_A lived."""
+
+    budget_bytes: int
+    mode: Literal["memory", "store", "recompute"]
+    chunk_rows: int
+    block_rows: int
+    peaks_bytes: dict[str, int]  # step -> estimated peak
 
 
 class Settings(TypedDict):
     """The statistics' settings."""
 
-    pairs_per_task: dict[str, int]
+    pairs_per_task: dict[str, int]  # rows per task of the conflicts' test (--pairs)
+    interference_units: dict[str, int]  # units per task of the interference (every row)
     n_permutations: int
     seed: int
     dtype: str
     unit: str
     loss: str
+    memory: MemoryPlan
 
 
 class Layout(TypedDict):
@@ -159,10 +172,18 @@ class _ReportRequired(TypedDict):
     timings: dict[str, Number]
 
 
+class StoreInfo(TypedDict):
+    """``--store``: where it is and what this run took from it instead of computing it."""
+
+    path: str
+    reused: dict[str, int | bool]  # moments_A_rows, contributions_A_rows, interference_blocks, …
+
+
 class Report(_ReportRequired, total=False):
-    """The whole of ``report.json``; ``check`` only with ``--check``."""
+    """The whole of ``report.json``; ``check`` only with ``--check``, ``store`` with ``--store``."""
 
     check: Check
+    store: StoreInfo
 
 
 def to_json(x: object) -> object:

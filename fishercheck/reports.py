@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from fishercheck.memory_plan import human
 from fishercheck.outputs import write_text
 from fishercheck.report_schema import BLOCKS, Conflicts, Report, number, to_json, validate
 
@@ -56,16 +57,43 @@ def _weights_note(meta: dict) -> str:
 
 
 SHOWN_SLICES = 12  # rows of the significant-conflicts table in report.md
+_MODES = {"memory": "task A's contributions kept in memory",
+          "store": "task A's contributions in --store",
+          "recompute": "task A's contributions computed again for each scoring block (they "
+                       "would not fit the budget)"}
+
+
+def _store_note(results: Report) -> str:
+    """What a run took from ``--store`` (nothing without one)."""
+    store = results.get("store")
+    if store is None:
+        return ""
+    r = store["reused"]
+    done = [f"{r[k]} rows of {what}" for k, what in (
+        ("moments_A_rows", "task A's moments"), ("moments_B_rows", "task B's moments"),
+        ("contributions_A_rows", "task A's contributions")) if r.get(k)]
+    done += [f"{r['interference_blocks']} scoring blocks"] if r.get("interference_blocks") else []
+    done += [step for step in ("conflicts", "check") if r.get(step) is True]
+    return (f"; resumed from {store['path']}: " + ", ".join(done)) if done else \
+        f"; saved to {store['path']} as it went"
 
 
 def markdown(results: Report) -> str:
     """``report.md``: the summary tables of a report, with links to its plots."""
     meta = results["meta"]
-    lines = ["# fishercheck report", "", f"- model: {meta['model']}" + _weights_note(meta),
-             f"- task A: {meta['task_a']} ({results['tasks']['A']['n_units']} samples)",
-             f"- task B: {meta['task_b']} ({results['tasks']['B']['n_units']} samples)",
-             f"- computed with fisher_fast ({results['settings']['dtype']}), unit = sample, "
-             f"{results['settings']['loss']}; attention: {results['layout']}", "",
+    lines = ["# fishercheck report", "", f"- model: {meta['model']}" + _weights_note(meta)]
+    for task in ("A", "B"):
+        rows, asked = meta["rows"][task], meta["samples"]
+        fewer = (f" — **{rows} of the {asked} rows asked for** (--samples): the file has no more"
+                 if rows < asked else "")
+        lines.append(f"- task {task}: {meta[f'task_{task.lower()}']} "
+                     f"({results['tasks'][task]['n_units']} samples){fewer}")
+    memory = results["settings"]["memory"]
+    lines += [f"- computed with fisher_fast ({results['settings']['dtype']}), unit = sample, "
+              f"{results['settings']['loss']}; attention: {results['layout']}",
+              f"- memory: {_MODES[memory['mode']]}, in chunks of {memory['chunk_rows']} rows and "
+              f"scoring blocks of {memory['block_rows']} rows of task B, within a budget of "
+              f"{human(memory['budget_bytes'])}" + _store_note(results), "",
              "## E[g²] (empirical Fisher) against (E[g])² per layer", "",
              "The ratio is how much the square of the mean gradient underestimates the Fisher.", "",
              "| task | layer | E[g²] | (E[g])² | ratio |", "|---|---|---|---|---|"]

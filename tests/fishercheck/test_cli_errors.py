@@ -3,6 +3,7 @@ was expected and what came, exit status 2, and no file is created, changed or re
 """
 
 import argparse
+import json
 import os
 import re
 import sys
@@ -164,14 +165,100 @@ def _tokenizer_dir(ctx):
     return ctx.tmp / "tok"
 
 
+def _store_a_file(ctx):
+    (ctx.tmp / "store").write_text("x")
+    return run(ctx, "--store", str(ctx.tmp / "store"))
+
+
+def _store_under_a_file(ctx):
+    (ctx.tmp / "f").write_text("x")
+    return run(ctx, "--store", str(ctx.tmp / "f" / "store"))
+
+
+def _store_with_other_files(ctx):
+    (ctx.tmp / "store").mkdir()
+    (ctx.tmp / "store" / "notes.txt").write_text("mine")
+    return run(ctx, "--store", str(ctx.tmp / "store"))
+
+
+def _store_not_ours(ctx):
+    (ctx.tmp / "store").mkdir()
+    (ctx.tmp / "store" / "run.json").write_text('{"format": "something else"}')
+    return run(ctx, "--store", str(ctx.tmp / "store"))
+
+
+def _store_of_other_settings(ctx):
+    # the store of a run with --pairs 16 --permutations 99 (an earlier, finished or killed run)
+    from fishercheck.run_store import FORMAT
+
+    (ctx.tmp / "store").mkdir()
+    (ctx.tmp / "store" / ".lock").write_text("")  # as every store has
+    settings = {"samples": 64, "max_length": 32, "pairs": 16, "permutations": 99, "seed": 0,
+                "dtype": "float32", "device": "cpu", "check": False, "check_rows": None}
+    (ctx.tmp / "store" / "run.json").write_text(json.dumps(
+        {"format": FORMAT, "plan": {"chunk_rows": 32, "block_rows": 64},
+         "fingerprint": {"model": "m", "task_a": "a", "task_b": "b", "settings": settings}}))
+    return run(ctx, "--store", str(ctx.tmp / "store"))
+
+
+def _store_locked(ctx):
+    from fishercheck.run_store import RunStore
+
+    holder = ctx.stack.enter_context(RunStore(ctx.tmp / "store"))  # another run, alive
+    holder.open({"model": "m", "task_a": "a", "task_b": "b", "settings": {}}, {})
+    return run(ctx, "--store", str(ctx.tmp / "store"))
+
+
+def _store_unwritable(ctx):
+    if os.geteuid() == 0:
+        pytest.skip("root writes anywhere")
+    (ctx.tmp / "ro").mkdir(mode=0o555)
+    return run(ctx, "--store", str(ctx.tmp / "ro" / "store"))
+
+
+def _disk_full(ctx):
+    import errno
+
+    from fishercheck import reports
+
+    def full(results, path):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+    ctx.monkeypatch.setattr(reports, "write_json", full)
+    return run(ctx, *SMALL)
+
+
+def _out_of_memory(ctx):
+    from fishercheck import mainjob
+
+    def oom(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory.")
+
+    ctx.monkeypatch.setattr(mainjob, "run", oom)
+    return run(ctx, *SMALL)
+
+
+def _a_bug(ctx):
+    from fishercheck import mainjob
+
+    def bug(*args, **kwargs):
+        raise TypeError("unsupported operand")
+
+    ctx.monkeypatch.setattr(mainjob, "run", bug)
+    return run(ctx, *SMALL)
+
+
+SMALL = ("--samples", "4", "--pairs", "4", "--permutations", "19", "--no-plots")
 EMPTY_JSONL = '{"text": ""}\n{"text": "  "}\n'
 RUN = "fishercheck run: error: "
 CONFORM = "fishercheck conform: error: "
 
 BAD_INPUT = [
     # options
-    pytest.param(lambda c: run(c, "--max-samples", "0"), RUN + r"--max-samples: expected a positive "
-                 r"integer, got 0\.", id="max-samples"),
+    pytest.param(lambda c: run(c, "--samples", "0"), RUN + r"--samples: expected a positive "
+                 r"integer, got 0\.", id="samples"),
+    pytest.param(lambda c: run(c, "--max-samples", "-3"), RUN + r"--samples: expected a positive "
+                 r"integer, got -3\.", id="max-samples-alias"),
     pytest.param(lambda c: run(c, "--max-length", "0"), RUN + r"--max-length: expected a positive "
                  r"integer, got 0\.", id="max-length"),
     pytest.param(lambda c: run(c, "--pairs", "0"), RUN + r"--pairs: expected a positive integer, got 0\.",
@@ -180,6 +267,21 @@ BAD_INPUT = [
                  r"integer, got -5\.", id="permutations"),
     pytest.param(lambda c: run(c, "--check-rows", "0"), RUN + r"--check-rows: expected a positive "
                  r"integer, got 0\.", id="check-rows"),
+    pytest.param(lambda c: run(c, "--memory-budget", "lots"), RUN + r"--memory-budget: expected a "
+                 r"positive number of bytes with an optional K, M, G or T suffix \(powers of 1024, "
+                 r"e\.g\. 512M or 4G\), got 'lots'\.", id="memory-budget-not-bytes"),
+    pytest.param(lambda c: run(c, "--memory-budget", "0"), RUN + r"--memory-budget: expected a "
+                 r"positive number of bytes", id="memory-budget-zero"),
+    pytest.param(lambda c: run(c, "--memory-budget", "512K"), RUN + r"--memory-budget: expected at "
+                 r"least \d+ bytes \(.*\) for the accumulator's states of 27808 parameters and one "
+                 r"row's forward and backward, got 524288 \(512\.0 KiB\); raise it\.",
+                 id="memory-budget-too-small"),
+    pytest.param(lambda c: run(c, "--memory-budget", "40M", "--pairs", "64"), RUN + r"--memory-budget: "
+                 r"expected at least \d+ bytes \(.*\) for the conflicts' test on 64 \+ 64 rows with "
+                 r"1000 permutations \(--pairs\), got 41943040 \(40\.0 MiB\); use --pairs \d+ or "
+                 r"fewer, or raise it\.", id="memory-budget-conflicts"),
+    pytest.param(lambda c: run(c, "--checkpoint-interval", "-1"), RUN + r"--checkpoint-interval: "
+                 r"expected a number of seconds >= 0, got -1\.0\.", id="checkpoint-interval"),
     pytest.param(lambda c: run(c, "--model", str(c.tmp)), RUN + r"--model: expected --task-a and "
                  r"--task-b with it, got task-a=None, task-b=None\.", id="model-without-tasks"),
     pytest.param(lambda c: run(c, "--tokenizer", str(c.tmp)), RUN + r"--tokenizer: expected it with "
@@ -207,6 +309,37 @@ BAD_INPUT = [
                  r"'/sys/fishercheck-test-out'", id="out-unwritable-sys"),
     pytest.param(_out_unwritable_directory, RUN + r"--out: expected a writable location, got "
                  r"'.*ro/out': cannot write in '.*ro'\.", id="out-unwritable-dir"),
+    # --store
+    pytest.param(_store_a_file, RUN + r"--store: expected a directory \(created if missing\), got the "
+                 r"existing file '.*store'\.", id="store-a-file"),
+    pytest.param(_store_under_a_file, RUN + r"--store: expected a directory path, got '.*f/store' "
+                 r"under the existing file '.*f'\.", id="store-under-a-file"),
+    pytest.param(_store_with_other_files, RUN + r"--store: expected a new or empty directory, or the "
+                 r"store of an earlier fishercheck run, got '.*store' holding notes\.txt\.",
+                 id="store-with-other-files"),
+    pytest.param(lambda c: run(c, "--store", str(c.out / "store")), RUN + r"--store: expected a "
+                 r"directory apart from --out \(a run replaces --out whole\), got '.*out/store' and "
+                 r"--out '.*out'\.", id="store-inside-out"),
+    pytest.param(_store_not_ours, RUN + r"--store: expected a fishercheck store "
+                 r"\(fishercheck\.run_store/1\), got '.*store/run\.json', which is not one "
+                 r"\(unreadable or of another format\)\.", id="store-manifest-unreadable"),
+    pytest.param(_store_of_other_settings, RUN + r"--store: expected the store of a run with this "
+                 r"run's settings, got '.*store', made with other settings: pairs 32 \(the store's: "
+                 r"16\), permutations 1000 \(the store's: 99\); rerun with the store's settings, or "
+                 r"use a new --store\.", id="store-of-other-settings"),
+    pytest.param(_store_locked, RUN + r"--store: expected a store no other fishercheck run is using, "
+                 r"got '.*store' in use by the run with pid \d+; wait for it or use another "
+                 r"--store\.", id="store-locked"),
+    pytest.param(_store_unwritable, RUN + r"--store: expected a writable location, got '.*ro/store': "
+                 r"cannot write in '.*ro'\.", id="store-unwritable"),
+    # what the run itself meets: one line each, --out as it was
+    pytest.param(_disk_full, RUN + r"expected to read and write files, got OSError '.*report\.json': "
+                 r"No space left on device\.", id="write-fails"),
+    pytest.param(_out_of_memory, RUN + r"out of memory \(OutOfMemoryError: CUDA out of memory\.\); "
+                 r"lower --memory-budget, --samples or --pairs, or use a machine with more memory\.",
+                 id="out-of-memory"),
+    pytest.param(_a_bug, RUN + r"unexpected TypeError: unsupported operand \(a bug or an unsupported "
+                 r"model: FISHERCHECK_TRACEBACK=1 shows the traceback\)\.", id="unexpected-error"),
     # task files
     pytest.param(lambda c: run(c, "--task-a", str(c.tmp / "missing.txt")), RUN + r"task file: expected "
                  r"an existing \.txt or \.jsonl file, got '.*missing\.txt'\.", id="task-a-missing"),

@@ -54,6 +54,18 @@ def test_per_layer_sums_and_ratio():
     ]
 
 
+def test_per_layer_sums_in_model_order_whatever_the_dict_order():
+    # 1 + 1e16 - 1e16 is 0 in float64 in this order and 1 in the reverse one: a state loaded
+    # from a file (another dict order) must give the same report as the one in memory
+    blocks = {"a": 0, "b": 0, "c": 0}
+    F = {"a": torch.tensor([1.0], dtype=torch.float64), "b": torch.tensor([1e16], dtype=torch.float64),
+         "c": torch.tensor([-1e16], dtype=torch.float64)}
+    S = {k: v.clone() for k, v in F.items()}
+    reversed_F = dict(reversed(list(F.items())))
+    assert per_layer(reversed_F, S, blocks, 0) == per_layer(F, S, blocks, 0)
+    assert per_layer(F, S, blocks, 0)[0]["E_g2"] == 0.0
+
+
 @pytest.mark.parametrize("cfg", [
     TinyConfig(arch="gpt2", num_layers=2, num_heads=2),
     TinyConfig(arch="llama", num_layers=2, num_heads=4, num_kv_heads=2, attention_bias=True),

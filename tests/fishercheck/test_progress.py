@@ -38,11 +38,24 @@ def test_run_draws_every_step_on_a_terminal(tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "stderr", term)
     assert main(["run", "--out", str(tmp_path / "out"), *SMALL, "--check", "--check-rows", "2"]) == 0
     text = term.getvalue()
-    for step in ("reading the tasks", "loading the model", "tokenising", "task A: E[g²] and (E[g])²",
-                 "task B: E[g²] and (E[g])²", "interference", "conflicts", "check against fisher_ref",
-                 "plots", "writing the report"):
+    for step in ("reading the tasks", "loading the model", "tokenising", "planning the memory",
+                 "task A: E[g²] and (E[g])²", "task B: E[g²] and (E[g])²", "task A: contributions",
+                 "interference", "conflicts", "check against fisher_ref", "plots",
+                 "writing the report"):
         assert step in text, step
-    assert "fishercheck run: 0/10 steps" in text
+    assert "fishercheck run: 0/12 steps" in text
+    assert "pair/s" in text or " pair" in text  # the interference's own bar, over (i, j) pairs
+
+
+def test_recompute_mode_has_no_contributions_step(tmp_path, monkeypatch):
+    term = Terminal()
+    monkeypatch.setattr(sys, "stderr", term)
+    assert main(["run", "--out", str(tmp_path / "out"), "--samples", "128", "--pairs", "4",
+                 "--permutations", "19", "--no-plots", "--memory-budget", "10M"]) == 0
+    text = term.getvalue()
+    # 10 steps foreseen; once planned, 9: task A's contributions are no step of their own
+    assert "fishercheck run: 0/10 steps" in text and "/9 steps" in text
+    assert "task A: contributions" not in text
 
 
 def test_quiet_draws_nothing(tmp_path, monkeypatch, capsys):

@@ -18,9 +18,13 @@ def _report():
     return {
         "meta": {"model": "m", "trained": True, "weights": "loaded", "missing_tensors": [],
                  "unexpected_tensors": [], "task_a": "a.txt", "task_b": "b.txt",
-                 "device": "cpu", "max_length": 8, "rows": {"A": 3, "B": 3}, "plots": []},
-        "settings": {"pairs_per_task": {"A": 3, "B": 3}, "n_permutations": 9, "seed": 0,
-                     "dtype": "float32", "unit": "sample", "loss": "causal LM"},
+                 "device": "cpu", "max_length": 8, "samples": 3, "rows": {"A": 3, "B": 3},
+                 "plots": []},
+        "settings": {"pairs_per_task": {"A": 3, "B": 3}, "interference_units": {"A": 3, "B": 3},
+                     "n_permutations": 9, "seed": 0, "dtype": "float32", "unit": "sample",
+                     "loss": "causal LM",
+                     "memory": {"budget_bytes": 2**30, "mode": "memory", "chunk_rows": 32,
+                                "block_rows": 3, "peaks_bytes": {"moments": 1000}}},
         "layout": {"layers": 1, "heads": 2, "kv_heads": 2, "head_dim": 4, "kind": "gpt2"},
         "tasks": {"A": task, "B": copy.deepcopy(task)},
         "interference": {"means": {b: [[0.0, 1.0]] for b in "QKVO"},
@@ -102,4 +106,19 @@ def test_check_is_optional_but_checked_when_present():
     validate(report)
     del report["check"]["interference"]
     with pytest.raises(ValueError, match=r"report\.check: .*missing \['interference'\]"):
+        validate(report)
+
+
+def test_the_store_and_the_memory_plan_are_checked():
+    report = _report()
+    report["store"] = {"path": "/s", "reused": {"moments_A_rows": 3, "conflicts": True}}
+    validate(report)
+    report["store"]["reused"]["conflicts"] = "yes"
+    with pytest.raises(ValueError, match=r"report\.store\.reused\.conflicts: expected one of "
+                                         r"\['int', 'bool'\], got 'yes'"):
+        validate(report)
+    report = _report()
+    report["settings"]["memory"]["mode"] = "swap"
+    with pytest.raises(ValueError, match=r"report\.settings\.memory\.mode: expected one of "
+                                         r"\['memory', 'store', 'recompute'\], got 'swap'"):
         validate(report)
