@@ -16,8 +16,6 @@ import inspect
 import pkgutil
 import typing
 
-import pytest
-
 import fisher_fast
 import fisher_ref
 
