@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 #: fisher_fast's layers, lowest first (docs/architecture.md, "fisher_fast's layers"). A
 #: module's layer is that of its subpackage, or its own name for a top-level module.
 LAYERS = [
-    ("foundation", {"losses", "results", "file_integrity"}),
+    ("foundation", {"losses", "results", "file_integrity", "progress"}),
     ("attention views", {"attention"}),
     ("batching", {"batching"}),
     ("statistics and storage", {"stats", "store"}),

@@ -18,6 +18,7 @@ from ..batching.chunk_sizes import default_budget, rows_per_chunk, rows_per_pass
 from ..batching.row_losses import chunk_losses, chunk_rows
 from ..batching.units import draw_layout
 from ..capture.hooks import Capture
+from ..progress import unit_bar
 from .options import Options
 
 
@@ -95,13 +96,15 @@ def run_chunks(model: torch.nn.Module, plan, tensors: dict, units, opts: Options
     if units.total_draws and units.draw is None:
         units = draw_layout(units, chunk_size, rows_per_pass(model, tensors))
         U = len(units)
-    for start in range(0, U, chunk_size):
-        part = units.take(start, min(start + chunk_size, U))
-        sink = new_sink(start, len(part))
-        with tf32(opts.allow_tf32):  # per chunk: the caller's setting holds between chunks
-            _run_chunk(model, plan, tensors, part, sink, opts, device=device,
-                       slice_limit=slice_bytes(budget), uniforms=uniforms)
-        yield start, part, sink
+    with unit_bar(U) as bar:  # drawn only under fisher_fast.show_progress()
+        for start in range(0, U, chunk_size):
+            part = units.take(start, min(start + chunk_size, U))
+            sink = new_sink(start, len(part))
+            with tf32(opts.allow_tf32):  # per chunk: the caller's setting holds between chunks
+                _run_chunk(model, plan, tensors, part, sink, opts, device=device,
+                           slice_limit=slice_bytes(budget), uniforms=uniforms)
+            bar.update(len(part))
+            yield start, part, sink
 
 
 def _run_chunk(model, plan, tensors, part, sink, opts: Options, *, device, slice_limit,
