@@ -167,7 +167,7 @@ def run_workload(workload, device: str, rounds: int, log=print, memory=None) -> 
     for name, fn in list(fns.items()):
         try:
             fn(case)  # warm-up in this process
-        except Exception as e:  # noqa: BLE001 - ran in the child, fails here: record it
+        except Exception as e:  # ran in the child, fails here: record it
             memory[name]["error"] = f"{type(e).__name__}: {str(e)[:200]}"
             del fns[name]
     times = {n: [] for n in fns}

@@ -198,7 +198,7 @@ def _backpack_model(case):
     if "backpack" not in case.cache:
         try:
             case.cache["backpack"] = extend(copy.deepcopy(case.model))
-        except Exception:  # noqa: BLE001 - try the fx converter before giving up
+        except Exception:  # try the fx converter before giving up
             case.cache["backpack"] = extend(copy.deepcopy(case.model), use_converter=True)
     return case.cache["backpack"]
 

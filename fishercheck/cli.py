@@ -390,7 +390,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fishercheck {args.command}: interrupted ({signal.Signals(signum).name}){where}.",
               file=sys.stderr)
         return 128 + int(signum)
-    except Exception as exc:  # noqa: BLE001 - every error is one line (module docstring)
+    except Exception as exc:  # every error is one line (module docstring)
         if os.environ.get("FISHERCHECK_TRACEBACK") and not isinstance(exc, ValueError):
             raise
         print(f"fishercheck {args.command}: error: {_one_line(exc, args)}", file=sys.stderr)

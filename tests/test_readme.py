@@ -46,7 +46,7 @@ def _namespace() -> dict:
 def _run(start: int, code: str) -> dict:
     """Execute ``code`` with README.md's line numbers in its tracebacks."""
     namespace = _namespace()
-    exec(compile("\n" * (start - 1) + code, str(README), "exec"), namespace)  # noqa: S102
+    exec(compile("\n" * (start - 1) + code, str(README), "exec"), namespace)
     return namespace
 
 

@@ -139,7 +139,7 @@ def fail_together(group: dist.ProcessGroup | None = None,
         yield ranks
     except (RankFailure, EveryRankError):
         raise
-    except Exception as error:  # noqa: BLE001 - reported to every rank, then re-raised
+    except Exception as error:  # reported to every rank, then re-raised
         ranks.fail(error, "fail_together")
     else:
         ranks.check("end of fail_together")

@@ -83,7 +83,7 @@ def _both_tasks(model, batch_a, batch_b, ids_a, ids_b, opts, names, ranks) -> tu
         return gather_units(ranks, ga, "a"), gather_units(ranks, gb, "b")
     except (RankFailure, EveryRankError):
         raise
-    except Exception as error:  # noqa: BLE001 - every rank must hear of it
+    except Exception as error:  # every rank must hear of it
         ranks.fail(error, "per-unit gradients")
         raise  # unreachable: fail raises
 

@@ -142,7 +142,7 @@ def all_reduce_accumulator(acc: FisherAccumulator, sample_ids: Mapping[str, Sequ
         return _reduce(acc, ranks, gathered)
     except (RankFailure, EveryRankError):
         raise
-    except Exception as error:  # noqa: BLE001 - every rank must hear of it
+    except Exception as error:  # every rank must hear of it
         ranks.fail(error, "all_reduce_accumulator")
         raise  # unreachable: fail raises
 

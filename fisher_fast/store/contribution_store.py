@@ -420,7 +420,7 @@ class ContributionStore:
         """
         import fcntl
 
-        lock = open(os.path.join(self.directory, ".lock"), "a")  # noqa: SIM115 - held open
+        lock = open(os.path.join(self.directory, ".lock"), "a")  # held open
         try:
             fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -492,7 +492,7 @@ class ContributionStore:
     def _is_own(self, path: str) -> bool:
         try:
             return mf.shard_store_id(path) == self._store_id
-        except Exception:  # noqa: BLE001 - a half-written file of a crashed write
+        except Exception:  # a half-written file of a crashed write
             return os.path.basename(path).startswith(".")
 
     def _schema(self, task):

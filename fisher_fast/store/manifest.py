@@ -144,7 +144,7 @@ def _damaged_tensor(path: str) -> str:
             for key in f.keys():
                 if sums.get(key) != tensor_digest(f.get_tensor(key)):
                     return f" (tensor {key!r})"
-    except Exception:  # noqa: BLE001 - a header that does not parse: say so, not why
+    except Exception:  # a header that does not parse: say so, not why
         return " (its header is unreadable)"
     return ""
 

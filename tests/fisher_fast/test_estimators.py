@@ -16,7 +16,7 @@ VARIANCE = dict(zip(("rtol", "atol"), tolerance("variance-by-subtraction")))
 F64 = dict(dtype=torch.float64)
 
 
-def TinyLM():  # noqa: N802 - the float64-only variant
+def TinyLM():  # the float64-only variant
     return _TinyLM(rms=False)
 
 
