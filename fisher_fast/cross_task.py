@@ -29,7 +29,7 @@ import torch
 from .attention.layouts import AttentionLayout, attention_layout
 from .conflicts import ConflictResult, conflicts_from_units
 from .interference import InterferenceResult, _layout_names, interference_from_units
-from .per_sample import unit_gradient_chunks
+from .per_sample import unit_gradient_chunks, unit_gradients
 from .results import LossFn, PerUnit, SampleIds
 from .run.options import Options
 from .store.contribution_store import ContributionStore
@@ -169,13 +169,24 @@ def cross_task(model: torch.nn.Module, batch_a: dict, batch_b: dict, *,
 
 def _gradients_once(model, batch, sample_ids, opts: Options, wanted, scored, filed, store,
                     task, keep_contributions) -> tuple[PerUnit, PerUnit]:
-    """One task's per-unit gradients, chunk by chunk: the ``scored`` parameters' signed
-    gradients are kept (for the scores), the ``filed`` ones squared into contributions (filed
-    in ``store``; kept if ``keep_contributions``). Returns ``(gradients, contributions)``.
+    """One task's per-unit gradients: the ``scored`` parameters' signed gradients are kept
+    (for the scores), the ``filed`` ones squared into contributions (filed in ``store``; kept
+    if ``keep_contributions``, and then computed into one buffer per tensor; otherwise chunk
+    by chunk, so that only one chunk of the unscored ones exists at a time). Returns
+    ``(gradients, contributions)``.
     """
     scored, filed = set(scored), set(filed)
+    if keep_contributions:  # everything is held anyway: one buffer per tensor, no per-chunk copies
+        g = unit_gradients(model, batch, sample_ids, opts, wanted)
+        c = {n: t.square() if n in scored else t.square_() for n, t in g.tensors.items()
+             if n in filed}
+        if store is not None and g.ids and c:
+            store.add(task, g.ids, c)
+        kept = {n: t for n, t in g.tensors.items() if n in scored}
+        return (PerUnit(kept, list(g.ids), g.weights, list(g.empty_ids)),
+                PerUnit(c, list(g.ids), g.weights, list(g.empty_ids)))
     grads = {n: [] for n in wanted if n in scored}
-    contrib = {n: [] for n in wanted if n in filed} if keep_contributions else {}
+    contrib = {}
     ids, weights, empty = [], [], []
     chunks = unit_gradient_chunks(model, batch, sample_ids, opts, wanted)
     with contextlib.closing(chunks):
