@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 
 import fisher_fast
+from fisher_fast.file_integrity import tensor_digest
 from fishercheck.interrupts import deferred
 from fishercheck.outputs import write_text
 
@@ -62,9 +63,7 @@ def model_digest(model: torch.nn.Module) -> str:
     if config is not None and hasattr(config, "to_json_string"):
         h.update(config.to_json_string(use_diff=False).encode())
     for name, p in model.state_dict(keep_vars=False).items():
-        t = p.detach().to("cpu").contiguous()
-        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}:".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        h.update(f"{name}:{tensor_digest(p)}".encode())
     return h.hexdigest()
 
 
@@ -72,9 +71,7 @@ def batch_digest(batch: dict) -> str:
     """sha256 of a task's rows: token ids, attention mask, labels and sample ids."""
     h = hashlib.sha256()
     for key in ("input_ids", "attention_mask", "labels"):
-        t = batch[key].detach().to("cpu").contiguous()
-        h.update(f"{key}:{tuple(t.shape)}:".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        h.update(f"{key}:{tensor_digest(batch[key])}".encode())
     h.update(json.dumps(list(batch["sample_ids"])).encode())
     return h.hexdigest()
 

@@ -488,12 +488,14 @@ class ContributionStore:
                 if mf.is_shard_name(name) and name not in self._shard_sums \
                         and self._is_own(path):
                     os.remove(path)
+                elif mf.is_temporary_name(name):  # a write killed before its rename
+                    os.remove(path)
 
     def _is_own(self, path: str) -> bool:
         try:
             return mf.shard_store_id(path) == self._store_id
-        except Exception:  # a half-written file of a crashed write
-            return os.path.basename(path).startswith(".")
+        except Exception:  # unreadable: not provably ours (a crashed write leaves a .tmp)
+            return False
 
     def _schema(self, task):
         if task not in self._schemas:

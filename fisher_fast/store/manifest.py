@@ -39,6 +39,14 @@ def is_shard_name(name: str) -> bool:
     return name.startswith(SHARD_PREFIX) and name.endswith(SHARD_SUFFIX)
 
 
+def is_temporary_name(name: str) -> bool:
+    """Whether a file name is one ``file_integrity.atomic_write`` gives a shard or the
+    manifest before its rename (``.shard-<hex>.safetensors.<pid>.<hex>.tmp``).
+    """
+    return name.endswith(".tmp") and (name.startswith("." + SHARD_PREFIX)
+                                      or name.startswith("." + MANIFEST))
+
+
 def sha256_file(path: str) -> str:
     """The SHA-256 of a file's bytes, read in blocks."""
     h = hashlib.sha256()

@@ -237,3 +237,14 @@ def test_an_interrupt_after_the_manifest_rename_keeps_the_commit(tmp_path, monke
     again = ContributionStore.open(tmp_path, device="cpu")
     assert again.ids("a") == ["x", "y", "z"]
     assert torch.equal(again.get("a", "y")["w"], _tensors(1, offset=2.0)["w"][0])
+
+
+def test_a_killed_writes_temporary_files_are_removed_on_open(tmp_path):
+    _filled(tmp_path)
+    left = [tmp_path / ".shard-0123.safetensors.999.abcd.tmp", tmp_path / ".manifest.json.999.ab.tmp"]
+    for p in left:
+        p.write_bytes(b"half a file")
+    ContributionStore.open(tmp_path, read_only=True).close()
+    assert all(p.exists() for p in left)  # a reader changes nothing
+    ContributionStore.open(tmp_path).close()
+    assert not any(p.exists() for p in left)
